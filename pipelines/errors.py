@@ -19,3 +19,7 @@ class ConversionError(VoiceAgentError):
 
 class ConfigError(VoiceAgentError):
     """A config file or override is wrong (unknown key, bad type)."""
+
+
+class TextInputError(VoiceAgentError):
+    """Text a stage cannot use (empty, too long for the model's window)."""
