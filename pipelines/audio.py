@@ -18,15 +18,14 @@ from pipelines.errors import AudioInputError
 def to_mono_float32(audio: np.ndarray, *, what: str = "audio") -> np.ndarray:
     """[T] or [T, C] of any numeric dtype -> [T] float32 in [-1, 1]. NaN/inf are an error."""
     audio = np.asarray(audio)
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1)
-    elif audio.ndim != 1:
+    if audio.ndim not in (1, 2):
         raise AudioInputError(f"{what}: expected mono [T] or [T, channels] samples, got shape {audio.shape}")
-    if np.issubdtype(audio.dtype, np.integer):
-        scale = float(np.iinfo(audio.dtype).max) + 1.0
-        audio = audio.astype(np.float32) / scale
+    if np.issubdtype(audio.dtype, np.integer):  # scale before mixing: the mean of ints is float64
+        audio = audio.astype(np.float32) / (float(np.iinfo(audio.dtype).max) + 1.0)
     else:
         audio = audio.astype(np.float32, copy=False)
+    if audio.ndim == 2:
+        audio = audio.mean(axis=1, dtype=np.float32)
     if audio.size and not np.isfinite(audio).all():
         raise AudioInputError(f"{what}: contains NaN or infinite samples; re-export the audio")
     return audio

@@ -32,6 +32,8 @@ class MimiCodec:
             self.mimi = loaders.get_mimi(None if weights is None else str(weights), device="cpu")
         except Exception as exc:
             raise CheckpointError(f"{weights}: cannot load Mimi weights ({exc})") from None
+        if self.random_weights:
+            _randomise_codebooks(self.mimi, seed)
         self.mimi.set_num_codebooks(num_codebooks)
         self.mimi.eval()
         self.num_codebooks = num_codebooks
@@ -63,6 +65,19 @@ class MimiCodec:
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+
+def _randomise_codebooks(mimi, seed: int) -> None:
+    # An untrained Mimi starts with all-zero codebooks, so it would encode every input to code 0;
+    # random centroids make context audio give varied codes, as a trained codec does.
+    gen = torch.Generator().manual_seed(seed)
+    for name, buf in mimi.named_buffers():
+        if name.endswith("embedding_sum"):
+            buf.copy_(torch.randn(buf.shape, generator=gen))
+            mimi.get_buffer(name[: -len("embedding_sum")] + "cluster_usage").fill_(1.0)
+    for module in mimi.modules():
+        if hasattr(module, "_embedding") and hasattr(module, "embedding_sum"):
+            module._embedding = None  # drop the cached centroids
 
 
 class StreamDecoder:

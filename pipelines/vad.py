@@ -1,0 +1,302 @@
+"""Voice activity detection and endpointing: when did the user's turn start, and when did it end.
+
+webrtcvad labels 10/20/30 ms frames of 16 kHz PCM16 as voiced or not. On its own it calls steady
+hiss at -40 dBFS speech (the jfk fixture's pauses), so a frame also needs `energy_margin_db` above
+the noise floor: the quietest frame of the last few seconds. A small state machine turns the labels
+into turns: a start needs most of a short window voiced, an end needs a run of silence,
+a turn with too little voiced audio (cough, click) is dropped without a word, and pre-roll audio
+before the start is kept so first syllables survive. `SpeechStarted` is only sent once a turn has
+`min_speech_ms` of voiced audio, so a dropped burst never needs taking back.
+
+Input of any rate is resampled to 16 kHz as it streams. Stream time is 16 kHz samples consumed /
+16000: for 16 kHz input exactly the input time; otherwise it lags the input by the resampler's
+~20 ms delay. With endpointing off (push-to-talk) the caller's `begin()`/`end()` decide the turn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+import webrtcvad
+
+from pipelines.audio import float_to_pcm16, to_mono_float32
+from pipelines.errors import AudioInputError
+
+VAD_RATE = 16000  # webrtcvad also takes 8/32/48 kHz; one rate keeps frames and clocks simple
+START_RATIO = 0.7  # share of the start window that must be voiced to open a turn
+NOISE_WINDOW_S = 5.0  # the noise floor is the quietest frame this far back
+NOISE_FLOOR_MIN_DB = -70.0  # quieter frames (digital silence) never set the floor
+
+
+@dataclass(frozen=True)
+class VADConfig:
+    frame_ms: int = 30
+    aggressiveness: int = 2
+    pre_roll_ms: int = 300
+    start_ms: int = 90
+    silence_ms: int = 600
+    min_speech_ms: int = 250
+    max_utterance_ms: int = 30000
+    enabled_endpointing: bool = True
+    energy_margin_db: float = 10.0  # 0 turns the noise-floor gate off
+
+    def __post_init__(self):
+        if self.frame_ms not in (10, 20, 30):
+            raise ValueError(f"vad.frame_ms must be 10, 20 or 30 (webrtcvad's frame sizes), got {self.frame_ms}")
+        if self.aggressiveness not in (0, 1, 2, 3):
+            raise ValueError(f"vad.aggressiveness must be 0, 1, 2 or 3, got {self.aggressiveness}")
+        for name in ("pre_roll_ms", "start_ms", "min_speech_ms", "energy_margin_db"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"vad.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("silence_ms", "max_utterance_ms"):
+            if (value := getattr(self, name)) < self.frame_ms:
+                raise ValueError(f"vad.{name} must be at least one frame ({self.frame_ms} ms), got {value}")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Utterance:
+    audio: np.ndarray  # [T] float32 at sample_rate: pre-roll + speech + a pre-roll-long tail
+    sample_rate: int = VAD_RATE
+    start_s: float  # first speech frame (manual: when begin() was called)
+    end_s: float  # end of the last voiced frame (manual: when end() was called)
+    decided_s: float  # stream time when the end was decided
+    reason: str  # 'silence' | 'max_length' | 'flush' | 'manual'
+    audio_start_s: float  # stream time of audio[0]
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / self.sample_rate
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    t: float  # stream time of the first speech frame
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    utterance: Utterance
+
+
+VADEvent = SpeechStarted | SpeechEnded
+
+
+class _AudioHistory:
+    """16 kHz samples addressed by absolute index; nothing before `floor` is kept or returned."""
+
+    def __init__(self):
+        self._chunks: deque[np.ndarray] = deque()
+        self._chunks_start = 0
+        self.floor = 0
+        self.end = 0
+
+    def append(self, audio: np.ndarray) -> None:
+        if audio.size:
+            self._chunks.append(audio)
+            self.end += audio.size
+
+    def drop_before(self, index: int) -> None:
+        self.floor = max(self.floor, min(index, self.end))
+        while self._chunks and self._chunks_start + self._chunks[0].size <= self.floor:
+            self._chunks_start += self._chunks.popleft().size
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        start, stop = max(start, self.floor), min(stop, self.end)
+        if stop <= start:
+            return np.zeros(0, np.float32)
+        joined = np.concatenate(self._chunks)
+        return joined[start - self._chunks_start : stop - self._chunks_start].copy()
+
+
+class Endpointer:
+    """Feed float32 audio chunks with `process`; get `SpeechStarted` / `SpeechEnded` events back."""
+
+    def __init__(self, config: VADConfig | None = None, input_rate: int = VAD_RATE):
+        if input_rate <= 0:
+            raise AudioInputError(f"VAD input sample rate must be positive, got {input_rate}")
+        self.config = config or VADConfig()
+        self.input_rate = input_rate
+        self._vad = webrtcvad.Vad(self.config.aggressiveness)
+        ms = VAD_RATE // 1000
+        self._frame = self.config.frame_ms * ms
+        self._pre_roll = self.config.pre_roll_ms * ms
+        self._start_frames = max(1, self.config.start_ms // self.config.frame_ms)
+        self._start_needed = math.ceil(START_RATIO * self._start_frames)
+        self._silence_frames = self.config.silence_ms // self.config.frame_ms
+        self._min_voiced_frames = math.ceil(self.config.min_speech_ms / self.config.frame_ms)
+        self._max_len = self.config.max_utterance_ms * ms
+        self.reset()
+
+    def reset(self) -> None:
+        self._resampler = self._new_resampler()
+        self._history = _AudioHistory()
+        self._pending = np.zeros(0, np.float32)  # 16 kHz samples not yet cut into frames
+        self._levels: deque[float] = deque(maxlen=round(NOISE_WINDOW_S * 1000 / self.config.frame_ms))  # dBFS
+        self._muted = False
+        self._drop_turn()
+
+    def _new_resampler(self):
+        if self.input_rate == VAD_RATE:
+            return None
+        return soxr.ResampleStream(self.input_rate, VAD_RATE, 1, dtype="float32")
+
+    def _drop_turn(self) -> None:
+        self._ring: deque[tuple[int, bool]] = deque(maxlen=self._start_frames)  # (frame start, voiced)
+        self._start: int | None = None  # first speech sample of the open (maybe unconfirmed) turn
+        self._confirmed = False
+        self._voiced = 0
+        self._silence = 0
+        self._last_voiced_end = 0
+        self._manual_start: int | None = None
+
+    @property
+    def in_speech(self) -> bool:
+        return self._confirmed or self._manual_start is not None
+
+    @property
+    def time_s(self) -> float:
+        return self._history.end / VAD_RATE
+
+    def mute(self, flag: bool) -> None:
+        """Half-duplex: while muted audio only advances the clock; an open turn is dropped silently."""
+        self._muted = flag
+        if flag:
+            self._drop_turn()
+            self._pending = np.zeros(0, np.float32)
+            self._history.drop_before(self._history.end)
+
+    def process(self, samples: np.ndarray) -> list[VADEvent]:
+        audio = to_mono_float32(samples, what="VAD input")
+        if self._resampler is not None:
+            audio = self._resampler.resample_chunk(audio)
+        return self._consume(audio)
+
+    def flush(self) -> list[VADEvent]:
+        """End of input: drain the resampler and end the open turn if it is long enough."""
+        events = []
+        if self._resampler is not None:
+            events += self._consume(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+            self._resampler = self._new_resampler()
+        self._pending = np.zeros(0, np.float32)
+        if self._manual_start is not None:
+            events.append(SpeechEnded(self._manual_utterance("flush")))
+        elif self._start is not None:
+            events += self._finish(self._history.end, "flush")
+        self._drop_turn()
+        return events
+
+    def begin(self) -> SpeechStarted:
+        """Push-to-talk: start recording now (pre-roll included)."""
+        self._require_manual("begin")
+        if self._muted:
+            raise RuntimeError("Endpointer.begin() while muted: unmute first")
+        if self._manual_start is None:
+            self._manual_start = self._history.end
+        return SpeechStarted(t=self._manual_start / VAD_RATE)
+
+    def end(self) -> Utterance | None:
+        """Push-to-talk: stop recording; None when nothing was being recorded."""
+        self._require_manual("end")
+        return None if self._manual_start is None else self._manual_utterance("manual")
+
+    def _require_manual(self, name: str) -> None:
+        if self.config.enabled_endpointing:
+            raise RuntimeError(f"Endpointer.{name}() is for push-to-talk: set enabled_endpointing = false")
+
+    def _consume(self, audio: np.ndarray) -> list[VADEvent]:
+        self._history.append(audio)
+        if self._muted:
+            self._history.drop_before(self._history.end)
+            return []
+        if not self.config.enabled_endpointing:
+            if self._manual_start is None:
+                self._history.drop_before(self._history.end - self._pre_roll)
+            return []
+        self._pending = np.concatenate([self._pending, audio])
+        first = self._history.end - self._pending.size  # absolute index of _pending[0]
+        n = self._pending.size // self._frame
+        events = []
+        for i in range(n):
+            frame = self._pending[i * self._frame : (i + 1) * self._frame]
+            events += self._step(frame, first + i * self._frame)
+        self._pending = self._pending[n * self._frame :].copy()
+        if self._start is None:  # idle: keep only what a turn starting now could reach back to
+            self._history.drop_before(first + n * self._frame - self._start_frames * self._frame - self._pre_roll)
+        return events
+
+    def _is_voiced(self, frame: np.ndarray) -> bool:
+        speech = self._vad.is_speech(float_to_pcm16(frame), VAD_RATE)
+        if self.config.energy_margin_db <= 0:
+            return speech
+        level = 10.0 * math.log10(float(np.mean(np.square(frame, dtype=np.float64))) + 1e-12)
+        if level >= NOISE_FLOOR_MIN_DB:
+            self._levels.append(level)
+        return speech and level >= min(self._levels, default=NOISE_FLOOR_MIN_DB) + self.config.energy_margin_db
+
+    def _step(self, frame: np.ndarray, at: int) -> list[VADEvent]:
+        voiced = self._is_voiced(frame)
+        end = at + self._frame
+        if self._start is None:
+            self._ring.append((at, voiced))
+            if len(self._ring) < self._start_frames or sum(v for _, v in self._ring) < self._start_needed:
+                return []
+            # open a turn at the ring's first voiced frame and replay the ring's labels into it
+            frames = list(self._ring)
+            self._ring.clear()
+            self._start = next(a for a, v in frames if v)
+            for a, v in frames:
+                if a >= self._start:
+                    self._count(v, a + self._frame)
+            return self._confirm()
+        self._count(voiced, end)
+        if self._silence >= self._silence_frames:
+            return self._finish(end, "silence")
+        if end - self._start >= self._max_len:
+            return self._finish(end, "max_length")
+        return self._confirm()
+
+    def _count(self, voiced: bool, end: int) -> None:
+        if voiced:
+            self._voiced += 1
+            self._silence = 0
+            self._last_voiced_end = end
+        else:
+            self._silence += 1
+
+    def _confirm(self) -> list[VADEvent]:
+        if self._confirmed or self._voiced < self._min_voiced_frames:
+            return []
+        self._confirmed = True
+        return [SpeechStarted(t=self._start / VAD_RATE)]
+
+    def _finish(self, decided: int, reason: str) -> list[VADEvent]:
+        events = []
+        if self._confirmed:
+            stop = min(self._last_voiced_end + self._pre_roll, decided)
+            events.append(SpeechEnded(self._cut(self._start, self._last_voiced_end, stop, decided, reason)))
+        self._drop_turn()
+        return events
+
+    def _manual_utterance(self, reason: str) -> Utterance:
+        now = self._history.end
+        utterance = self._cut(self._manual_start, now, now, now, reason)
+        self._manual_start = None
+        return utterance
+
+    def _cut(self, start: int, end: int, stop: int, decided: int, reason: str) -> Utterance:
+        """The turn's audio from pre-roll before `start` to `stop` (absolute 16 kHz sample indices)."""
+        first = max(start - self._pre_roll, self._history.floor)
+        utterance = Utterance(
+            audio=self._history.slice(first, stop),
+            start_s=start / VAD_RATE,
+            end_s=end / VAD_RATE,
+            decided_s=decided / VAD_RATE,
+            reason=reason,
+            audio_start_s=first / VAD_RATE,
+        )
+        self._history.drop_before(stop)  # the next turn's pre-roll must not repeat this audio
+        return utterance
