@@ -1,0 +1,266 @@
+"""`voice-agent`: the product's verbs. Errors a user can act on are one line, never a traceback.
+
+Config overrides are dotted flags after the verb: `voice-agent replay demo --vad.silence_ms 500`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+
+
+def _maybe_preload_openblas(argv: list[str]) -> None:
+    """MLX's Linux CPU wheel ships a reference BLAS (~6 GFLOP/s); Debian's OpenBLAS is ~30x faster.
+    It has to be loaded before MLX, so re-exec once with LD_PRELOAD when it is installed."""
+    if platform.system() != "Linux" or not os.path.exists(OPENBLAS) or os.environ.get("VOICE_AGENT_NO_PRELOAD"):
+        return
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [OPENBLAS, os.environ.get("LD_PRELOAD")])))
+    os.execve(sys.executable, [sys.executable, "-m", "agent.cli", *argv], env)
+
+
+def _split_overrides(extra: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """`--vad.silence_ms 500` / `--vad.silence_ms=500` -> [("vad.silence_ms", "500")]; the rest is unknown."""
+    pairs, unknown, i = [], [], 0
+    while i < len(extra):
+        arg = extra[i]
+        m = re.fullmatch(r"--([a-z_]+(?:\.[a-z_]+)+)(?:=(.*))?", arg)
+        if m and m.group(2) is not None:
+            pairs.append((m.group(1), m.group(2)))
+        elif m and i + 1 < len(extra):
+            pairs.append((m.group(1), extra[i + 1]))
+            i += 1
+        else:
+            unknown.append(arg)
+        i += 1
+    return pairs, unknown
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="voice-agent",
+        description="A local speech-to-speech voice agent: webrtcvad -> mlx-whisper -> mlx-lm -> Marvis TTS.",
+        epilog="Config overrides: any dotted key after the verb, e.g. --vad.silence_ms 500 --tts.seed 3",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    def with_config(sp, default):
+        sp.add_argument("--config", default=default, help=f"preset in configs/ or a .toml path (default: {default})")
+        sp.add_argument("--out", type=Path, help="session bundle folder (default: runs/<time>-<mode>)")
+        sp.add_argument("--seed", type=int, help="seed for the LLM and the TTS sampling")
+        return sp
+
+    sp = with_config(sub.add_parser("chat", help="hands-free conversation on the microphone"), "default")
+    sp.add_argument("--duration", type=float, help="stop after this many seconds of mic audio")
+    sp = with_config(sub.add_parser("ptt", help="push-to-talk conversation (Enter starts/ends a turn)"), "push_to_talk")
+    sp.add_argument("--duration", type=float, help="stop after this many seconds of mic audio")
+    sp.add_argument("--keys", type=Path, help="scripted key presses: lines 'press SECONDS' / 'release SECONDS'")
+    sp = with_config(sub.add_parser("replay", help="replay a recorded session or audio files through the agent"), "replay")
+    sp.add_argument("source", nargs="+", type=Path, help="a session bundle folder, or audio files (one turn each)")
+    sp.add_argument("--realtime", action="store_true", help="pace the audio like a live microphone")
+    sp.add_argument("--no-progress", action="store_true")
+
+    sp = sub.add_parser("tts", help="synthesise text with Marvis")
+    sp.add_argument("text")
+    sp.add_argument("-o", "--output", type=Path, default=Path("tts.wav"))
+    sp.add_argument("--config", default="default")
+    sp.add_argument("--checkpoint", help="a Marvis checkpoint (file or folder, any format) or random:<preset>")
+    sp.add_argument("--speaker", type=int, default=0)
+    sp.add_argument("--context", nargs=2, action="append", default=[], metavar=("AUDIO", "TEXT"),
+                    help="a context turn (repeatable); TEXT may start with [N] to set its speaker")
+    sp.add_argument("--voice-match", type=Path, metavar="REF_AUDIO", help="speak in the voice of this clip")
+    sp.add_argument("--ref-text", help="transcript of the --voice-match clip")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--temperature", type=float, help="0 = greedy")
+    sp.add_argument("--topk", type=int)
+    sp.add_argument("--max-ms", type=int, help="longest audio to generate")
+    sp.add_argument("--stream", action="store_true", help="generate in streamed chunks (prints each chunk)")
+    sp.add_argument("--codes-out", type=Path, help="also save the Mimi codes [32, frames] as .npy")
+
+    sp = sub.add_parser("models", help="prepare the offline default models in checkpoints/")
+    sp.add_argument("action", choices=["prepare", "list"])
+    sp.add_argument("--only", nargs="*", help="names to prepare")
+    sp = sub.add_parser("fetch", help="download the real models (needs a network)")
+    sp.add_argument("what", nargs="*", help="marvis, mimi, whisper, llm (default: all)")
+    sub.add_parser("doctor", help="check the machine: BLAS, audio devices, models")
+    sp = sub.add_parser("bench", help="benchmarks: `bench tts` (Marvis vs peers), `bench agent SESSION`")
+    sp.add_argument("what", choices=["tts", "agent"])
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _config(args, overrides):
+    from agent.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "seed", None) is not None:
+        cfg.llm.seed = cfg.tts.seed = args.seed
+    return cfg
+
+
+def _cmd_tts(args, overrides) -> int:
+    import numpy as np
+
+    from agent.build import build_tts, tts_generation_config
+    from pipelines.audio import load_audio, save_audio
+    from pipelines.tts.generator import Segment, VoiceReference
+
+    cfg = _config(args, overrides)
+    tts = build_tts(cfg, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
+    gen = tts_generation_config(cfg)
+    gen.seed = args.seed
+    if args.temperature is not None:
+        gen.temperature = args.temperature
+    if args.topk is not None:
+        gen.top_k = args.topk
+    if args.max_ms is not None:
+        gen.max_audio_length_ms = args.max_ms
+    context = []
+    for audio_path, text in args.context:
+        m = re.match(r"^\[(\d+)\]\s*", text)
+        speaker = int(m.group(1)) if m else args.speaker
+        context.append(Segment(speaker, text[m.end():] if m else text, load_audio(audio_path, 24_000)))
+    voice = None
+    if args.voice_match:
+        if not args.ref_text:
+            from pipelines.errors import TextInputError
+
+            raise TextInputError("--voice-match needs --ref-text, the transcript of the reference clip")
+        voice = VoiceReference(load_audio(args.voice_match, 24_000), args.ref_text)
+    if args.stream:
+        audio, codes = [], []
+        for chunk in tts.stream(args.text, args.speaker, context, voice, gen):
+            print(f"chunk: frames {chunk.first_frame}..{chunk.first_frame + chunk.num_frames - 1}", file=sys.stderr)
+            audio.append(chunk.audio)
+            codes.append(chunk.codes)
+        wave = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+        all_codes = np.concatenate(codes, axis=1) if codes else np.zeros((tts.num_codebooks, 0), np.int32)
+    else:
+        speech = tts.generate(args.text, args.speaker, context, voice, gen)
+        wave, all_codes = speech.audio, speech.codes
+    save_audio(args.output, wave, tts.sample_rate)
+    if args.codes_out:
+        args.codes_out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.codes_out, all_codes)
+    label = " [UNTRAINED weights: noise, not speech]" if tts.untrained else ""
+    print(f"wrote {args.output}: {len(wave) / tts.sample_rate:.2f} s at {tts.sample_rate} Hz, "
+          f"{all_codes.shape[1]} frames{label}")
+    return 0
+
+
+def _cmd_doctor() -> int:
+    from agent.config import CHECKPOINTS
+
+    print(f"python {platform.python_version()} on {platform.system()} {platform.machine()}, {os.cpu_count()} cores")
+    try:
+        import mlx.core as mx
+
+        print(f"mlx {mx.__version__}, default device {mx.default_device()}")
+    except Exception as exc:
+        print(f"mlx: NOT importable ({exc})")
+    if platform.system() == "Linux":
+        state = "preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else (
+            "installed, not preloaded" if os.path.exists(OPENBLAS) else "missing: apt-get install libopenblas0-pthread")
+        print(f"OpenBLAS for MLX: {state}")
+    try:
+        from agent.devices import list_devices
+
+        print(list_devices())
+    except Exception as exc:
+        print(f"audio devices: unavailable ({exc})")
+    for name in sorted(p.name for p in CHECKPOINTS.iterdir() if p.name != "README.md") if CHECKPOINTS.is_dir() else []:
+        print(f"checkpoints/{name}")
+    if not (CHECKPOINTS / "marvis-tts-250m-v0.2").exists():
+        print("Marvis weights: absent -> the TTS runs UNTRAINED random weights (see checkpoints/README.md)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _maybe_preload_openblas(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides, unknown = _split_overrides(extra)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    if args.verb == "bench":
+        unknown = []  # the benchmark parses its own flags
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    if overrides and args.verb in ("models", "fetch", "doctor"):
+        parser.error(f"'{args.verb}' takes no config overrides")
+    from pipelines.errors import VoiceAgentError
+
+    try:
+        return _dispatch(args, overrides)
+    except VoiceAgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args, overrides) -> int:
+    if args.verb == "replay":
+        from agent.modes import run_replay
+
+        cfg = _config(args, overrides)
+        if args.realtime:
+            cfg.replay.realtime = True
+        result = run_replay(cfg, args.source, out=args.out, progress=not args.no_progress)
+        return 0 if result.conversation.turns else 3
+    if args.verb in ("chat", "ptt"):
+        from agent.modes import run_live
+
+        cfg = _config(args, overrides)
+        run_live(cfg, push_to_talk=args.verb == "ptt", duration_s=args.duration,
+                 key_script=getattr(args, "keys", None), out=args.out)
+        return 0
+    if args.verb == "tts":
+        return _cmd_tts(args, overrides)
+    if args.verb == "models":
+        from agent import models
+
+        if args.action == "list":
+            for name, what in models.OFFLINE.items():
+                state = "ready" if (models.CHECKPOINTS / name).is_dir() else "not prepared"
+                print(f"{name:<24} {state:<13} {what}")
+            return 0
+        models.prepare(only=args.only)
+        return 0
+    if args.verb == "fetch":
+        from agent.fetch import fetch
+
+        fetch(args.what)
+        return 0
+    if args.verb == "doctor":
+        return _cmd_doctor()
+    if args.verb == "bench":
+        import runpy
+
+        from agent.config import ROOT
+
+        script = ROOT / "scripts" / ("bench_tts.py" if args.what == "tts" else "bench_agent.py")
+        sys.argv = [str(script), *args.args]
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+    raise AssertionError(args.verb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

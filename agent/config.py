@@ -1,0 +1,210 @@
+"""Agent configuration: dataclasses filled from `configs/*.toml` plus dotted CLI overrides.
+
+A preset may `extends = "default.toml"`. Unknown keys are an error that names the key, so a typo in a
+config never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+CHECKPOINTS = ROOT / "checkpoints"
+
+
+@dataclass
+class VADSection:
+    frame_ms: int = 30
+    aggressiveness: int = 2
+    pre_roll_ms: int = 300
+    start_ms: int = 90
+    silence_ms: int = 600
+    min_speech_ms: int = 250
+    max_utterance_ms: int = 30_000
+    energy_margin_db: float = 10.0
+
+
+@dataclass
+class ASRSection:
+    model: str = "checkpoints/whisper-tiny.en"
+    language: str = ""  # "" = detect (tiny.en is English only)
+    initial_prompt: str = ""
+
+
+@dataclass
+class LLMSection:
+    model: str = "checkpoints/smollm2-135m-instruct"
+    # SmolLM2-135M answers well to its trained prompt; longer instructions made it drift (even into French)
+    system_prompt: str = "You are a helpful assistant. Answer in one short sentence."
+    max_tokens: int = 48
+    max_history_turns: int = 8
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TTSSection:
+    checkpoint: str = "checkpoints/marvis-tts-250m-v0.2"  # used when present; otherwise `fallback`
+    fallback: str = "random:marvis-250m"  # the offline default: real shape, seeded random weights
+    mimi: str = "checkpoints/mimi/tokenizer-e351c8d8-checkpoint125.safetensors"
+    tokenizer: str = "checkpoints/smollm2-135m-instruct"  # used when the checkpoint carries none
+    dtype: str = "float32"
+    speaker: int = 0  # the agent's voice
+    user_speaker: int = 1
+    context_turns: int = 4  # recent segments passed as context
+    temperature: float = 0.9
+    top_k: int = 50
+    seed: int = 0
+    max_audio_length_ms: int = 10_000
+    frames_per_char: float = 1.25
+    min_text_frames: int = 12
+    chunk_frames: int = 8
+    first_chunk_frames: int = 2
+
+
+@dataclass
+class AudioSection:
+    input_device: str = ""  # "" = PortAudio default
+    output_device: str = ""
+    block_ms: int = 30
+    jitter_ms: int = 120
+    half_duplex: bool = True  # ignore the mic while the agent speaks
+    barge_in: bool = False  # user speech during playback stops the agent (needs echo-free audio)
+
+
+@dataclass
+class SessionSection:
+    dir: str = "runs"  # where bundles are written
+    record: bool = True
+
+
+@dataclass
+class ReplaySection:
+    realtime: bool = False
+    chunk_ms: int = 30
+
+
+@dataclass
+class AgentConfig:
+    mode: str = "hands-free"  # hands-free | push-to-talk | replay
+    vad: VADSection = field(default_factory=VADSection)
+    asr: ASRSection = field(default_factory=ASRSection)
+    llm: LLMSection = field(default_factory=LLMSection)
+    tts: TTSSection = field(default_factory=TTSSection)
+    audio: AudioSection = field(default_factory=AudioSection)
+    session: SessionSection = field(default_factory=SessionSection)
+    replay: ReplaySection = field(default_factory=ReplaySection)
+
+    def resolve(self, path: str) -> Path:
+        """A config path: absolute, or relative to the project root."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else ROOT / p
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return number
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' is a section; set its keys, e.g. {dotted}.<key>")
+            _apply(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_toml((path.parent / parent).resolve(), seen + (path,))
+    return _merge(base, data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """[("vad.silence_ms", "500")] -> {"vad": {"silence_ms": "500"}} (types are checked on apply)."""
+    out: dict[str, Any] = {}
+    for dotted, value in pairs:
+        parts = dotted.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def config_path(name: str) -> Path:
+    """A preset name (`replay`), a file name in configs/, or a path."""
+    p = Path(name)
+    if p.suffix == ".toml" and p.is_file():
+        return p
+    candidate = CONFIG_DIR / (name if name.endswith(".toml") else f"{name}.toml")
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(f"no config '{name}' (presets: {known})")
+
+
+def load_config(name: str | None = "default", overrides: list[tuple[str, str]] = ()) -> AgentConfig:
+    cfg = AgentConfig()
+    if name:
+        _apply(cfg, _read_toml(config_path(name)))
+    if overrides:
+        _apply(cfg, parse_overrides(list(overrides)))
+    return cfg

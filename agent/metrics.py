@@ -1,0 +1,107 @@
+"""The per-turn latency waterfall: end of user speech -> ... -> first sample played.
+
+Offsets are milliseconds after the end of user speech. The endpoint delay is measured in audio-stream
+time (the VAD waits for `silence_ms` of silence); everything after it is wall-clock time from the
+endpoint decision, so replays faster than real time still report what a user would wait.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ["endpoint", "asr_final", "llm_first_token", "first_sentence", "first_tts_chunk", "first_sample_played"]
+LABELS = {
+    "endpoint": "endpoint",
+    "asr_final": "asr",
+    "llm_first_token": "llm 1st tok",
+    "first_sentence": "1st sentence",
+    "first_tts_chunk": "1st tts chunk",
+    "first_sample_played": "1st sample",
+}
+
+
+class Waterfall:
+    """Collects one turn's stage times. `mark(stage)` stamps wall time; offsets are computed on read."""
+
+    def __init__(self, endpoint_delay_s: float, decided_wall: float):
+        self.endpoint_ms = endpoint_delay_s * 1000.0
+        self.decided_wall = decided_wall
+        self.wall: dict[str, float] = {}
+
+    def mark(self, stage: str, wall: float) -> None:
+        if stage not in STAGES:
+            raise KeyError(stage)
+        self.wall.setdefault(stage, wall)
+
+    def offsets(self) -> dict[str, float]:
+        out = {"endpoint": round(self.endpoint_ms, 1)}
+        for stage in STAGES[1:]:
+            if stage in self.wall:
+                out[stage] = round(self.endpoint_ms + (self.wall[stage] - self.decided_wall) * 1000.0, 1)
+        return out
+
+
+def summary_line(turn_index: int, offsets: dict[str, float]) -> str:
+    parts = [f"{LABELS[s]} {offsets[s]:.0f}" for s in STAGES if s in offsets]
+    return f"turn {turn_index}: " + " | ".join(parts) + " ms after end of speech"
+
+
+def session_summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for stage in STAGES:
+        values = [r[stage] for r in rows if stage in r]
+        if values:
+            out[stage] = {
+                "p50": round(float(np.percentile(values, 50)), 1),
+                "p90": round(float(np.percentile(values, 90)), 1),
+                "n": len(values),
+            }
+    return out
+
+
+def summary_table(summary: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'stage':<22}{'p50 ms':>10}{'p90 ms':>10}{'turns':>7}"]
+    for stage in STAGES:
+        if stage in summary:
+            s = summary[stage]
+            lines.append(f"{stage:<22}{s['p50']:>10.0f}{s['p90']:>10.0f}{s['n']:>7}")
+    return "\n".join(lines)
+
+
+def draw_timeline(rows: list[dict[str, float]], path: Path, title: str = "") -> Path | None:
+    """One horizontal bar per turn, a segment per stage. Returns None when nothing to draw."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.5 * len(rows)))
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(STAGES)))
+    for y, row in enumerate(rows):
+        start = 0.0
+        for stage, colour in zip(STAGES, colours):
+            if stage not in row:
+                continue
+            end = row[stage]
+            ax.barh(y, end - start, left=start, color=colour, edgecolor="white",
+                    label=LABELS[stage] if y == 0 else None)
+            start = end
+    ax.set_yticks(range(len(rows)), [f"turn {i}" for i in range(len(rows))])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms after end of user speech")
+    ax.set_title(title or "latency waterfall")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

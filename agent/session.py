@@ -1,0 +1,149 @@
+"""Session bundles: written as they happen, read back by replay.
+
+A bundle is a folder:
+    session.json     what ran (mode, models, config, whether the TTS is untrained); rewritten at the end
+    mic.pcm          everything the mic delivered, s16le mono at `mic_rate`, appended and flushed live
+    events.jsonl     one JSON object a line, appended and flushed live; `t` is mic-stream seconds
+    turns/NNNN-user.wav, NNNN-agent.wav   each turn's audio, written when the turn ends
+    waterfall.jsonl, summary.json, waterfall.png, transcript.txt   written when the session closes
+Killing the process loses at most the last unflushed block; a truncated bundle (odd byte count, a
+half-written last line, no session.json) still replays.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.audio import float_to_pcm16, load_audio, pcm16_to_float, save_audio
+from pipelines.errors import AudioInputError
+
+FORMAT = "voice-agent-session"
+MIC_RATE = 16_000
+
+
+def new_bundle_dir(root: Path, mode: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{stamp}-{mode}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{mode}-{n}"
+    return path
+
+
+class SessionRecorder:
+    def __init__(self, folder: Path, meta: dict, mic_rate: int = MIC_RATE):
+        self.folder = Path(folder)
+        (self.folder / "turns").mkdir(parents=True, exist_ok=True)
+        self.meta = {"format": FORMAT, "version": 1, "mic_rate": mic_rate, "created": time.time(), **meta}
+        self._write_meta()
+        self._mic = open(self.folder / "mic.pcm", "ab")
+        self._events = open(self.folder / "events.jsonl", "a", encoding="utf-8")
+        self.mic_samples = 0
+        self.mic_rate = mic_rate
+
+    def _write_meta(self) -> None:
+        tmp = self.folder / "session.json.tmp"
+        tmp.write_text(json.dumps(self.meta, indent=2, default=str))
+        tmp.replace(self.folder / "session.json")  # atomic: never a half-written session.json
+
+    @property
+    def mic_time(self) -> float:
+        return self.mic_samples / self.mic_rate
+
+    def write_mic(self, block: np.ndarray) -> None:
+        self._mic.write(float_to_pcm16(block))
+        self._mic.flush()
+        self.mic_samples += len(block)
+
+    def event(self, kind: str, t: float | None = None, **data) -> None:
+        row = {"type": kind, "t": round(self.mic_time if t is None else t, 4), "wall": round(time.time(), 4), **data}
+        self._events.write(json.dumps(row, default=str) + "\n")
+        self._events.flush()
+
+    def turn_audio(self, index: int, who: str, audio: np.ndarray, rate: int) -> Path:
+        return save_audio(self.folder / "turns" / f"{index:04d}-{who}.wav", audio, rate)
+
+    def close(self, **final) -> None:
+        if self._mic.closed:
+            return
+        self._mic.close()
+        self._events.close()
+        self.meta.update(final, closed=time.time())
+        self._write_meta()
+
+
+@dataclass
+class SessionData:
+    mic: np.ndarray  # float32 mono at `rate`
+    rate: int
+    mutes: list[tuple[float, float]] = field(default_factory=list)  # mic-time spans the agent was speaking
+    keys: list[tuple[float, str]] = field(default_factory=list)  # push-to-talk presses/releases
+    meta: dict = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+
+
+def read_events(path: Path) -> list[dict]:
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a half-written last line after a crash
+    return rows
+
+
+def read_session(folder: Path) -> SessionData:
+    folder = Path(folder)
+    mic_path = folder / "mic.pcm"
+    if not mic_path.is_file():
+        raise AudioInputError(f"{folder}: not a session bundle (no mic.pcm); pass audio files or a bundle folder")
+    meta = {}
+    if (folder / "session.json").is_file():
+        try:
+            meta = json.loads((folder / "session.json").read_text())
+        except json.JSONDecodeError:
+            meta = {}
+    raw = mic_path.read_bytes()
+    raw = raw[: len(raw) - len(raw) % 2]  # a block cut mid-sample by a crash
+    rate = int(meta.get("mic_rate", MIC_RATE))
+    events = read_events(folder / "events.jsonl")
+    mutes, keys, start = [], [], None
+    for e in events:
+        if e.get("type") == "mute":
+            if e.get("on") and start is None:
+                start = float(e["t"])
+            elif not e.get("on") and start is not None:
+                mutes.append((start, float(e["t"])))
+                start = None
+        elif e.get("type") == "key":
+            keys.append((float(e["t"]), str(e.get("action"))))
+    if start is not None:
+        mutes.append((start, float("inf")))
+    return SessionData(pcm16_to_float(raw), rate, mutes, keys, meta, events)
+
+
+def audio_files_as_session(paths: list[Path], gap_s: float, rate: int = MIC_RATE) -> SessionData:
+    """Plain audio files, one user turn each, separated by `gap_s` of silence (enough to end a turn)."""
+    parts = []
+    gap = np.zeros(int(gap_s * rate), np.float32)
+    for p in paths:
+        parts += [gap[: rate // 2] if not parts else gap, load_audio(p, rate)]
+    parts.append(gap)
+    return SessionData(np.concatenate(parts), rate, meta={"source": [str(p) for p in paths]})
+
+
+def load_replay_source(paths: list[Path], gap_s: float) -> SessionData:
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        return read_session(paths[0])
+    for p in paths:
+        if Path(p).is_dir():
+            raise AudioInputError(f"{p}: replay takes one session folder, or audio files, not both")
+    return audio_files_as_session([Path(p) for p in paths], gap_s)

@@ -1,0 +1,116 @@
+"""The reply stage: user text in, the agent's reply out as streamed text deltas (mlx-lm).
+
+A plain object: the agent calls `stream(user_text)`, speaks what it gets, and then `commit`s the
+turn with the reply text that was actually spoken (shorter than generated after a barge-in), so the
+history matches what the user heard. History is bounded by turns and the prompt by tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import Iterator
+
+from pipelines.errors import CheckpointError
+
+_NEEDED_FILES = ("config.json", "tokenizer.json")
+
+
+class ReplyLLM:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        system_prompt: str,
+        max_history_turns: int = 8,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        max_prompt_tokens: int = 2048,
+    ):
+        model_dir = Path(model_dir)
+        missing = [name for name in _NEEDED_FILES if not (model_dir / name).is_file()]
+        if not model_dir.is_dir() or missing or not list(model_dir.glob("model*.safetensors")):
+            found = model_dir.is_dir()
+            what = f"missing {', '.join(missing) or 'model*.safetensors'}" if found else "directory not found"
+            raise CheckpointError(f"reply LLM {model_dir}: {what}; convert or download the model first")
+        if max_history_turns < 0 or max_tokens < 1 or max_prompt_tokens < 16:
+            raise ValueError("max_history_turns >= 0, max_tokens >= 1 and max_prompt_tokens >= 16 are required")
+
+        import mlx_lm
+        from mlx_lm.sample_utils import make_sampler
+
+        try:
+            # a str path that exists never reaches the hub
+            self.model, self.tokenizer = mlx_lm.load(str(model_dir))
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(f"reply LLM {model_dir}: cannot load ({type(error).__name__}: {error})") from None
+        self.model_dir = model_dir
+        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.seed = seed
+        self._sampler = make_sampler(temp=temperature)
+        self._history: deque[tuple[str, str]] = deque(maxlen=max_history_turns)
+
+    @property
+    def history(self) -> tuple[tuple[str, str], ...]:
+        """Committed (user, reply) turns, oldest first."""
+        return tuple(self._history)
+
+    def warmup(self) -> None:
+        """One short generation so the first real turn does not pay for lazy loading and graph setup."""
+        for _ in self._generate(self._prompt_tokens("Hi", []), max_tokens=2):
+            pass
+
+    def stream(self, user_text: str) -> Iterator[str]:
+        """Text deltas of the reply to `user_text`, as tokens arrive. Does not change the history."""
+        user_text = user_text.strip()
+        if not user_text:
+            return
+        yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens)
+
+    def commit(self, user_text: str, reply_text: str) -> None:
+        """Append a finished turn; the oldest turn drops out beyond `max_history_turns`."""
+        user_text, reply_text = user_text.strip(), reply_text.strip()
+        if user_text or reply_text:
+            self._history.append((user_text, reply_text))
+
+    def reset(self) -> None:
+        self._history.clear()
+
+    def _generate(self, prompt: list[int], max_tokens: int) -> Iterator[str]:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+
+        if self.seed is not None:
+            mx.random.seed(self.seed)  # per turn, so a replayed turn samples the same reply
+        for response in stream_generate(
+            self.model, self.tokenizer, prompt, max_tokens=max_tokens, sampler=self._sampler
+        ):
+            if response.text:
+                yield response.text
+
+    def _prompt(self, user_text: str) -> list[int]:
+        # drop the oldest turns until the prompt fits; the user's own words come last and stay
+        turns = list(self._history)
+        while True:
+            tokens = self._prompt_tokens(user_text, turns)
+            if len(tokens) <= self.max_prompt_tokens or not turns:
+                break
+            turns.pop(0)
+        if len(tokens) > self.max_prompt_tokens:
+            # one huge utterance: keep its end, which is what the user said last
+            excess = len(tokens) - self.max_prompt_tokens
+            user_ids = self.tokenizer.encode(user_text, add_special_tokens=False)
+            user_text = self.tokenizer.decode(user_ids[min(len(user_ids), excess + 8) :])
+            tokens = self._prompt_tokens(user_text, [])
+        return tokens
+
+    def _prompt_tokens(self, user_text: str, turns: list[tuple[str, str]]) -> list[int]:
+        messages = [{"role": "system", "content": self.system_prompt}]
+        for user, reply in turns:
+            messages.append({"role": "user", "content": user})
+            messages.append({"role": "assistant", "content": reply})
+        messages.append({"role": "user", "content": user_text})
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)

