@@ -183,9 +183,14 @@ def _cmd_doctor() -> int:
     return 0
 
 
+def console_main() -> None:
+    """The `voice-agent` entry point: preload OpenBLAS (re-exec) first, then run."""
+    _maybe_preload_openblas(sys.argv[1:])
+    sys.exit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _maybe_preload_openblas(argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     overrides, unknown = _split_overrides(extra)
@@ -263,4 +268,4 @@ def _dispatch(args, overrides) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

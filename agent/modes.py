@@ -26,9 +26,9 @@ from agent.config import AgentConfig
 from agent.conversation import Conversation
 from agent.engine import TurnEngine
 from agent.metrics import draw_timeline, session_summary, summary_table, write_jsonl
-from agent.session import MIC_RATE, SessionRecorder, load_replay_source, new_bundle_dir
+from agent.session import MIC_RATE, SessionData, SessionRecorder, load_replay_source, new_bundle_dir
 from pipelines.audio import resample
-from pipelines.vad import Endpointer, SpeechEnded, SpeechStarted
+from pipelines.vad import Endpointer, SpeechEnded, SpeechStarted, Utterance
 
 Log = Callable[[str], None]
 
@@ -105,20 +105,12 @@ class _ReplaySink:
         return sum(len(p) for p in self.parts)
 
 
-def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, log: Log = print,
-               progress: bool = True) -> RunResult:
-    data = load_replay_source(sources, gap_s=cfg.vad.silence_ms / 1000 + 1.0)
+def replay_utterances(cfg: AgentConfig, data: SessionData, recorder: SessionRecorder | None = None,
+                      progress: bool = False) -> Iterator[Utterance]:
+    """Feed a session's mic audio through the VAD exactly as a live mic would, applying the recorded
+    half-duplex mutes and push-to-talk keys; yield each utterance as its end is decided."""
     mic = resample(data.mic, data.rate, MIC_RATE) if data.rate != MIC_RATE else data.mic
-    ptt = bool(data.keys)
-    log(f"replay: {len(mic) / MIC_RATE:.1f} s of audio from {', '.join(map(str, sources))}"
-        + (" (push-to-talk keys from the bundle)" if ptt else ""))
-    stages = build_stages(cfg, log=log)
-    engine = TurnEngine(stages, Conversation(), log=log)
-    engine.warmup()
-    recorder = _open_recorder(cfg, "replay", out, stages)
-    engine.recorder = recorder
-    vad = Endpointer(vad_config(cfg, endpointing=not ptt), MIC_RATE)
-    sink = _ReplaySink(stages.tts.sample_rate)
+    vad = Endpointer(vad_config(cfg, endpointing=not data.keys), MIC_RATE)
     keys = sorted(data.keys)
     size = max(1, int(cfg.replay.chunk_ms * MIC_RATE / 1000))
     muted = False
@@ -128,36 +120,50 @@ def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, l
         from tqdm import tqdm
 
         blocks = tqdm(blocks, total=-(-len(mic) // size), unit="block", desc="replay", disable=None, leave=False)
-    try:
-        for t, block in blocks:
-            if cfg.replay.realtime:
-                time.sleep(max(0.0, wall0 + t - time.monotonic()))
-            now_muted = any(a <= t < b for a, b in data.mutes)
-            if now_muted != muted:
-                muted = now_muted
-                vad.mute(muted)
-                if recorder:
-                    recorder.event("mute", on=muted)
-            events = []
-            while keys and keys[0][0] <= t:
-                _, action = keys.pop(0)
-                if recorder:
-                    recorder.event("key", action=action)
-                if action == "press" and not vad.in_speech:
-                    events.append(vad.begin())
-                elif action == "release":
-                    utt = vad.end()
-                    if utt is not None:
-                        events.append(SpeechEnded(utt))
+    for t, block in blocks:
+        if cfg.replay.realtime:
+            time.sleep(max(0.0, wall0 + t - time.monotonic()))
+        now_muted = any(a <= t < b for a, b in data.mutes)
+        if now_muted != muted:
+            muted = now_muted
+            vad.mute(muted)
             if recorder:
-                recorder.write_mic(block)
-            events += vad.process(block)
-            for ev in events:
-                if isinstance(ev, SpeechEnded):
-                    engine.run_turn(ev.utterance, sink)
-        for ev in vad.flush():
+                recorder.event("mute", on=muted)
+        events = []
+        while keys and keys[0][0] <= t:
+            _, action = keys.pop(0)
+            if recorder:
+                recorder.event("key", action=action)
+            if action == "press" and not vad.in_speech:
+                events.append(vad.begin())
+            elif action == "release":
+                utt = vad.end()
+                if utt is not None:
+                    events.append(SpeechEnded(utt))
+        if recorder:
+            recorder.write_mic(block)
+        for ev in events + vad.process(block):
             if isinstance(ev, SpeechEnded):
-                engine.run_turn(ev.utterance, sink)
+                yield ev.utterance
+    for ev in vad.flush():
+        if isinstance(ev, SpeechEnded):
+            yield ev.utterance
+
+
+def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, log: Log = print,
+               progress: bool = True) -> RunResult:
+    data = load_replay_source(sources, gap_s=cfg.vad.silence_ms / 1000 + 1.0)
+    log(f"replay: {len(data.mic) / data.rate:.1f} s of audio from {', '.join(map(str, sources))}"
+        + (" (push-to-talk keys from the bundle)" if data.keys else ""))
+    stages = build_stages(cfg, log=log)
+    engine = TurnEngine(stages, Conversation(), log=log)
+    engine.warmup()
+    recorder = _open_recorder(cfg, "replay", out, stages)
+    engine.recorder = recorder
+    sink = _ReplaySink(stages.tts.sample_rate)
+    try:
+        for utterance in replay_utterances(cfg, data, recorder, progress):
+            engine.run_turn(utterance, sink)
     finally:
         summary = finish(recorder, engine.conversation, log)
     return RunResult(recorder.folder if recorder else None, engine.conversation, summary)

@@ -63,7 +63,8 @@ def save_audio(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
 
 
 def float_to_pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    # the exact inverse of pcm16_to_float for every representable sample; +1.0 clips to 32767
+    return np.clip(np.round(np.asarray(audio, np.float32) * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def pcm16_to_float(raw: bytes) -> np.ndarray:

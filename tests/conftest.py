@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 from pathlib import Path
 
@@ -72,3 +72,98 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (scripts/bootstrap.sh installs it with apt)")
     return path
+
+
+# ---- a random transformers CsmForConditionalGeneration: the reference, and checkpoints in two formats ----
+
+K, V = 32, 2051  # Mimi codebooks, audio vocabulary (2048 codes + 3 specials)
+ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+
+@pytest.fixture(scope="session")
+def reference():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import CsmConfig, CsmForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = CsmConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        text_vocab_size=96, vocab_size=V, num_codebooks=K, rope_parameters=dict(ROPE),
+        depth_decoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, backbone_hidden_size=64, vocab_size=V, num_codebooks=K,
+                                  rope_parameters=dict(ROPE)),
+    )
+    model = CsmForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random non-trivial values everywhere (the default init leaves some at zero/one)
+        for name, p in model.named_parameters():
+            if not name.startswith("codec_model."):
+                p.normal_(0, 0.5 if "norm" in name else 0.08)
+                if "norm" in name:
+                    p.add_(1.0)
+    return model
+
+
+def _state(model):
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("codec_model.")}
+
+
+@pytest.fixture(scope="session")
+def transformers_dir(reference, tmp_path_factory, tiny_tokenizer):
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("csm_transformers")
+    save_file(_state(reference), str(folder / "model.safetensors"))
+    shutil.copy(tiny_tokenizer / "tokenizer.json", folder)
+    (folder / "config.json").write_text(json.dumps(reference.config.to_dict()))
+    return folder
+
+
+def _interleave(w, heads):
+    out, inp = w.shape
+    hd = out // heads
+    return w.reshape(heads, 2, hd // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+@pytest.fixture(scope="session")
+def torchtune_file(reference, tmp_path_factory, tiny_tokenizer):
+    """The same weights under the original names, q/k in interleaved order, config from our own schema."""
+    cfg = reference.config
+    names = {"self_attn.o_proj": "attn.output_proj", "self_attn.": "attn.", "input_layernorm.weight": "sa_norm.scale",
+             "post_attention_layernorm.weight": "mlp_norm.scale", "mlp.gate_proj": "mlp.w1",
+             "mlp.down_proj": "mlp.w2", "mlp.up_proj": "mlp.w3"}
+    out = {}
+    for k, v in _state(reference).items():
+        if k.startswith("depth_decoder.model.embed_tokens"):
+            continue
+        heads = None
+        if ".q_proj." in k:
+            heads = cfg.num_attention_heads if k.startswith("backbone") else cfg.depth_decoder_config.num_attention_heads
+        if ".k_proj." in k:
+            heads = cfg.num_key_value_heads if k.startswith("backbone") else cfg.depth_decoder_config.num_key_value_heads
+        if heads:
+            v = _interleave(v, heads).contiguous()
+        k = (k.replace("backbone_model.embed_tokens.embed_audio_tokens.weight", "audio_embeddings.weight")
+              .replace("depth_decoder.model.inputs_embeds_projector.weight", "projection.weight")
+              .replace("depth_decoder.codebooks_head.weight", "audio_head")
+              .replace("embed_text_tokens.weight", "text_embeddings.weight")
+              .replace("lm_head.weight", "codebook0_head.weight")
+              .replace("backbone_model.", "backbone.").replace("depth_decoder.model.", "decoder."))
+        for a, b in names.items():
+            k = k.replace(a, b)
+        k = k.replace("backbone.norm.weight", "backbone.norm.scale").replace("decoder.norm.weight", "decoder.norm.scale")
+        out[k] = v
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("csm_torchtune")
+    save_file(out, str(folder / "csm.safetensors"))
+    shutil.copy(tiny_tokenizer / "tokenizer.json", folder)
+    dd = cfg.depth_decoder_config
+    part = lambda c: dict(num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+                          num_kv_heads=c.num_key_value_heads, embed_dim=c.hidden_size,
+                          intermediate_dim=c.intermediate_size)
+    (folder / "csm.json").write_text(json.dumps({"backbone": part(cfg), "decoder": part(dd), "text_vocab_size": 96}))
+    return folder / "csm.safetensors"
+
+

@@ -169,14 +169,17 @@ def read_ct2(sources: list[Path] | Path | str) -> CT2Model:
     """Parse a CTranslate2 `model.bin` (binary versions 4-6; one file or ordered parts)."""
     files = _source_files(sources)
     try:
+        with open(files[0], "rb") as f:  # check the header before reading a possibly huge wrong file
+            head = f.read(4)
+        version = struct.unpack("<I", head)[0] if len(head) == 4 else -1
+        if not 4 <= version <= 6:
+            raise ConversionError(
+                f"{files[0]}: not a CTranslate2 model file (binary version {version}; this reader knows 4-6)"
+            )
         r = _Reader(files)
     except OSError as exc:
         raise ConversionError(f"{exc.filename or files[0]}: cannot read ({exc.strerror})") from None
-    version = r.u32("header")
-    if not 4 <= version <= 6:
-        raise ConversionError(
-            f"{files[0]}: not a CTranslate2 model file (binary version {version}; this reader knows 4-6)"
-        )
+    r.u32("header")
     spec = r.string("spec name")
     revision = r.u32("spec revision")
     variables: dict[str, np.ndarray] = {}

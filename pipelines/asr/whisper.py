@@ -88,7 +88,7 @@ class WhisperASR:
         self.language = language
         self.initial_prompt = initial_prompt
 
-    def _run(self, audio: np.ndarray) -> dict:
+    def _run(self, audio: np.ndarray, temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> dict:
         import mlx_whisper
 
         return mlx_whisper.transcribe(
@@ -97,7 +97,7 @@ class WhisperASR:
             language=self.language,
             initial_prompt=self.initial_prompt,
             condition_on_previous_text=False,
-            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),  # greedy first; hotter only if that one fails
+            temperature=temperature,  # greedy first; hotter only if that one looks like a failure
             fp16=self.fp16,
             verbose=None,
         )
@@ -105,7 +105,7 @@ class WhisperASR:
     def warmup(self) -> None:
         """Load the weights and run one decode so the first real utterance pays no start-up cost."""
         noise = np.random.default_rng(0).normal(0.0, 0.01, SAMPLE_RATE // 2).astype(np.float32)
-        self._run(noise)
+        self._run(noise, temperature=0.0)
 
     def transcribe(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Transcript:
         """[T] float32 mono (any rate, resampled to 16 kHz) -> Transcript. Too short or silent -> ""."""

@@ -105,7 +105,8 @@ def _guess_transformer(weights: dict[str, mx.array], part: str) -> TransformerAr
         hd = d // heads
         if (n_layers, d, m, heads * hd, kv * hd) == (layers, dim, mlp_dim, q_out, k_out):
             return TransformerArgs(n_layers, heads, kv, d, m)
-    head_dim = 128 if q_out % 128 == 0 and k_out % 128 == 0 else 64
+    # not a known flavour: the largest usual head size that divides both projections
+    head_dim = next((hd for hd in (128, 64, 32, 16, 8) if q_out % hd == 0 and k_out % hd == 0), 1)
     return TransformerArgs(layers, q_out // head_dim, k_out // head_dim, dim, mlp_dim, head_dim=head_dim)
 
 
@@ -159,14 +160,17 @@ class LoadedCheckpoint:
     random_weights: bool = False
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, mx.array]:
+def _read_safetensors(files: list[Path]) -> tuple[dict[str, mx.array], dict[str, str]]:
     weights: dict[str, mx.array] = {}
+    metadata: dict[str, str] = {}
     for f in files:
         try:
-            weights.update(mx.load(str(f)))
+            tensors, meta = mx.load(str(f), return_metadata=True)
         except Exception as exc:
             raise CheckpointError(f"{f}: cannot read safetensors ({exc}); the file may be truncated") from None
-    return weights
+        weights.update(tensors)
+        metadata.update(meta or {})
+    return weights, metadata
 
 
 def _checkpoint_files(path: Path) -> tuple[list[Path], dict | None, Path | None]:
@@ -196,7 +200,9 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict | None, Path | None]
 def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> LoadedCheckpoint:
     path = Path(path)
     files, config, tokenizer_dir = _checkpoint_files(path)
-    raw = _read_safetensors(files)
+    raw, metadata = _read_safetensors(files)
+    if config is None and "marvis_config" in metadata:  # our single files carry their config
+        config = json.loads(metadata["marvis_config"])
     fmt = detect_format(list(raw))
     if config is not None:
         try:
@@ -248,5 +254,6 @@ def save_checkpoint(model: Model, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(model.args.to_dict(), indent=2))
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx", "marvis_config": json.dumps(model.args.to_dict())})
     return folder

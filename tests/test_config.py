@@ -1,0 +1,59 @@
+"""Config presets, dotted overrides and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.cli import _split_overrides
+from agent.config import AgentConfig, load_config
+from pipelines.errors import ConfigError
+
+
+@pytest.mark.parametrize("preset", ["default", "push_to_talk", "replay", "demo", "marvis-100m", "whisper-base", "fetched"])
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, AgentConfig)
+
+
+def test_preset_values_and_extends():
+    assert load_config("push_to_talk").mode == "push-to-talk"
+    demo = load_config("demo")
+    assert demo.mode == "replay" and demo.tts.max_audio_length_ms == 1600
+    assert demo.vad.silence_ms == 600  # inherited from default.toml through replay.toml
+
+
+def test_default_toml_lists_the_dataclass_defaults():
+    assert load_config("default").to_dict() == AgentConfig().to_dict()
+
+
+def test_dotted_overrides_are_typed():
+    pairs, unknown = _split_overrides(["--vad.silence_ms", "500", "--audio.barge_in=true", "--tts.temperature", "0.5"])
+    assert unknown == []
+    cfg = load_config("default", pairs)
+    assert cfg.vad.silence_ms == 500 and cfg.audio.barge_in is True and cfg.tts.temperature == 0.5
+
+
+@pytest.mark.parametrize("pair, message", [
+    (("vad.silence_msec", "5"), "unknown config key 'vad.silence_msec'"),
+    (("nope.x", "1"), "unknown config key 'nope'"),
+    (("vad.silence_ms", "soon"), "vad.silence_ms: expected an integer"),
+    (("vad.silence_ms", "1.5"), "vad.silence_ms: expected an integer"),
+    (("audio.barge_in", "maybe"), "audio.barge_in: expected true/false"),
+    (("vad", "1"), "'vad' is a section"),
+])
+def test_bad_overrides_name_the_key(pair, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("default", [pair])
+
+
+def test_unknown_key_in_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('extends = "%s"\n[tts]\nsped = 2\n' % (load_config.__globals__["CONFIG_DIR"] / "default.toml"))
+    with pytest.raises(ConfigError, match="unknown config key 'tts.sped'"):
+        load_config(str(bad))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[vad\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(str(broken))
+    with pytest.raises(ConfigError, match="no config 'nosuch'"):
+        load_config("nosuch")
