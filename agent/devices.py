@@ -94,11 +94,14 @@ class MicSource:
         self.device = device
         self.latency = latency
         self.overflows = 0
-        self._blocks: queue.Queue[np.ndarray] = queue.Queue(maxsize=max(1, round(max_queued_s * sample_rate / self.block_size)))
+        max_blocks = max(1, round(max_queued_s * sample_rate / self.block_size))
+        self._blocks: queue.Queue[np.ndarray] = queue.Queue(maxsize=max_blocks)
         self._delivered = 0  # samples handed out by read()
         self._stream = None
 
     def start(self) -> "MicSource":
+        if self._stream is not None:
+            return self
         sd = _sounddevice()
         check_devices(True, False, input_device=self.device)
         try:
@@ -170,8 +173,9 @@ class SpeakerSink:
         self.device = device
         self.latency = latency
         self.jitter_samples = max(1, round(sample_rate * jitter_ms / 1000))
+        # called on PortAudio's thread with time.monotonic() when an utterance's first sample is handed over
         self.on_first_sample: Callable[[float], None] | None = None
-        self.underruns = 0
+        self.underruns = 0  # times an utterance ran dry before end_of_stream()
         self._lock = threading.Condition()
         self._chunks: collections.deque[np.ndarray] = collections.deque()  # int16 [n] each
         self._head = 0  # samples of _chunks[0] already played
@@ -186,6 +190,8 @@ class SpeakerSink:
     # -- caller side ------------------------------------------------------------------------------------
 
     def start(self) -> "SpeakerSink":
+        if self._stream is not None:
+            return self
         sd = _sounddevice()
         check_devices(False, True, output_device=self.device)
         try:
@@ -198,12 +204,13 @@ class SpeakerSink:
         return self
 
     def begin_utterance(self) -> None:
-        """Start counting a new utterance. Audio still queued from the previous one keeps playing."""
+        """Start a new utterance (`write()` does this when none is under way). Audio still queued keeps
+        playing and counts toward the new one: call after `wait_idle()` or `clear()`."""
         with self._lock:
             self._start_utterance()
 
     def write(self, audio: np.ndarray) -> None:
-        """Queue mono audio at `sample_rate` (float in [-1, 1]; any length). Begins an utterance if none is under way."""
+        """Queue mono audio at `sample_rate` (floats in [-1, 1]); begins an utterance if none is under way."""
         pcm = np.frombuffer(float_to_pcm16(to_mono_float32(audio, what="speaker audio")), dtype="<i2")
         if pcm.size == 0:
             return
@@ -287,7 +294,7 @@ class SpeakerSink:
                 pass
 
     def _fill(self, out: np.ndarray) -> bool:
-        """Copy queued samples into `out` ([frames] int16), zeros after; True if this handed out an utterance's first sample."""
+        """Copy queued samples to `out` ([frames] int16), zeros after; True if it handed out the first sample."""
         n = 0
         first = False
         with self._lock:

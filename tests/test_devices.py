@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.devices import ReplaySink, SpeakerSink
+from agent.devices import MicSource, ReplaySink, SpeakerSink
 from pipelines.audio import float_to_pcm16, load_audio
 from virtual_audio import VirtualCard, espeak_pcm16, no_devices_env, virtual_card_env
 
@@ -36,7 +36,8 @@ def run_device_code(code: str, env: dict[str, str], timeout: float = 20.0) -> di
 def locate(haystack: np.ndarray, needle: np.ndarray) -> int:
     """Offset of `needle` in `haystack` by FFT cross-correlation."""
     n = len(haystack) + len(needle)
-    corr = np.fft.irfft(np.fft.rfft(haystack.astype(np.float64), n) * np.conj(np.fft.rfft(needle.astype(np.float64), n)), n)
+    spectrum = np.fft.rfft(haystack.astype(np.float64), n) * np.conj(np.fft.rfft(needle.astype(np.float64), n))
+    corr = np.fft.irfft(spectrum, n)
     return int(np.argmax(corr[:len(haystack) - len(needle) + 1]))
 
 
@@ -258,6 +259,18 @@ def test_speaker_write_rejects_nan():
 
     with pytest.raises(AudioInputError):
         SpeakerSink().write(np.array([0.0, np.nan], np.float32))
+
+
+def test_mic_drops_the_oldest_blocks_when_the_reader_lags():
+    from types import SimpleNamespace
+
+    mic = MicSource(sample_rate=1000, block_ms=10, max_queued_s=0.03)  # room for 3 blocks of 10 samples
+    for i in range(5):
+        mic._callback(np.full((10, 1), i, np.int16), 10, None, SimpleNamespace(input_overflow=i == 0))
+    assert mic.overflows == 3  # two dropped blocks + one overflow reported by PortAudio
+    got = [mic.read(timeout=0) for _ in range(4)]
+    assert [int(b[0] * 32768) for b in got[:3]] == [2, 3, 4] and got[3] is None
+    assert mic.stream_time == pytest.approx(0.03)
 
 
 def test_replay_sink_plays_instantly_into_memory():

@@ -55,7 +55,7 @@ def alsa_env(config: Path) -> dict[str, str]:
 
 
 def virtual_card_env(tmp_path: Path, mic_raw: Path, played_raw: Path) -> dict[str, str]:
-    """Env for a subprocess that sees the card over plain files: unpaced (see the module docstring); prefer `VirtualCard`."""
+    """Env for a subprocess that sees the card over plain files, unpaced (see above): prefer `VirtualCard`."""
     return alsa_env(write_asoundrc(Path(tmp_path) / "alsa", mic_raw, played_raw))
 
 
@@ -138,7 +138,8 @@ class VirtualCard:
         np.concatenate([speech, np.zeros(int(mic_silence_s * MIC_RATE), np.int16)]).astype("<i2").tofile(self.mic_raw)
         self.played_raw = self.folder / "played.raw"
         self.speaker_rate = speaker_rate
-        self.config = write_asoundrc(self.folder, self.mic_raw, self.folder / "speaker.fifo", self.folder / "mic-tap.fifo")
+        self.config = write_asoundrc(self.folder, self.mic_raw, played_raw=self.folder / "speaker.fifo",
+                                     mic_tap=self.folder / "mic-tap.fifo")
         self.env = alsa_env(self.config)
         self._drains: list[PacedDrain] = []
 

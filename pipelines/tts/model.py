@@ -215,6 +215,21 @@ class Model(nn.Module):
         """Decoder hidden [B, D_decoder] -> logits [B, V] of codebook 1..K-1."""
         return h @ self.audio_head[codebook - 1]
 
+    def prepare_for_cpu(self) -> "Model":
+        """On the CPU, keep each Linear's weight in an [in, out] buffer, seen as the usual [out, in] view.
+
+        MLX's CPU matmul hands `x @ W.T` to BLAS sgemm; for the one-row inputs of generation, sgemm runs
+        1.4x (OpenBLAS) to 2.3x (MLX's bundled BLAS) faster when B is not transposed. Same values, names
+        and shapes, so checkpoints and `parameters()` are unaffected. A no-op on the GPU.
+        """
+        if mx.default_device() != mx.cpu:
+            return self
+        for _, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module.weight.flags.row_contiguous:
+                module.weight = mx.contiguous(module.weight.T).T
+        mx.eval(self.parameters())
+        return self
+
     def make_backbone_cache(self) -> list[KVCache]:
         return self.backbone.make_cache()
 

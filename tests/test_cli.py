@@ -1,0 +1,103 @@
+"""`voice-agent`: verbs, usage errors, one-line errors, the tts command on every checkpoint format, fetch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from agent.cli import main
+from agent.config import ROOT
+from agent.fetch import fetch, resolve_model
+from pipelines.errors import VoiceAgentError
+
+
+def run_cli(*args, timeout=300):
+    """The real console path in a subprocess: what a user sees, tracebacks included if any."""
+    env = dict(os.environ, VOICE_AGENT_NO_PRELOAD=os.environ.get("VOICE_AGENT_NO_PRELOAD", ""))
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+
+
+def test_usage_errors(capsys):
+    assert main([]) == 2
+    for argv in (["frobnicate"], ["replay"], ["replay", "x.wav", "--bogus"], ["models", "prepare", "--tts.seed", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'frobnicate'" in err and "unrecognised arguments: --bogus" in err
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path):
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"not audio at all")
+    cases = [
+        (["replay", str(tmp_path / "missing.wav")], "no such audio file"),
+        (["replay", str(bad)], "cannot read audio"),
+        (["replay", "sessions/demo", "--vad.silence_msec", "3"], "unknown config key 'vad.silence_msec'"),
+        (["tts", "hello", "--checkpoint", str(tmp_path / "nope")], "no such TTS checkpoint"),
+        (["tts", "   ", "--checkpoint", "random:marvis-100m"], "nothing to say"),
+    ]
+    for argv, message in cases:
+        proc = run_cli(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["transformers", "torchtune", "mlx"])
+def test_tts_command_on_every_format(fmt, transformers_dir, torchtune_file, tiny_args, tiny_tokenizer, tmp_path):
+    import shutil
+
+    from pipelines.tts.weights import random_model, save_checkpoint
+
+    if fmt == "mlx":
+        ckpt = save_checkpoint(random_model(tiny_args, seed=1).model, tmp_path / "mlx")
+        shutil.copy(tiny_tokenizer / "tokenizer.json", ckpt)
+    else:
+        ckpt = transformers_dir if fmt == "transformers" else torchtune_file
+    out, codes = tmp_path / "out.wav", tmp_path / "codes.npy"
+    assert main(["tts", "hello there", "-o", str(out), "--checkpoint", str(ckpt), "--seed", "2", "--max-ms", "400",
+                 "--codes-out", str(codes), "--stream"]) == 0
+    audio, rate = sf.read(out)
+    assert rate == 24000 and len(audio) == 5 * 1920
+    assert np.load(codes).shape == (32, 5)
+
+
+def test_tts_offline_default_is_labelled_untrained(tmp_path):
+    if not (ROOT / "checkpoints" / "smollm2-135m-instruct" / "tokenizer.json").is_file():
+        pytest.skip("checkpoints/smollm2-135m-instruct is missing: run scripts/bootstrap.sh")
+    out = tmp_path / "hi.wav"
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32), 16000)
+    proc = run_cli("tts", "Hi.", "-o", str(out), "--max-ms", "160", "--temperature", "0",
+                   "--voice-match", str(ref), "--ref-text", "hello there")
+    assert proc.returncode == 0, proc.stderr
+    assert "UNTRAINED" in proc.stderr and "UNTRAINED" in proc.stdout
+    audio, rate = sf.read(out)
+    assert rate == 24000 and len(audio) == 2 * 1920
+
+
+def test_fetch_offline_and_model_resolution(tmp_path):
+    with pytest.raises(VoiceAgentError, match="no network"):
+        fetch(["mimi"], root=tmp_path, reachable=lambda: False)
+    with pytest.raises(VoiceAgentError, match="unknown model kind"):
+        fetch(["weights"], root=tmp_path, reachable=lambda: True)
+    (tmp_path / "whisper-x").mkdir()
+    assert resolve_model("whisper-x", root=tmp_path) == ("local", (tmp_path / "whisper-x").resolve())
+    assert resolve_model(str(tmp_path / "whisper-x"), root=tmp_path)[0] == "local"
+    assert resolve_model("mlx-community/whisper-tiny", root=tmp_path) == ("hub", "mlx-community/whisper-tiny")
+    with pytest.raises(VoiceAgentError, match="no such local model"):
+        resolve_model("./missing/model", root=tmp_path)
+
+
+def test_fetch_command_fails_fast_without_network():
+    proc = run_cli("fetch", "mimi", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: cannot reach") and "Traceback" not in proc.stderr
