@@ -325,8 +325,9 @@ class SpeakerSink:
 class ReplaySink:
     """SpeakerSink's interface without a device: every write is "played" at once and kept in memory."""
 
-    def __init__(self, sample_rate: int = 24000):
+    def __init__(self, sample_rate: int = 24000, keep: bool = True):
         self.sample_rate = sample_rate
+        self.keep = keep  # replay does not keep: the bundle has each turn's audio, memory stays flat
         self.on_first_sample: Callable[[float], None] | None = None
         self.underruns = 0
         self.output_latency = 0.0
@@ -349,7 +350,8 @@ class ReplaySink:
             self.begin_utterance()
         if self._played == 0 and self.on_first_sample is not None:
             self.on_first_sample(time.monotonic())
-        self._written.append(audio.copy())
+        if self.keep:
+            self._written.append(audio.copy())
         self._played += audio.size
 
     def end_of_stream(self) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from agent.build import build_stages, vad_config
 from agent.config import AgentConfig
 from agent.conversation import Conversation
+from agent.devices import ReplaySink
 from agent.engine import TurnEngine
 from agent.metrics import draw_timeline, session_summary, summary_table, write_jsonl
 from agent.session import MIC_RATE, SessionData, SessionRecorder, load_replay_source, new_bundle_dir
@@ -77,32 +78,6 @@ def finish(recorder: SessionRecorder | None, conversation: Conversation, log: Lo
 def _blocks(audio: np.ndarray, size: int) -> Iterator[tuple[float, np.ndarray]]:
     for start in range(0, len(audio), size):
         yield start / MIC_RATE, audio[start:start + size]
-
-
-class _ReplaySink:
-    """Replay's speaker: takes the agent's audio instantly and keeps it."""
-
-    def __init__(self, sample_rate: int = 24_000):
-        self.sample_rate = sample_rate
-        self.on_first_sample = None
-        self._started = False
-        self.parts: list[np.ndarray] = []
-
-    def begin_utterance(self) -> None:
-        self._started = False
-
-    def write(self, audio: np.ndarray) -> None:
-        if not self._started and len(audio):
-            self._started = True
-            if self.on_first_sample is not None:
-                self.on_first_sample(time.monotonic())
-        self.parts.append(audio)
-
-    def end_of_stream(self) -> None:
-        pass
-
-    def clear(self) -> int:
-        return sum(len(p) for p in self.parts)
 
 
 def replay_utterances(cfg: AgentConfig, data: SessionData, recorder: SessionRecorder | None = None,
@@ -160,7 +135,7 @@ def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, l
     engine.warmup()
     recorder = _open_recorder(cfg, "replay", out, stages)
     engine.recorder = recorder
-    sink = _ReplaySink(stages.tts.sample_rate)
+    sink = ReplaySink(stages.tts.sample_rate, keep=False)
     try:
         for utterance in replay_utterances(cfg, data, recorder, progress):
             engine.run_turn(utterance, sink)
@@ -222,10 +197,11 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     """hands-free or push-to-talk on the real sound card, until Ctrl-C, end of keys or `duration_s`."""
     from agent.devices import MicSource, SpeakerSink, check_devices
 
-    check_devices(need_input=True, need_output=True)
     a = cfg.audio
+    check_devices(need_input=True, need_output=True, input_device=a.input_device or None,
+                  output_device=a.output_device or None)
     mode = "push-to-talk" if push_to_talk else "hands-free"
-    speaker = SpeakerSink(24_000, device=a.output_device or None, jitter_ms=a.jitter_ms)
+    speaker = SpeakerSink(24_000, device=a.output_device or None, jitter_ms=a.jitter_ms).start()
     holder: dict = {}
 
     def make_recorder(stages):
@@ -254,8 +230,6 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
             while worker.error is None:
                 block = mic.read(timeout=0.5)
                 if block is None:
-                    if mic.finished:
-                        break
                     continue
                 t = recorder.mic_time if recorder else mic.stream_time
                 if recorder:

@@ -142,7 +142,7 @@ class MarvisTTS:
 
     def __init__(self, checkpoint: LoadedCheckpoint, tokenizer: TextTokenizer, codec: MimiCodec,
                  config: GenerationConfig | None = None, codes_cache_size: int = 512):
-        self.model = checkpoint.model
+        self.model = checkpoint.model.prepare_for_cpu()
         self.checkpoint = checkpoint
         self.tokenizer = tokenizer
         self.codec = codec

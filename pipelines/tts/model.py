@@ -187,6 +187,7 @@ class Model(nn.Module):
         scale = 1.0 / math.sqrt(ddim)
         self.audio_head = mx.random.uniform(-scale, scale, (K - 1, ddim, V))  # (in, out) per codebook 1..K-1
         self._codebook_offsets = mx.arange(K) * V
+        self._cpu_layout = False  # see prepare_for_cpu
 
     @property
     def num_codebooks(self) -> int:
@@ -222,12 +223,13 @@ class Model(nn.Module):
         1.4x (OpenBLAS) to 2.3x (MLX's bundled BLAS) faster when B is not transposed. Same values, names
         and shapes, so checkpoints and `parameters()` are unaffected. A no-op on the GPU.
         """
-        if mx.default_device() != mx.cpu:
+        if mx.default_device() != mx.cpu or self._cpu_layout:
             return self
         for _, module in self.named_modules():
-            if isinstance(module, nn.Linear) and module.weight.flags.row_contiguous:
+            if isinstance(module, nn.Linear):
                 module.weight = mx.contiguous(module.weight.T).T
-        mx.eval(self.parameters())
+                mx.eval(module.weight)  # one at a time: never two copies of the whole model
+        self._cpu_layout = True
         return self
 
     def make_backbone_cache(self) -> list[KVCache]:
