@@ -132,6 +132,8 @@ class TurnEngine:
         turn.waterfall = wf.offsets()
         self.conversation.append(turn)
         self._finish(turn)
+        # encode the user's audio now, while the reply plays, not inside the next turn's latency
+        st.tts.segment_codes(turn.user)
         return turn
 
     def _finish(self, turn: Turn) -> None:

@@ -36,7 +36,18 @@ def test_usage_errors(capsys):
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     bad = tmp_path / "noise.wav"
     bad.write_bytes(b"not audio at all")
+    nan = tmp_path / "nan.wav"
+    samples = np.zeros(16000, np.float32)
+    samples[100] = np.nan
+    sf.write(nan, samples, 16000, subtype="FLOAT")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
     cases = [
+        (["replay", str(nan)], "NaN"),
+        (["replay", str(empty)], "audio file is empty"),
+        (["replay", "sessions/demo", "--asr.model", str(tmp_path / "no-whisper")], "no-whisper"),
+        (["replay", "sessions/demo", "--llm.model", str(tmp_path / "no-llm")], "no-llm"),
+        (["replay", "sessions/demo", "--vad.frame_ms", "25"], "frame_ms must be 10, 20 or 30"),
         (["replay", str(tmp_path / "missing.wav")], "no such audio file"),
         (["replay", str(bad)], "cannot read audio"),
         (["replay", "sessions/demo", "--vad.silence_msec", "3"], "unknown config key 'vad.silence_msec'"),
