@@ -112,3 +112,16 @@ def test_demo_session_ships(tmp_path):
     assert data.rate == 16000 and 8 < len(data.mic) / 16000 < 20
     utts = list(replay_utterances(load_config("replay"), data))
     assert len(utts) == len(data.meta["turns"]) == 3
+
+
+def test_realtime_replay_is_paced_like_a_mic(jfk16):
+    """--realtime feeds audio no faster than it was recorded (a lower bound only: never flaky)."""
+    import time
+
+    cfg = load_config("replay")
+    cfg.replay.realtime = True
+    mic = np.concatenate([jfk16[: 2 * 16000], np.zeros(16000, np.float32)])
+    start = time.monotonic()
+    utts = list(replay_utterances(cfg, SessionData(mic, 16000)))
+    assert time.monotonic() - start >= 2.9
+    assert len(utts) == 1
