@@ -110,6 +110,9 @@ def replay_utterances(cfg: AgentConfig, data: SessionData, recorder: SessionReco
             if recorder:
                 recorder.event("key", action=action)
             if action == "press" and not vad.in_speech:
+                if muted:  # a press takes the floor, as in live push-to-talk
+                    muted = False
+                    vad.mute(False)
                 events.append(vad.begin())
             elif action == "release":
                 utt = vad.end()
@@ -127,6 +130,7 @@ def replay_utterances(cfg: AgentConfig, data: SessionData, recorder: SessionReco
 
 def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, log: Log = print,
                progress: bool = True) -> RunResult:
+    vad_config(cfg)  # a bad VAD setting fails now, not after the models have loaded
     data = load_replay_source(sources, gap_s=cfg.vad.silence_ms / 1000 + 1.0)
     log(f"replay: {len(data.mic) / data.rate:.1f} s of audio from {', '.join(map(str, sources))}"
         + (" (push-to-talk keys from the bundle)" if data.keys else ""))
@@ -144,19 +148,118 @@ def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, l
     return RunResult(recorder.folder if recorder else None, engine.conversation, summary)
 
 
-class _Worker(threading.Thread):
-    """The MLX owner: builds the stages, warms them up, then answers utterances one at a time."""
+MIC_STALL_S = 10.0  # no mic block for this long: the device has stopped (unplugged, stream died)
 
-    def __init__(self, cfg: AgentConfig, sink, recorder_factory, log: Log):
+
+class _PlaybackSink:
+    """The speaker as the turn engine sees it: `end_of_stream()` returns once the reply has been played out
+    (or cleared by a barge-in), like `ReplaySink`, whose writes are "played" at once. So the engine's check
+    for an interruption after the reply sees a barge-in during playback and keeps only what was heard, and
+    `first_sample_played` is in the turn's waterfall even when the TTS was done before the speaker started."""
+
+    STALL_S = 10.0  # playback that makes no progress for this long is given up (the device stopped)
+
+    def __init__(self, speaker):
+        self.speaker = speaker
+        self.on_first_sample: Callable[[float], None] | None = None  # set by the engine for each turn
+        self._first = threading.Event()
+        self._lock = threading.Lock()
+        self._cut: int | None = None  # after a barge-in: samples of the reply that were played
+        speaker.on_first_sample = self._first_sample
+
+    @property
+    def sample_rate(self) -> int:
+        return self.speaker.sample_rate
+
+    def _first_sample(self, wall: float) -> None:  # PortAudio's thread
+        listener = self.on_first_sample
+        try:
+            if listener is not None:
+                listener(wall)
+        finally:
+            self._first.set()
+
+    def begin_utterance(self) -> None:
+        with self._lock:
+            self._cut = None
+            self._first.clear()
+            self.speaker.begin_utterance()
+
+    def write(self, audio: np.ndarray) -> None:
+        with self._lock:
+            if self._cut is None:  # a chunk that was on its way when the user barged in is dropped
+                self.speaker.write(audio)
+
+    def barge_in(self) -> None:
+        """Stop the reply now (any thread); the engine's `clear()` then reports what was heard."""
+        with self._lock:
+            played = self.speaker.clear()
+            if self._cut is None:
+                self._cut = played
+
+    def end_of_stream(self) -> None:
+        self.speaker.end_of_stream()
+        played, progress = -1, time.monotonic()
+        while not self.speaker.wait_idle(timeout=0.1):
+            if self.speaker.played_samples != played:
+                played, progress = self.speaker.played_samples, time.monotonic()
+            elif time.monotonic() - progress > self.STALL_S:
+                return
+        if self.speaker.played_samples:  # the callback reports the first sample just after handing it out
+            self._first.wait(0.5)
+
+    def clear(self) -> int:
+        with self._lock:
+            played = self.speaker.clear()
+            return played if self._cut is None else self._cut
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self.speaker.wait_idle(timeout)
+
+
+class _Worker(threading.Thread):
+    """The MLX owner: builds the stages, warms them up, then answers utterances one at a time.
+
+    An utterance counts as outstanding from `submit()` until its reply has been played out (including what
+    is still in the device's buffer): that is when the agent is "speaking" for half-duplex purposes.
+    """
+
+    def __init__(self, cfg: AgentConfig, sink: _PlaybackSink, recorder_factory, log: Log):
         super().__init__(name="mlx-owner", daemon=True)
         self.cfg, self.sink, self.log = cfg, sink, log
         self.recorder_factory = recorder_factory
         self.utterances: queue.Queue = queue.Queue()
         self.ready = threading.Event()
-        self.busy = threading.Event()
-        self.generation = 0  # bumped by barge-in: the running turn sees it changed and stops
+        self.generation = 0  # bumped by barge-in / cancel: the running turn sees it changed and stops
         self.error: BaseException | None = None
         self.engine: TurnEngine | None = None
+
+    @property
+    def speaking(self) -> bool:
+        """An utterance is queued, being answered, or its reply is still playing."""
+        return self.utterances.unfinished_tasks > 0
+
+    def submit(self, utterance: Utterance) -> None:
+        self.utterances.put(utterance)
+
+    def barge_in(self) -> None:
+        """Stop the reply under way: the running turn ends, keeping what the user heard."""
+        self.generation += 1
+        self.sink.barge_in()
+
+    def cancel(self) -> None:
+        """Drop the queued utterances and stop the running turn (Ctrl-C)."""
+        while True:
+            try:
+                self.utterances.get_nowait()
+            except queue.Empty:
+                break
+            self.utterances.task_done()
+        self.barge_in()
+
+    def stop(self) -> None:
+        """Answer what is queued, then end."""
+        self.utterances.put(None)
 
     def run(self) -> None:
         try:
@@ -171,19 +274,18 @@ class _Worker(threading.Thread):
             self.ready.set()
         while True:
             utterance = self.utterances.get()
-            if utterance is None:
-                return
-            self.busy.set()
-            gen = self.generation
             try:
+                if utterance is None:
+                    return
+                gen = self.generation
                 self.engine.run_turn(utterance, self.sink, interrupted=lambda: self.generation != gen)
-                if hasattr(self.sink, "wait_idle"):
-                    self.sink.wait_idle(timeout=120)
+                if self.sink.speaker.played_samples and self.generation == gen:
+                    time.sleep(min(self.sink.speaker.output_latency, 1.0))  # still in the device's buffer
             except BaseException as exc:
                 self.error = exc
                 return
             finally:
-                self.busy.clear()
+                self.utterances.task_done()
 
 
 def _stdin_keys(keys: queue.Queue) -> None:
@@ -194,77 +296,127 @@ def _stdin_keys(keys: queue.Queue) -> None:
 
 def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = None, key_script: Path | None = None,
              out: Path | None = None, log: Log = print) -> RunResult:
-    """hands-free or push-to-talk on the real sound card, until Ctrl-C, end of keys or `duration_s`."""
-    from agent.devices import MicSource, SpeakerSink, check_devices
+    """hands-free or push-to-talk on the real sound card, until Ctrl-C, end of keys or `duration_s` seconds
+    of mic audio. Utterances already ended by then are still answered and played before it returns.
+
+    Half-duplex (`audio.half_duplex`, without `audio.barge_in`): the VAD is muted while the agent is speaking
+    (from the end of the user's utterance until the reply has played out), so the agent never hears itself.
+    In push-to-talk a key press always takes the floor: it stops a reply under way and starts a turn.
+    Every mute, key and barge-in is recorded at the mic time of the block it applies to, so `replay` of the
+    bundle feeds the VAD exactly as it was fed live.
+    """
+    from agent.devices import REPLAY_HINT, MicSource, SpeakerSink, check_devices
+    from pipelines.errors import VoiceAgentError
 
     a = cfg.audio
+    # a bad key script fails at once, before any model loads
+    script = _read_key_script(key_script) if key_script and push_to_talk else None
     check_devices(need_input=True, need_output=True, input_device=a.input_device or None,
                   output_device=a.output_device or None)
     mode = "push-to-talk" if push_to_talk else "hands-free"
     speaker = SpeakerSink(24_000, device=a.output_device or None, jitter_ms=a.jitter_ms).start()
+    sink = _PlaybackSink(speaker)
     holder: dict = {}
 
     def make_recorder(stages):
-        holder["recorder"] = _open_recorder(cfg, mode, out, stages)
+        recorder = _open_recorder(cfg, mode, out, stages)
+        holder["recorder"] = recorder
         return holder["recorder"]
 
-    worker = _Worker(cfg, speaker, make_recorder, log)
+    worker = _Worker(cfg, sink, make_recorder, log)
     worker.start()
     log(f"{mode}: loading models...")
-    worker.ready.wait()
+    try:
+        worker.ready.wait()
+    except KeyboardInterrupt:
+        speaker.close()
+        raise
     if worker.error is not None:
         speaker.close()
         raise worker.error
+    tts_rate = worker.engine.stages.tts.sample_rate
+    if tts_rate != speaker.sample_rate:  # Marvis speaks at 24 kHz; another TTS may not
+        speaker.close()
+        speaker = SpeakerSink(tts_rate, device=a.output_device or None, jitter_ms=a.jitter_ms).start()
+        sink.speaker = speaker
+        speaker.on_first_sample = sink._first_sample
     recorder: SessionRecorder | None = holder.get("recorder")
     vad = Endpointer(vad_config(cfg, endpointing=not push_to_talk), MIC_RATE)
     keys: queue.Queue = queue.Queue()
-    script = _read_key_script(key_script) if key_script else None
     if push_to_talk and script is None:
         threading.Thread(target=_stdin_keys, args=(keys,), daemon=True).start()
         log("push-to-talk: press Enter to start talking, Enter again to stop (Ctrl-C quits)")
+    elif push_to_talk:
+        log(f"push-to-talk: {len(script)} scripted key actions from {key_script}")
     else:
         log("hands-free: listening (Ctrl-C quits)")
+
+    def record(kind: str, t: float, **data) -> None:
+        if recorder is not None:
+            recorder.event(kind, t=t, **data)
+
     muted = False
+    interrupted = False
+    summary: dict = {}
     try:
         with MicSource(MIC_RATE, block_ms=a.block_ms, device=a.input_device or None) as mic:
+            last_block = time.monotonic()
             while worker.error is None:
                 block = mic.read(timeout=0.5)
                 if block is None:
+                    if time.monotonic() - last_block > MIC_STALL_S:
+                        raise VoiceAgentError(f"the microphone stopped delivering audio ({MIC_STALL_S:.0f} s "
+                                              f"without a block); check the device, or {REPLAY_HINT}")
                     continue
-                t = recorder.mic_time if recorder else mic.stream_time
-                if recorder:
+                last_block = time.monotonic()
+                t = mic.stream_time - len(block) / MIC_RATE  # mic time at the start of this block
+                if recorder is not None:
                     recorder.write_mic(block)
-                speaking = worker.busy.is_set() or speaker.is_playing
-                if a.half_duplex and not a.barge_in and speaking != muted:
-                    muted = speaking
+                actions = _key_actions(keys, script, t, vad.in_speech) if push_to_talk else []
+                speaking = worker.speaking or speaker.is_playing
+                pressed = push_to_talk and "press" in actions
+                holding = push_to_talk and (vad.in_speech or pressed)
+                mute = a.half_duplex and not a.barge_in and speaking and not holding
+                if mute != muted:
+                    muted = mute
                     vad.mute(muted)
-                    if recorder:
-                        recorder.event("mute", on=muted)
-                events = _key_events(vad, keys, script, t, recorder)
-                if events == "eof":
-                    break
+                    record("mute", t, on=muted)
+                events = _key_events(vad, actions, t, recorder)
                 for ev in events + vad.process(block):
-                    if isinstance(ev, SpeechStarted) and a.barge_in and speaking:
-                        worker.generation += 1
-                        speaker.clear()
-                        if recorder:
-                            recorder.event("barge_in")
+                    if isinstance(ev, SpeechStarted) and speaking and (a.barge_in or (pressed and a.half_duplex)):
+                        worker.barge_in()
+                        record("barge_in", t)
                     elif isinstance(ev, SpeechEnded):
-                        worker.utterances.put(ev.utterance)
-                if duration_s is not None and t >= duration_s:
+                        worker.submit(ev.utterance)
+                if "eof" in actions:
+                    log("push-to-talk: end of input (stdin closed), stopping")
                     break
-        if not push_to_talk:
-            for ev in vad.flush():
-                if isinstance(ev, SpeechEnded):
-                    worker.utterances.put(ev.utterance)
+                if duration_s is not None and mic.stream_time >= duration_s:
+                    break
+                if duration_s is None and script is not None and not script:
+                    break  # the key script is done
+        for ev in vad.flush():  # a turn still open at the end (speaking, or the key held) is answered too
+            if isinstance(ev, SpeechEnded):
+                worker.submit(ev.utterance)
     except KeyboardInterrupt:
         log("stopping...")
-    worker.utterances.put(None)
-    worker.join(timeout=600)
-    speaker.close()
+        interrupted = True
+        worker.cancel()
+    finally:
+        worker.stop()
+        try:
+            while worker.is_alive():  # answer and play what is pending; Ctrl-C again to abandon it
+                worker.join(timeout=0.5)
+        except KeyboardInterrupt:
+            worker.cancel()
+            worker.join(timeout=10)
+        speaker.close()
+        if worker.engine is not None:
+            summary = finish(recorder, worker.engine.conversation, log)
     if worker.error is not None:
         raise worker.error
-    summary = finish(recorder, worker.engine.conversation, log)
+    if interrupted:
+        log("stopped")
     return RunResult(recorder.folder if recorder else None, worker.engine.conversation, summary)
 
 
@@ -272,35 +424,52 @@ def _read_key_script(path: Path) -> list[tuple[float, str]]:
     """Lines `press 1.5` / `release 3.0` (mic-stream seconds): scripted push-to-talk, for tests and demos."""
     from pipelines.errors import ConfigError
 
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the key script ({exc})") from None
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         parts = line.split("#")[0].split()
         if not parts:
             continue
         if len(parts) != 2 or parts[0] not in ("press", "release"):
             raise ConfigError(f"{path}:{n}: expected 'press SECONDS' or 'release SECONDS', got {line!r}")
         try:
-            out.append((float(parts[1]), parts[0]))
+            seconds = float(parts[1])
         except ValueError:
             raise ConfigError(f"{path}:{n}: {parts[1]!r} is not a number of seconds") from None
-    return sorted(out)
+        if not seconds >= 0 or seconds == float("inf"):
+            raise ConfigError(f"{path}:{n}: {parts[1]!r} is not a time in the mic stream (seconds >= 0)")
+        out.append((seconds, parts[0]))
+    return sorted(out, key=lambda k: k[0])  # stable: a press and a release at the same time keep their order
 
 
-def _key_events(vad: Endpointer, keys: queue.Queue, script, t: float, recorder):
+def _key_actions(keys: queue.Queue, script, t: float, in_speech: bool) -> list[str]:
+    """The key actions due at mic time `t`: from the script, or Enter toggles from stdin ("eof" at its end)."""
     actions = []
     if script is not None:
         while script and script[0][0] <= t:
             actions.append(script.pop(0)[1])
-    else:
-        while not keys.empty():
-            k = keys.get()
-            if k == "eof":
-                return "eof"
-            actions.append("release" if vad.in_speech else "press")
+        return actions
+    while not keys.empty():
+        k = keys.get()
+        if k == "eof":
+            actions.append("eof")
+            break
+        actions.append("release" if in_speech else "press")
+        in_speech = not in_speech
+    return actions
+
+
+def _key_events(vad: Endpointer, actions: list[str], t: float, recorder) -> list:
+    """Apply key actions to the (unmuted, manual) VAD, recording each one at `t` as replay will apply it."""
     events = []
     for action in actions:
-        if recorder:
-            recorder.event("key", action=action)
+        if action not in ("press", "release"):
+            continue
+        if recorder is not None:
+            recorder.event("key", t=t, action=action)
         if action == "press" and not vad.in_speech:
             events.append(vad.begin())
         elif action == "release":

@@ -13,6 +13,7 @@ half-written last line, no session.json) still replays.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ def new_bundle_dir(root: Path, mode: str) -> Path:
 
 
 class SessionRecorder:
+    """Thread-safe: the mic loop and the MLX worker both write to it."""
+
     def __init__(self, folder: Path, meta: dict, mic_rate: int = MIC_RATE):
         self.folder = Path(folder)
         (self.folder / "turns").mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,7 @@ class SessionRecorder:
         self._events = open(self.folder / "events.jsonl", "a", encoding="utf-8")
         self.mic_samples = 0
         self.mic_rate = mic_rate
+        self._lock = threading.Lock()  # events.jsonl lines from two threads never interleave
 
     def _write_meta(self) -> None:
         tmp = self.folder / "session.json.tmp"
@@ -57,25 +61,28 @@ class SessionRecorder:
         return self.mic_samples / self.mic_rate
 
     def write_mic(self, block: np.ndarray) -> None:
-        self._mic.write(float_to_pcm16(block))
-        self._mic.flush()
-        self.mic_samples += len(block)
+        with self._lock:
+            self._mic.write(float_to_pcm16(block))
+            self._mic.flush()
+            self.mic_samples += len(block)
 
     def event(self, kind: str, t: float | None = None, **data) -> None:
-        row = {"type": kind, "t": round(self.mic_time if t is None else t, 4), "wall": round(time.time(), 4), **data}
-        self._events.write(json.dumps(row, default=str) + "\n")
-        self._events.flush()
+        with self._lock:
+            row = {"type": kind, "t": round(self.mic_time if t is None else t, 4), "wall": round(time.time(), 4), **data}
+            self._events.write(json.dumps(row, default=str) + "\n")
+            self._events.flush()
 
     def turn_audio(self, index: int, who: str, audio: np.ndarray, rate: int) -> Path:
         return save_audio(self.folder / "turns" / f"{index:04d}-{who}.wav", audio, rate)
 
     def close(self, **final) -> None:
-        if self._mic.closed:
-            return
-        self._mic.close()
-        self._events.close()
-        self.meta.update(final, closed=time.time())
-        self._write_meta()
+        with self._lock:
+            if self._mic.closed:
+                return
+            self._mic.close()
+            self._events.close()
+            self.meta.update(final, closed=time.time())
+            self._write_meta()
 
 
 @dataclass
