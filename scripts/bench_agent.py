@@ -1,0 +1,56 @@
+"""Agent latency benchmark: replay a session and print its per-turn waterfall and p50/p90 per stage.
+
+    voice-agent bench agent [SESSION] [--config demo] [--runs 1] [--json out.json] [--dotted.key value ...]
+
+Offsets are ms after the end of user speech (endpoint in stream time, the rest wall clock after the
+endpoint decision; see agent/metrics.py). The TTS label (trained or UNTRAINED) is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    from agent.cli import _split_overrides
+    from agent.config import load_config
+    from agent.metrics import STAGES, session_summary, summary_table
+    from agent.modes import run_replay
+
+    p = argparse.ArgumentParser(prog="voice-agent bench agent")
+    p.add_argument("session", nargs="?", default=str(ROOT / "sessions" / "demo"))
+    p.add_argument("--config", default="demo")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args, extra = p.parse_known_args()
+    overrides, unknown = _split_overrides(extra)
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    cfg = load_config(args.config, overrides)
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# {platform.machine()} {os.cpu_count()} cores, OpenBLAS preloaded: {'openblas' in os.environ.get('LD_PRELOAD', '')}")
+    rows, lines = [], []
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_replay(cfg, [Path(args.session)], out=Path(tmp) / "bundle", log=lines.append, progress=False)
+        rows += [t.waterfall for t in result.conversation.turns]
+    print(next((line for line in lines if "Marvis TTS" in line), ""))
+    for i, row in enumerate(rows):
+        print(f"turn {i}: " + "  ".join(f"{s}={row[s]:.0f}" for s in STAGES if s in row))
+    summary = session_summary(rows)
+    print(summary_table(summary))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
