@@ -191,3 +191,32 @@ def test_mismatched_tokenizer_is_refused(tiny_args, tiny_tokenizer, mimi):
     small = dc.replace(tiny_args, text_vocab_size=8)
     with pytest.raises(CheckpointError, match="tokenizer"):
         MarvisTTS(random_model(small), TextTokenizer(tiny_tokenizer), mimi)
+
+
+def test_backbone_prefix_is_reused_between_generations(tiny_args, tiny_tokenizer, mimi, monkeypatch):
+    """Sentence 2's prompt starts with sentence 1's context, text and frames: only the new rows are run,
+    and the frames are the same as with a fresh cache."""
+    def make():
+        return MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)
+
+    cfg = GenerationConfig(temperature=0.0, max_audio_length_ms=480, stop_on_eos=False)
+    ctx = [Segment(1, "how are you", noise(0.6))]
+    runs = {}
+    for reuse in (True, False):
+        tts = make()
+        tts.reuse_prefix = reuse
+        rows_run = []
+        real = tts.model.backbone_hidden
+        monkeypatch.setattr(tts.model, "backbone_hidden", lambda t, m, c: rows_run.append(t.shape[1]) or real(t, m, c))
+        first = tts.generate("i am fine", 0, ctx, config=cfg)
+        before = len(rows_run)
+        second = tts.generate("thanks", 0, ctx + [Segment(0, "i am fine", codes=first.codes)], config=cfg)
+        runs[reuse] = (first.codes, second.codes, rows_run[before])
+        prompt2 = tts.build_prompt("thanks", 0, ctx + [Segment(0, "i am fine", codes=first.codes)], config=cfg)
+    (a1, a2, a_rows), (b1, b2, b_rows) = runs[True], runs[False]
+    np.testing.assert_array_equal(a1, b1)
+    np.testing.assert_array_equal(a2, b2)
+    assert b_rows == prompt2.tokens.shape[0]
+    # with reuse only the new rows run: sentence 1's last frame (generated, never fed back), its EOS
+    # frame, and sentence 2's text rows
+    assert a_rows == 2 + len(tts.tokenizer.encode("[0]thanks"))

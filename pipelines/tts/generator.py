@@ -157,6 +157,8 @@ class MarvisTTS:
             )
         self._codes_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._codes_cache_size = codes_cache_size
+        self.reuse_prefix = True  # keep the backbone cache between generations (see _reusable_cache)
+        self._prefix: tuple[np.ndarray, list] | None = None
 
     @property
     def untrained(self) -> bool:
@@ -283,29 +285,59 @@ class MarvisTTS:
             x = model.embed_audio(k, c)
         return mx.stack(codes, axis=-1)
 
+    def _reusable_cache(self, prompt: Prompt) -> tuple[list, int]:
+        """The backbone cache of the previous generation, trimmed to the rows this prompt shares with it.
+
+        Consecutive prompts share a long prefix (the same context segments; the previous sentence's text
+        and frames are the next sentence's context), so only the new rows need the backbone. At least one
+        prompt row is always left to run: its hidden state starts the first frame.
+        """
+        previous, self._prefix = self._prefix, None
+        if previous is None or not self.reuse_prefix:
+            return self.model.make_backbone_cache(), 0
+        rows, cache = previous
+        n = min(len(rows), len(prompt.tokens) - 1)
+        new = np.concatenate([prompt.tokens[:n], prompt.mask[:n]], axis=1)
+        same = (rows[:n] == new).all(axis=1)
+        shared = n if same.all() else int(np.argmin(same))
+        if shared == 0:
+            return self.model.make_backbone_cache(), 0
+        for c in cache:
+            c.trim(c.offset - shared)
+        return cache, shared
+
     def generate_codes(self, prompt: Prompt, config: GenerationConfig | None = None) -> Iterator[np.ndarray]:
         """Yield frames of codes [K] until EOS or the frame cap."""
         cfg = config or self.config
         greedy = cfg.temperature <= 0
         key = None if greedy else mx.random.key(cfg.seed if cfg.seed is not None else secrets.randbits(31))
-        cache = self.model.make_backbone_cache()
-        tokens = mx.array(prompt.tokens)[None]
-        mask = mx.array(prompt.mask)[None]
-        frame_mask = mx.array(np.r_[np.ones(self.num_codebooks, bool), False])[None, None]
+        cache, start = self._reusable_cache(prompt)
+        fed = [np.concatenate([prompt.tokens, prompt.mask], axis=1)[:start]]  # rows the cache holds, [N, 2(K+1)]
+        rows_np = (prompt.tokens[start:], prompt.mask[start:])
+        tokens, mask = mx.array(rows_np[0])[None], mx.array(rows_np[1])[None]
+        frame_mask_np = np.r_[np.ones(self.num_codebooks, bool), False]
+        frame_mask = mx.array(frame_mask_np)[None, None]
         zero_text = mx.zeros((1, 1), mx.int32)
-        for _ in range(prompt.max_frames):
-            if key is not None:
-                key, sub = mx.random.split(key)
-            else:
-                sub = None
-            frame = self.generate_frame(tokens, mask, cache, cfg, sub)
-            mx.eval(frame)
-            codes = np.array(frame[0])
-            if cfg.stop_on_eos and not codes.any():
-                return
-            yield codes
-            tokens = mx.concatenate([frame, zero_text], axis=-1)[:, None, :]  # [1, 1, K+1]
-            mask = frame_mask
+        try:
+            for _ in range(prompt.max_frames):
+                if key is not None:
+                    key, sub = mx.random.split(key)
+                else:
+                    sub = None
+                frame = self.generate_frame(tokens, mask, cache, cfg, sub)
+                mx.eval(frame)
+                fed.append(np.concatenate(rows_np, axis=1))
+                codes = np.array(frame[0])
+                if cfg.stop_on_eos and not codes.any():
+                    return
+                yield codes
+                tokens = mx.concatenate([frame, zero_text], axis=-1)[:, None, :]  # [1, 1, K+1]
+                mask = frame_mask
+                rows_np = (np.r_[codes, 0][None].astype(np.int32), frame_mask_np[None])
+        finally:
+            rows = np.concatenate(fed) if fed else np.zeros((0, 2 * (self.num_codebooks + 1)), np.int32)
+            if cache and cache[0].offset == len(rows):  # only a cache whose rows we know is reused
+                self._prefix = (rows.astype(np.int32), cache)
 
     # ---- public API --------------------------------------------------------------------------------------
 
@@ -349,3 +381,4 @@ class MarvisTTS:
 
     def reset(self) -> None:
         self._codes_cache.clear()
+        self._prefix = None
