@@ -72,13 +72,11 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
 
 
 def vad_config(cfg: AgentConfig, endpointing: bool = True):
+    import dataclasses
+
     from pipelines.vad import VADConfig
 
-    v = cfg.vad
     try:
-        return VADConfig(frame_ms=v.frame_ms, aggressiveness=v.aggressiveness, pre_roll_ms=v.pre_roll_ms,
-                         start_ms=v.start_ms, silence_ms=v.silence_ms, min_speech_ms=v.min_speech_ms,
-                         max_utterance_ms=v.max_utterance_ms, energy_margin_db=v.energy_margin_db,
-                         enabled_endpointing=endpointing)
+        return VADConfig(**dataclasses.asdict(cfg.vad), enabled_endpointing=endpointing)
     except ValueError as exc:
         raise ConfigError(f"vad: {exc}") from None
