@@ -217,16 +217,18 @@ class Model(nn.Module):
         return h @ self.audio_head[codebook - 1]
 
     def prepare_for_cpu(self) -> "Model":
-        """On the CPU, keep each Linear's weight in an [in, out] buffer, seen as the usual [out, in] view.
+        """On the CPU, keep each fp32 Linear weight in an [in, out] buffer, seen as the usual [out, in] view.
 
-        MLX's CPU matmul hands `x @ W.T` to BLAS sgemm; for the one-row inputs of generation, sgemm runs
-        1.4x (OpenBLAS) to 2.3x (MLX's bundled BLAS) faster when B is not transposed. Same values, names
-        and shapes, so checkpoints and `parameters()` are unaffected. A no-op on the GPU.
+        MLX's CPU matmul hands fp32 `x @ W.T` to BLAS sgemm, which for the one-row inputs of generation runs
+        1.4x (OpenBLAS) to 2x (MLX's bundled BLAS) faster when B is not transposed. bf16/fp16 go through
+        MLX's own kernel, where this layout is slower, so they are left alone. Same values, names and
+        shapes, so checkpoints and `parameters()` are unaffected; outputs are bit-identical with MLX's
+        bundled BLAS and agree to float32 rounding with OpenBLAS. A no-op on the GPU.
         """
         if mx.default_device() != mx.cpu or self._cpu_layout:
             return self
         for _, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and module.weight.dtype == mx.float32:
                 module.weight = mx.contiguous(module.weight.T).T
                 mx.eval(module.weight)  # one at a time: never two copies of the whole model
         self._cpu_layout = True

@@ -1,0 +1,578 @@
+"""Marvis-250M TTS speed and memory: ours (MLX) vs mlx-audio's SesameModel vs transformers' CSM.
+
+What is notable here:
+- All implementations run the same seeded random weights of the real shape (ours, copied into mlx-audio
+  by name, exported to transformers' names with q/k permuted to rotate-half), so the figures measure
+  speed, not speech. A few greedy frames per implementation cross-check that they compute the same thing.
+- Each implementation runs in its own subprocess, so `ru_maxrss` is that implementation's peak alone.
+- MLX's Linux wheel ships a slow reference BLAS; when Debian's OpenBLAS is installed the MLX workers are
+  started with it in LD_PRELOAD (the transformers worker keeps torch's own BLAS).
+- Timings are warm (one short generation first, as the agent's `warmup()` does); seconds/frame is the mean
+  of frames 2..N, the first frame (prompt prefill + one frame) is reported on its own. Our prompt-prefix
+  cache reuse is off, so every run prefills its 20 rows as the peers do.
+- Other work on the machine moves the figures: the load average is printed before and after.
+
+    python scripts/bench_tts.py --frames 50 --json bench.json
+    python scripts/bench_tts.py --frames 8 --impl ours --dtype fp32 --quant 8,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+PRESET = "marvis-250m"
+FRAME_RATE = 12.5  # Mimi frames per second of audio
+PROMPT_TOKENS = 20
+TOP_K, TEMPERATURE = 50, 0.9
+IMPLS = ("ours", "mlx-audio", "transformers")
+
+
+# ---- shared by the workers -------------------------------------------------------------------------------
+
+
+def prompt_rows(text_vocab: int, num_codebooks: int = 32):
+    """A 20-token text-only prompt, the same for every implementation: tokens, mask [T, K+1]."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tokens = np.zeros((PROMPT_TOKENS, num_codebooks + 1), np.int32)
+    tokens[:, -1] = rng.integers(3, text_vocab, PROMPT_TOKENS)
+    mask = np.zeros_like(tokens, dtype=bool)
+    mask[:, -1] = True
+    return tokens, mask
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark (VmHWM) here, so generation's own peak reads apart from loading's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def generation_peak_mb() -> float | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def openblas_loaded() -> bool:
+    # by file name: numpy's own libscipy_openblas is mapped in every worker and serves numpy only
+    return os.path.basename(os.path.realpath(OPENBLAS)) in Path("/proc/self/maps").read_text()
+
+
+def timed_frames(frames) -> tuple[list, list[float]]:
+    """Drain a generator of frames; seconds from the start to each frame."""
+    codes, stamps = [], []
+    start = time.perf_counter()
+    for c in frames:
+        codes.append([int(x) for x in c])
+        stamps.append(time.perf_counter() - start)
+    return codes, stamps
+
+
+def summarise(stamps: list[float]) -> dict:
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    per_frame = sum(gaps) / len(gaps) if gaps else stamps[0]
+    return {
+        "first_frame_s": stamps[0],
+        "s_per_frame": per_frame,
+        "median_s_per_frame": sorted(gaps)[len(gaps) // 2] if gaps else stamps[0],
+        "frames_per_s": 1.0 / per_frame,
+        "rtf": per_frame * FRAME_RATE,
+    }
+
+
+def run_result(load_s: float, greedy: list, codes: list, stamps: list[float], **extra) -> dict:
+    """What every worker reports once its timed frames are done."""
+    return {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "gen_peak_mb": generation_peak_mb(),
+            "greedy_codes": greedy, "sampled_codes": codes[:2], "stamps": stamps, **summarise(stamps), **extra}
+
+
+def load_ours(opts):
+    """Our seeded random model (the weights every implementation shares), maybe cast or quantised."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from pipelines.tts.weights import random_model
+
+    ck = random_model(PRESET, seed=opts.seed, dtype=mx.bfloat16 if opts.dtype == "bf16" else None)
+    if opts.quant:
+        nn.quantize(ck.model, group_size=64, bits=opts.quant,
+                    class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding)))
+        mx.eval(ck.model.parameters())
+        mx.clear_cache()  # hand the fp32 originals back to the OS
+    return ck
+
+
+# ---- workers: one implementation each, in its own process -------------------------------------------------
+
+
+def worker_ours(opts) -> dict:
+    from pipelines.tts.codec import MimiCodec, StreamDecoder
+    from pipelines.tts.generator import FRAME_MS, GenerationConfig, MarvisTTS, Prompt
+
+    class FixedPromptTTS(MarvisTTS):
+        """Our TTS stage with the benchmark's prompt in place of tokenised text."""
+
+        def build_prompt(self, text, speaker, context=(), voice=None, config=None):
+            cfg = config or self.config
+            return Prompt(tokens, mask, 0, int(cfg.max_audio_length_ms // FRAME_MS))
+
+    class NoTokenizer:
+        vocab_size = 0
+
+    class NoCodecYet:  # Mimi is loaded after the frame loop, so the loop's peak RSS excludes it
+        num_codebooks = 32
+
+    t0 = time.perf_counter()
+    ck = load_ours(opts)
+    tokens, mask = prompt_rows(ck.args.text_vocab_size, ck.args.audio_num_codebooks)
+    tts = FixedPromptTTS(ck, NoTokenizer(), NoCodecYet())
+    tts.reuse_prefix = False  # every run repeats the prompt: prefill it each time, as the peers do
+    load_s = time.perf_counter() - t0
+    reset_peak_rss()
+
+    def cfg(frames, greedy=False, **kw):
+        return GenerationConfig(temperature=0.0 if greedy else TEMPERATURE, top_k=TOP_K, seed=opts.seed,
+                                max_audio_length_ms=frames * FRAME_MS, stop_on_eos=False, **kw)
+
+    def frames(n, greedy=False):
+        return tts.generate_codes(tts.build_prompt("", 0, config=cfg(n)), cfg(n, greedy))
+
+    greedy, _ = timed_frames(frames(opts.greedy_frames, greedy=True))
+    timed_frames(frames(2))  # warm-up
+    codes, stamps = timed_frames(frames(opts.frames))
+    result = run_result(load_s, greedy, codes, stamps)
+
+    tts.codec = MimiCodec(seed=0)  # moshi's Mimi, random weights
+    decode_s = []
+    plain_decode = StreamDecoder.decode
+
+    def timed_decode(self, codes):  # how much of the first chunk is Mimi's
+        start = time.perf_counter()
+        audio = plain_decode(self, codes)
+        decode_s.append(time.perf_counter() - start)
+        return audio
+
+    StreamDecoder.decode = timed_decode
+    stream_cfg = cfg(4, first_chunk_frames=2, chunk_frames=8)
+    for _ in tts.stream("", config=cfg(2, first_chunk_frames=2)):  # warm-up, as MarvisTTS.warmup does
+        pass
+    start = time.perf_counter()
+    chunks = tts.stream("", config=stream_cfg)
+    first = next(chunks)
+    result["first_chunk_s"] = time.perf_counter() - start
+    result["first_chunk_frames"] = first.num_frames
+    result["first_chunk_decode_s"] = decode_s[-1]
+    chunks.close()
+    result["peak_rss_with_mimi_mb"] = peak_rss_mb()
+    return result
+
+
+def sesame_config(args) -> dict:
+    """mlx-audio's SesameModel config (transformers-style keys) for our model shape."""
+    from pipelines.tts.model import LLAMA3_ROPE
+
+    def part(t):
+        return dict(num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                    head_dim=t.head_dim, hidden_size=t.embed_dim, intermediate_size=t.intermediate_dim,
+                    rms_norm_eps=t.norm_eps, max_position_embeddings=t.max_seq_len, attention_bias=False,
+                    mlp_bias=False, rope_theta=t.rope_base, rope_scaling=dict(LLAMA3_ROPE))
+
+    decoder = dict(part(args.decoder), attention_dropout=0.0, backbone_hidden_size=args.backbone.embed_dim,
+                   hidden_act="silu", initializer_range=0.02, model_type="csm_depth_decoder",
+                   num_codebooks=args.audio_num_codebooks, use_cache=True, vocab_size=args.audio_vocab_size)
+    return dict(part(args.backbone), model_type="sesame", text_vocab_size=args.text_vocab_size,
+                audio_vocab_size=args.audio_vocab_size, audio_num_codebooks=args.audio_num_codebooks,
+                depth_decoder_config=decoder)
+
+
+def worker_mlx_audio(opts) -> dict:
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_audio.lm.sample_utils import make_sampler
+    from mlx_audio.tts.models.sesame.sesame import SesameModel
+
+    t0 = time.perf_counter()
+    ck = load_ours(opts)
+    args = ck.args
+    model = SesameModel(sesame_config(args))
+    # our parameters by name; this also replaces mlx-audio's all-zero audio_head with our random one
+    model.load_weights(tree_flatten(ck.model.parameters()), strict=True)
+    del ck
+    mx.eval(model.parameters())
+    model.setup_caches(1)
+    load_s = time.perf_counter() - t0
+    reset_peak_rss()
+
+    tokens, mask = prompt_rows(args.text_vocab_size, args.audio_num_codebooks)
+    frame_mask = mx.array(np.r_[np.ones(args.audio_num_codebooks, bool), False])[None, None]
+
+    def frames(n, sampler):  # the loop of mlx-audio's Model.generate, without its EOS check
+        model.reset_caches()
+        t, m = mx.array(tokens)[None], mx.array(mask)[None]
+        pos = mx.arange(t.shape[1], dtype=mx.int32)[None]
+        for _ in range(n):
+            sample = model.generate_frame(t, m, pos, sampler)
+            mx.eval(sample)
+            yield np.array(sample[0])
+            t = mx.concatenate([sample.astype(mx.int32), mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
+            m, pos = frame_mask, pos[:, -1:] + 1
+
+    greedy, _ = timed_frames(frames(opts.greedy_frames, make_sampler(temp=0.0)))
+    mx.random.seed(opts.seed)
+    sampler = make_sampler(temp=TEMPERATURE, top_k=TOP_K)
+    timed_frames(frames(2, sampler))  # warm-up
+    codes, stamps = timed_frames(frames(opts.frames, sampler))
+    return run_result(load_s, greedy, codes, stamps)
+
+
+def to_transformers_name(key: str) -> str:
+    """Our parameter names -> CsmForConditionalGeneration's (the inverse of weights.py's renames)."""
+    renames = {
+        "audio_embeddings.weight": "backbone_model.embed_tokens.embed_audio_tokens.weight",
+        "projection.weight": "depth_decoder.model.inputs_embeds_projector.weight",
+        "audio_head": "depth_decoder.codebooks_head.weight",
+        "text_embeddings.weight": "embed_text_tokens.weight",
+        "codebook0_head.weight": "lm_head.weight",
+    }
+    if key in renames:
+        return renames[key]
+    if key.startswith("backbone."):
+        return "backbone_model." + key[len("backbone."):]
+    if key.startswith("decoder."):
+        return "depth_decoder.model." + key[len("decoder."):]
+    raise KeyError(key)
+
+
+def worker_export_transformers(opts) -> dict:
+    """Write our fp32 random weights as a transformers CSM checkpoint (model.safetensors) in opts.export."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    ck = load_ours(opts)
+    args = ck.args
+    weights = {}
+    for key, value in tree_flatten(ck.model.parameters()):
+        name = to_transformers_name(key)
+        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            part = args.backbone if key.startswith("backbone.") else args.decoder
+            heads = part.num_heads if ".q_proj." in key else part.num_kv_heads
+            # interleaved RoPE pairs (ours) -> rotate-half halves (transformers): rows (h, d/2, 2) -> (h, 2, d/2)
+            out_dim, in_dim = value.shape
+            value = value.reshape(heads, out_dim // heads // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
+        weights[name] = mx.contiguous(value)
+    mx.save_safetensors(str(Path(opts.export) / "model.safetensors"), weights, metadata={"format": "pt"})
+    return {}
+
+
+def csm_config(args):
+    from transformers import CsmConfig
+
+    from pipelines.tts.model import LLAMA3_ROPE
+
+    rope = {**LLAMA3_ROPE, "rope_theta": args.backbone.rope_base}
+
+    def part(t):
+        return dict(hidden_size=t.embed_dim, intermediate_size=t.intermediate_dim, num_hidden_layers=t.num_layers,
+                    num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+                    rms_norm_eps=t.norm_eps, rope_parameters=dict(rope))
+
+    decoder = dict(part(args.decoder), backbone_hidden_size=args.backbone.embed_dim, vocab_size=args.audio_vocab_size,
+                   num_codebooks=args.audio_num_codebooks)
+    return CsmConfig(**part(args.backbone), text_vocab_size=args.text_vocab_size, vocab_size=args.audio_vocab_size,
+                     num_codebooks=args.audio_num_codebooks, max_position_embeddings=args.max_seq_len,
+                     depth_decoder_config=decoder)
+
+
+def worker_transformers(opts) -> dict:
+    import numpy as np
+    import torch
+    from transformers import CsmForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    from pipelines.tts.model import ModelArgs
+
+    torch.set_num_threads(2)
+    hf_logging.set_verbosity_error()  # the unused codec_model is missing from the export: randomly initialised
+    args = ModelArgs.preset(PRESET)
+    K = args.audio_num_codebooks
+    t0 = time.perf_counter()
+    csm_config(args).save_pretrained(opts.export)  # from_pretrained wants config.json beside the weights
+    model = CsmForConditionalGeneration.from_pretrained(opts.export, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    reset_peak_rss()
+    tokens, mask = prompt_rows(args.text_vocab_size, K)
+
+    def sample(logits: torch.Tensor, gen: torch.Generator | None) -> int:
+        if gen is None:
+            return int(logits.argmax())
+        top, idx = torch.topk(logits.float() / TEMPERATURE, TOP_K)
+        return int(idx[torch.multinomial(torch.softmax(top, -1), 1, generator=gen)])
+
+    @torch.inference_mode()
+    def frames(n, gen):
+        t = torch.from_numpy(tokens).long()
+        text = model.embed_text_tokens(t[:, -1])
+        audio = model.backbone_model.embed_tokens(t[None, :, :K])[0]
+        embeds = torch.where(torch.from_numpy(mask[:, -1])[:, None], text, audio)[None]
+        out = model.backbone_model(inputs_embeds=embeds, use_cache=True)
+        for _ in range(n):
+            cache, h = out.cache, out.last_hidden_state[:, -1]
+            codes = [sample(model.lm_head(h)[0], gen)]
+            dec = model.depth_decoder(input_ids=torch.tensor([[0, codes[0]]]), backbone_last_hidden_state=h,
+                                      use_cache=True, logits_to_keep=1)
+            for k in range(1, K):
+                codes.append(sample(dec.logits[0, -1], gen))
+                if k < K - 1:
+                    dec = model.depth_decoder(input_ids=torch.tensor([[codes[-1]]]), cache=dec.cache, use_cache=True,
+                                              logits_to_keep=1)
+            yield np.array(codes)
+            row = model.backbone_model.embed_tokens(torch.tensor([[codes]]))
+            out = model.backbone_model(inputs_embeds=row, cache=cache, use_cache=True)
+
+    greedy, _ = timed_frames(frames(opts.greedy_frames, None))
+    gen = torch.Generator().manual_seed(opts.seed)
+    timed_frames(frames(2, gen))  # warm-up
+    codes, stamps = timed_frames(frames(opts.frames, gen))
+    return run_result(load_s, greedy, codes, stamps, torch_threads=torch.get_num_threads())
+
+
+WORKERS = {"ours": worker_ours, "mlx-audio": worker_mlx_audio, "transformers": worker_transformers,
+           "export-transformers": worker_export_transformers}
+
+
+def worker_main(opts) -> None:
+    sys.path.insert(0, str(ROOT))
+    result = WORKERS[opts.worker](opts)
+    result["openblas_loaded"] = openblas_loaded()
+    Path(opts.result).write_text(json.dumps(result))
+
+
+# ---- the parent: runs the workers, prints the table ---------------------------------------------------------
+
+
+def worker_env(impl: str, use_openblas: bool) -> tuple[dict, str]:
+    env = dict(os.environ)
+    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
+    if impl == "transformers" or not use_openblas:  # torch brings its own BLAS
+        preload = [p for p in preload if "openblas" not in p]
+    elif os.path.exists(OPENBLAS) and not any("openblas" in p for p in preload):
+        preload.append(OPENBLAS)
+    env["LD_PRELOAD"] = ":".join(preload)
+    return env, env["LD_PRELOAD"] or "-"
+
+
+def run_worker(impl: str, dtype: str, quant: int, opts, export: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_file = f.name
+    cmd = [sys.executable, __file__, "--worker", impl, "--dtype", dtype, "--quant-bits", str(quant),
+           "--frames", str(opts.frames), "--greedy-frames", str(opts.greedy_frames), "--seed", str(opts.seed),
+           "--export", export, "--result", result_file]
+    env, preload = worker_env(impl, not opts.no_openblas)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    try:
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"error": f"exit {proc.returncode}: {tail[0]}", "ld_preload": preload}
+        result = json.loads(Path(result_file).read_text())
+    finally:
+        os.unlink(result_file)
+    result.update(ld_preload=preload, wall_s=wall)
+    return result
+
+
+def versions() -> str:
+    names = ["mlx", "mlx-lm", "mlx-audio", "torch", "transformers", "moshi", "numpy"]
+    out = []
+    for n in names:
+        try:
+            out.append(f"{n} {metadata.version(n)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 ** 2 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{platform.system()} {platform.machine()}, {cpu}, nproc {os.cpu_count()}, {mem} GiB RAM, load avg {load}"
+
+
+def row_label(impl: str, dtype: str, quant: int) -> str:
+    return f"{impl} {'q%d' % quant if quant else dtype}"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ["implementation", "s/frame", "median", "frames/s", "RTF", "1st frame s", "1st chunk s (Mimi s)", "peak MB",
+            "gen peak MB", "+Mimi MB", "load s", "BLAS"]
+    lines = [head]
+    for r in rows:
+        res = r["result"]
+        if "error" in res:
+            lines.append([r["label"], "failed: " + res["error"]])
+            continue
+        chunk = f"{res['first_chunk_s']:.3f} ({res['first_chunk_decode_s']:.3f})" if "first_chunk_s" in res else "-"
+        gen = f"{res['gen_peak_mb']:.0f}" if res.get("gen_peak_mb") else "-"
+        mimi = f"{res['peak_rss_with_mimi_mb']:.0f}" if "peak_rss_with_mimi_mb" in res else "-"
+        blas = "torch" if r["impl"] == "transformers" else ("OpenBLAS" if res.get("openblas_loaded") else "MLX's own")
+        lines.append([r["label"], f"{res['s_per_frame']:.3f}", f"{res['median_s_per_frame']:.3f}",
+                      f"{res['frames_per_s']:.2f}", f"{res['rtf']:.2f}",
+                      f"{res['first_frame_s']:.3f}", chunk, f"{res['peak_rss_mb']:.0f}", gen, mimi,
+                      f"{res['load_s']:.1f}", blas])
+    widths = [max(len(line[i]) for line in lines if len(line) == len(head)) for i in range(len(head))]
+    for i, line in enumerate(lines):
+        if len(line) != len(head):  # a failed implementation: its error on one line
+            print(f"  {line[0]:<{widths[0]}}  {line[1]}")
+            continue
+        print("  " + "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=50, help="frames to time per implementation (default 50)")
+    ap.add_argument("--impl", default=",".join(IMPLS), help="comma list of: " + ", ".join(IMPLS))
+    ap.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32, bf16 (transformers runs fp32 only)")
+    ap.add_argument("--quant", default="", help="comma list of bits (8, 4): also time ours MLX-quantised (group 64)")
+    ap.add_argument("--greedy-frames", type=int, default=3, help="greedy frames for the cross-check (default 3)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-openblas", action="store_true", help="run MLX with its bundled BLAS")
+    ap.add_argument("--json", help="write all figures (and per-frame times) to this file")
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--quant-bits", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--export", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    opts = ap.parse_args()
+    if opts.worker:
+        opts.quant = opts.quant_bits
+        return worker_main(opts)
+
+    impls = [i.strip() for i in opts.impl.split(",") if i.strip()]
+    dtypes = [d.strip() for d in opts.dtype.split(",") if d.strip()]
+    quants = [int(q) for q in opts.quant.split(",") if q.strip()]
+    for i in impls:
+        if i not in IMPLS:
+            ap.error(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+    for d in dtypes:
+        if d not in ("fp32", "bf16"):
+            ap.error(f"unknown dtype {d!r}; choose fp32 or bf16")
+    if opts.frames < 2:
+        ap.error("--frames must be at least 2 (the first frame is reported on its own)")
+
+    plan = []
+    for impl in impls:
+        for dtype in (["fp32"] if impl == "transformers" else dtypes):
+            plan.append((impl, dtype, 0))
+        if impl == "ours":
+            plan += [("ours", "fp32", q) for q in quants]
+
+    has_openblas = os.path.exists(OPENBLAS)
+    print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    print("machine:", machine())
+    print("versions:", versions())
+    print(f"LD_PRELOAD of this process: {os.environ.get('LD_PRELOAD') or '-'}")
+    if opts.no_openblas:
+        print("MLX workers: MLX's bundled BLAS (--no-openblas)")
+    elif has_openblas:
+        print(f"MLX workers: re-executed with LD_PRELOAD={OPENBLAS} (MLX's Linux wheel ships a slow reference BLAS)")
+    else:
+        print(f"MLX workers: {OPENBLAS} not installed, MLX's bundled BLAS")
+    print(f"OPENBLAS_NUM_THREADS: {os.environ.get('OPENBLAS_NUM_THREADS', '-')}; transformers: torch, 2 threads")
+    print(f"workload: {PRESET} shape, RANDOM weights (seed {opts.seed}), {PROMPT_TOKENS}-token prompt, "
+          f"{opts.frames} frames, top-k {TOP_K} / temp {TEMPERATURE}, EOS off; each implementation in its own process")
+    print(flush=True)
+
+    export = tempfile.mkdtemp(prefix="bench_tts_")
+    rows = []
+    try:
+        if "transformers" in impls:
+            print("exporting the random weights to transformers' CSM format ...", file=sys.stderr, flush=True)
+            res = run_worker("export-transformers", "fp32", 0, opts, export)
+            if "error" in res:
+                print(f"export failed: {res['error']}", file=sys.stderr)
+        for impl, dtype, quant in plan:
+            label = row_label(impl, dtype, quant)
+            print(f"running {label} ...", file=sys.stderr, flush=True)
+            rows.append({"impl": impl, "dtype": dtype, "quant": quant, "label": label,
+                         "result": run_worker(impl, dtype, quant, opts, export)})
+    finally:
+        shutil.rmtree(export, ignore_errors=True)
+
+    print_table(rows)
+    print()
+    print("  s/frame: mean of frames 2..N (median: their median, steadier on a shared machine).\n"
+          "  frames/s and RTF from the mean; RTF = s/frame x 12.5 (below 1 is faster than real time).\n"
+          "  1st frame: prompt prefill + frame 1, warm. 1st chunk: ours stream(), 2 frames + moshi Mimi decode.\n"
+          "  peak MB: ru_maxrss of the implementation's own process after its frames (loading included;\n"
+          "  transformers' holds its unused codec_model); gen peak MB: RSS high-water mark from the end of\n"
+          "  loading on; +Mimi MB: ours' ru_maxrss after loading moshi's Mimi and streaming.")
+
+    ok = {(r["impl"], r["dtype"], r["quant"]): r["result"] for r in rows if "error" not in r["result"]}
+    print()
+    print(f"greedy cross-check ({opts.greedy_frames} frames x 32 codes, same weights and prompt):")
+    for dtype in ("fp32", "bf16"):
+        base = ok.get(("ours", dtype, 0))
+        if base is None:
+            continue
+        for impl in ("mlx-audio", "transformers"):
+            peer = ok.get((impl, dtype, 0))
+            if peer is None:
+                continue
+            a, b = base["greedy_codes"], peer["greedy_codes"]
+            same = sum(x == y for fa, fb in zip(a, b) for x, y in zip(fa, fb))
+            total = sum(len(f) for f in a)
+            verdict = "MATCH" if a == b else f"DIFFER ({same}/{total} codes equal)"
+            print(f"  ours {dtype} vs {impl} {dtype}: {verdict}")
+
+    print()
+    print("ratios of time per frame, ours / peer (below 1: ours is faster), of the means and of the medians:")
+    for (impl, dtype, quant), res in ok.items():
+        if impl != "ours":
+            continue
+        for peer_key in [("mlx-audio", dtype, 0), ("transformers", "fp32", 0)]:
+            if peer_key in ok:
+                peer = ok[peer_key]
+                mean = res["s_per_frame"] / peer["s_per_frame"]
+                median = res["median_s_per_frame"] / peer["median_s_per_frame"]
+                print(f"  {row_label(impl, dtype, quant)} / {row_label(*peer_key)}: {mean:.2f} mean, {median:.2f} median "
+                      f"(ours at {1 / mean:.2f}x / {1 / median:.2f}x the peer's speed)")
+    print()
+    print(f"load avg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if opts.json:
+        meta = {"command": [sys.executable, *sys.argv], "machine": machine(), "versions": versions(),
+                "openblas": None if opts.no_openblas or not has_openblas else OPENBLAS, "frames": opts.frames,
+                "prompt_tokens": PROMPT_TOKENS, "top_k": TOP_K, "temperature": TEMPERATURE, "preset": PRESET}
+        Path(opts.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"\nwrote {opts.json}")
+
+
+if __name__ == "__main__":
+    main()
