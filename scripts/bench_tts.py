@@ -281,7 +281,8 @@ def worker_export_transformers(opts) -> dict:
             heads = part.num_heads if ".q_proj." in key else part.num_kv_heads
             # interleaved RoPE pairs (ours) -> rotate-half halves (transformers): rows (h, d/2, 2) -> (h, 2, d/2)
             out_dim, in_dim = value.shape
-            value = value.reshape(heads, out_dim // heads // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
+            value = value.reshape(heads, out_dim // heads // 2, 2, in_dim).transpose(0, 2, 1, 3)
+            value = value.reshape(out_dim, in_dim)
         weights[name] = mx.contiguous(value)
     mx.save_safetensors(str(Path(opts.export) / "model.safetensors"), weights, metadata={"format": "pt"})
     return {}
@@ -562,8 +563,8 @@ def main() -> None:
                 peer = ok[peer_key]
                 mean = res["s_per_frame"] / peer["s_per_frame"]
                 median = res["median_s_per_frame"] / peer["median_s_per_frame"]
-                print(f"  {row_label(impl, dtype, quant)} / {row_label(*peer_key)}: {mean:.2f} mean, {median:.2f} median "
-                      f"(ours at {1 / mean:.2f}x / {1 / median:.2f}x the peer's speed)")
+                print(f"  {row_label(impl, dtype, quant)} / {row_label(*peer_key)}: {mean:.2f} mean, "
+                      f"{median:.2f} median (ours at {1 / mean:.2f}x / {1 / median:.2f}x the peer's speed)")
     print()
     print(f"load avg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if opts.json:
