@@ -72,11 +72,7 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
 
 
 def vad_config(cfg: AgentConfig, endpointing: bool = True):
+    """The VAD settings with endpointing as the mode wants it (push-to-talk turns it off)."""
     import dataclasses
 
-    from pipelines.vad import VADConfig
-
-    try:
-        return VADConfig(**dataclasses.asdict(cfg.vad), enabled_endpointing=endpointing)
-    except ValueError as exc:
-        raise ConfigError(f"vad: {exc}") from None
+    return dataclasses.replace(cfg.vad, enabled_endpointing=endpointing)

@@ -14,22 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ConfigError
+from pipelines.vad import VADConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 CHECKPOINTS = ROOT / "checkpoints"
-
-
-@dataclass
-class VADSection:
-    frame_ms: int = 30
-    aggressiveness: int = 2
-    pre_roll_ms: int = 300
-    start_ms: int = 90
-    silence_ms: int = 600
-    min_speech_ms: int = 250
-    max_utterance_ms: int = 30_000
-    energy_margin_db: float = 10.0
 
 
 @dataclass
@@ -95,7 +84,7 @@ class ReplaySection:
 @dataclass
 class AgentConfig:
     mode: str = "hands-free"  # hands-free | push-to-talk | replay
-    vad: VADSection = field(default_factory=VADSection)
+    vad: VADConfig = field(default_factory=VADConfig)  # the stage's own config: validated on load
     asr: ASRSection = field(default_factory=ASRSection)
     llm: LLMSection = field(default_factory=LLMSection)
     tts: TTSSection = field(default_factory=TTSSection)
@@ -137,8 +126,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    target = obj.target if isinstance(obj, _Draft) else obj
+    hints = typing.get_type_hints(type(target))
+    names = {f.name for f in dataclasses.fields(target)}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
@@ -147,9 +137,31 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{dotted}' is a section; set its keys, e.g. {dotted}.<key>")
-            _apply(current, value, dotted + ".")
+            if type(current).__dataclass_params__.frozen:  # a stage's own frozen config: rebuild it
+                draft = _Draft(current)
+                _apply(draft, value, dotted + ".")
+                try:
+                    setattr(obj, key, dataclasses.replace(current, **draft.changes))
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+            else:
+                _apply(current, value, dotted + ".")
         else:
-            setattr(obj, key, _coerce(value, hints[key], dotted))
+            coerced = _coerce(value, hints[key], dotted)
+            if isinstance(obj, _Draft):
+                obj.changes[key] = coerced
+            else:
+                setattr(obj, key, coerced)
+
+
+class _Draft:
+    """Collects typed changes for a frozen dataclass, which `_apply` cannot set attributes on."""
+
+    def __init__(self, target):
+        self.target, self.changes = target, {}
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
 
 
 def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -130,7 +130,6 @@ def replay_utterances(cfg: AgentConfig, data: SessionData, recorder: SessionReco
 
 def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, log: Log = print,
                progress: bool = True) -> RunResult:
-    vad_config(cfg)  # a bad VAD setting fails now, not after the models have loaded
     data = load_replay_source(sources, gap_s=cfg.vad.silence_ms / 1000 + 1.0)
     log(f"replay: {len(data.mic) / data.rate:.1f} s of audio from {', '.join(map(str, sources))}"
         + (" (push-to-talk keys from the bundle)" if data.keys else ""))

@@ -40,6 +40,8 @@ def test_dotted_overrides_are_typed():
     (("vad.silence_ms", "1.5"), "vad.silence_ms: expected an integer"),
     (("audio.barge_in", "maybe"), "audio.barge_in: expected true/false"),
     (("vad", "1"), "'vad' is a section"),
+    (("vad.frame_ms", "25"), "vad.frame_ms must be 10, 20 or 30"),
+    (("vad.aggressiveness", "7"), "aggressiveness"),
 ])
 def test_bad_overrides_name_the_key(pair, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
