@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
 from agent.config import load_config
 from agent.modes import replay_utterances
-from agent.session import SessionData, SessionRecorder, audio_files_as_session, load_replay_source, read_session
+from agent.session import SessionData, SessionRecorder, load_replay_source, read_session
 from pipelines.audio import load_audio, save_audio
 from pipelines.errors import AudioInputError
 

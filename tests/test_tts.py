@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.errors import AudioInputError, CheckpointError, TextInputError
 from pipelines.tts.codec import FRAME_SIZE, SAMPLE_RATE
-from pipelines.tts.generator import GenerationConfig, MarvisTTS, Prompt, Segment, TextTokenizer, VoiceReference
+from pipelines.tts.generator import GenerationConfig, MarvisTTS, Segment, TextTokenizer, VoiceReference
 from pipelines.tts.weights import random_model
 
 K = 32

@@ -20,7 +20,7 @@ import math
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,7 +28,7 @@ import numpy as np
 
 from pipelines.audio import resample, to_mono_float32
 from pipelines.errors import AudioInputError, CheckpointError, TextInputError
-from pipelines.tts.codec import FRAME_SIZE, SAMPLE_RATE, MimiCodec
+from pipelines.tts.codec import SAMPLE_RATE, MimiCodec
 from pipelines.tts.weights import LoadedCheckpoint
 
 FRAME_MS = 80
