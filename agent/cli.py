@@ -98,31 +98,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args, overrides):
+    import dataclasses
+
     from agent.config import load_config
 
     cfg = load_config(args.config, overrides)
     if getattr(args, "seed", None) is not None:
-        cfg.llm.seed = cfg.tts.seed = args.seed
+        cfg.llm.seed = args.seed
+        cfg.tts = dataclasses.replace(cfg.tts, seed=args.seed)
     return cfg
 
 
 def _cmd_tts(args, overrides) -> int:
+    import dataclasses
+
     import numpy as np
 
-    from agent.build import build_tts, tts_generation_config
+    from agent.build import build_tts
     from pipelines.audio import load_audio, save_audio
-    from pipelines.tts.generator import Segment, VoiceReference
+    from pipelines.messages import Segment, VoiceReference
 
     cfg = _config(args, overrides)
     tts = build_tts(cfg, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
-    gen = tts_generation_config(cfg)
-    gen.seed = args.seed
-    if args.temperature is not None:
-        gen.temperature = args.temperature
-    if args.topk is not None:
-        gen.top_k = args.topk
-    if args.max_ms is not None:
-        gen.max_audio_length_ms = args.max_ms
+    changes = {"temperature": args.temperature, "top_k": args.topk, "max_audio_length_ms": args.max_ms}
+    try:
+        gen = dataclasses.replace(cfg.tts, **{k: v for k, v in changes.items() if v is not None})
+    except ValueError as exc:
+        from pipelines.errors import ConfigError
+
+        raise ConfigError(str(exc).replace("tts.top_k", "--topk").replace("tts.max_audio_length_ms", "--max-ms")) from None
     context = []
     for audio_path, text in args.context:
         m = re.match(r"^\[(\d+)\]\s*", text)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ConfigError
+from pipelines.tts.load import TTSConfig
 from pipelines.vad import VADConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,26 +38,6 @@ class LLMSection:
     max_history_turns: int = 8
     temperature: float = 0.0
     seed: int = 0
-
-
-@dataclass
-class TTSSection:
-    checkpoint: str = "checkpoints/marvis-tts-250m-v0.2"  # used when present; otherwise `fallback`
-    fallback: str = "random:marvis-250m"  # the offline default: real shape, seeded random weights
-    mimi: str = "checkpoints/mimi/tokenizer-e351c8d8-checkpoint125.safetensors"
-    tokenizer: str = "checkpoints/smollm2-135m-instruct"  # used when the checkpoint carries none
-    dtype: str = "float32"
-    speaker: int = 0  # the agent's voice
-    user_speaker: int = 1
-    context_turns: int = 4  # recent segments passed as context
-    temperature: float = 0.9
-    top_k: int = 50
-    seed: int = 0
-    max_audio_length_ms: int = 10_000
-    frames_per_char: float = 1.25
-    min_text_frames: int = 12
-    chunk_frames: int = 8
-    first_chunk_frames: int = 2
 
 
 @dataclass
@@ -87,7 +68,7 @@ class AgentConfig:
     vad: VADConfig = field(default_factory=VADConfig)  # the stage's own config: validated on load
     asr: ASRSection = field(default_factory=ASRSection)
     llm: LLMSection = field(default_factory=LLMSection)
-    tts: TTSSection = field(default_factory=TTSSection)
+    tts: TTSConfig = field(default_factory=TTSConfig)  # the stage's own config: validated on load
     audio: AudioSection = field(default_factory=AudioSection)
     session: SessionSection = field(default_factory=SessionSection)
     replay: ReplaySection = field(default_factory=ReplaySection)

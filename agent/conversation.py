@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipelines.tts.generator import Segment
+from pipelines.messages import Segment
 
 
 @dataclass

@@ -8,6 +8,7 @@ context too, so the voice holds within a reply as well as across turns.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import numpy as np
 from agent.conversation import Conversation, Turn
 from agent.metrics import Waterfall, summary_line
 from pipelines.llm.sentences import SentenceSplitter, clean_for_speech
-from pipelines.tts.generator import GenerationConfig, Segment
+from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage
+from pipelines.tts.load import TTSConfig
 from pipelines.vad import Utterance
 
 
@@ -36,13 +38,10 @@ class AudioSink(Protocol):
 
 @dataclass
 class Stages:
-    asr: object  # pipelines.asr.whisper.WhisperASR
-    llm: object  # pipelines.llm.reply.ReplyLLM
-    tts: object  # pipelines.tts.generator.MarvisTTS
-    tts_config: GenerationConfig
-    agent_speaker: int = 0
-    user_speaker: int = 1
-    context_segments: int = 4
+    asr: ASRStage
+    llm: ReplyStage
+    tts: TTSStage
+    tts_config: TTSConfig  # sampling knobs, the agent's and the user's voices, how much context to pass
 
 
 class TurnEngine:
@@ -78,13 +77,14 @@ class TurnEngine:
             return None
         turn = self.conversation.new_turn(transcript)
         self.log(f"you   > {transcript}")
-        context, turn.context_turns = self.conversation.context(st.context_segments)
+        context, turn.context_turns = self.conversation.context(st.tts_config.context_segments)
         sink.on_first_sample = lambda wall: wf.mark("first_sample_played", wall)
         sink.begin_utterance()
 
         splitter = SentenceSplitter()
         spoken: list[tuple[str, np.ndarray, np.ndarray]] = []  # sentence, audio, codes
-        cfg = GenerationConfig(**{**st.tts_config.__dict__, "seed": st.tts_config.seed + turn.index})
+        cfg = dataclasses.replace(st.tts_config, seed=st.tts_config.seed + turn.index)
+        agent_speaker, user_speaker = cfg.speaker, cfg.user_speaker
         stopped = False
 
         def speak(sentence: str) -> None:
@@ -93,9 +93,9 @@ class TurnEngine:
             if not text or stopped:
                 return
             wf.mark("first_sentence", self.clock())
-            own = [Segment(st.agent_speaker, s, codes=c) for s, _, c in spoken]
+            own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
             audio_parts, code_parts = [], []
-            for chunk in st.tts.stream(text, st.agent_speaker, context + own, config=cfg):
+            for chunk in st.tts.stream(text, agent_speaker, context + own, config=cfg):
                 wf.mark("first_tts_chunk", self.clock())
                 if interrupted():
                     stopped = True
@@ -121,19 +121,19 @@ class TurnEngine:
         if stopped or interrupted():
             turn.interrupted = True
             played = sink.clear()
-            spoken = _truncate_to_played(spoken, played, st.tts.sample_rate)
+            spoken = _truncate_to_played(spoken, played, st.tts.samples_per_frame)
         turn.reply = " ".join(s for s, _, _ in spoken)
         self.log(f"agent > {turn.reply}" + (" [interrupted]" if turn.interrupted else ""))
-        turn.user = Segment(st.user_speaker, transcript, utterance.audio, utterance.sample_rate)
+        turn.user = Segment(user_speaker, transcript, utterance.audio, utterance.sample_rate)
         if spoken:
-            turn.agent = Segment(st.agent_speaker, turn.reply, np.concatenate([a for _, a, _ in spoken]),
+            turn.agent = Segment(agent_speaker, turn.reply, np.concatenate([a for _, a, _ in spoken]),
                                  st.tts.sample_rate, codes=np.concatenate([c for _, _, c in spoken], axis=1))
         st.llm.commit(transcript, turn.reply)
         turn.waterfall = wf.offsets()
         self.conversation.append(turn)
         self._finish(turn)
         # encode the user's audio now, while the reply plays, not inside the next turn's latency
-        st.tts.segment_codes(turn.user)
+        st.tts.prepare_context(turn.user)
         return turn
 
     def _finish(self, turn: Turn) -> None:
@@ -149,16 +149,14 @@ class TurnEngine:
                     agent_frames=0 if turn.agent is None else int(turn.agent.codes.shape[1]))
 
 
-def _truncate_to_played(spoken, played_samples: int, rate: int):
+def _truncate_to_played(spoken, played_samples: int, samples_per_frame: int):
     """Keep only what the user heard: whole sentences, and the played part of the one cut off."""
-    from pipelines.tts.codec import FRAME_SIZE
-
     kept, left = [], played_samples
     for text, audio, codes in spoken:
         if left <= 0:
             break
         n = min(len(audio), left)
-        frames = -(-n // FRAME_SIZE)
+        frames = -(-n // samples_per_frame)
         kept.append((text, audio[:n], codes[:, :frames]))
         left -= n
     return kept

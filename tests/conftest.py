@@ -52,7 +52,9 @@ def mimi():
 
 @pytest.fixture()
 def tiny_tts(tiny_args, tiny_tokenizer, mimi):
-    from pipelines.tts.generator import GenerationConfig, MarvisTTS, TextTokenizer
+    from pipelines.tts.generator import GenerationConfig
+    from pipelines.tts.prompt import TextTokenizer
+    from pipelines.tts.stage import MarvisTTS
     from pipelines.tts.weights import random_model
 
     return MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi,

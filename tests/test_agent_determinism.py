@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -25,7 +26,8 @@ def test_same_seed_same_conversation(tmp_path, jfk_path, tiny_args, tiny_tokeniz
 
     def run(seed, name):
         cfg = load_config("replay", [("tts.checkpoint", str(tts)), ("tts.max_audio_length_ms", "400")])
-        cfg.tts.seed = cfg.llm.seed = seed
+        cfg.tts = dataclasses.replace(cfg.tts, seed=seed)
+        cfg.llm.seed = seed
         result = run_replay(cfg, [clip], out=tmp_path / name, log=lambda m: None, progress=False)
         (turn,) = result.conversation.turns
         return turn

@@ -10,7 +10,7 @@ from agent.devices import ReplaySink
 from agent.engine import Stages, TurnEngine
 from pipelines.asr.whisper import Transcript
 from pipelines.tts.codec import FRAME_SIZE
-from pipelines.tts.generator import GenerationConfig
+from pipelines.tts.load import TTSConfig
 from pipelines.vad import Utterance
 
 
@@ -61,7 +61,7 @@ def make_engine(tiny_tts):
 
         tiny_tts.stream = stream
         stages = Stages(ScriptedASR(asr_texts), ScriptedLLM(replies, log), tiny_tts,
-                        GenerationConfig(seed=0, max_audio_length_ms=480, chunk_frames=2, first_chunk_frames=1))
+                        TTSConfig(seed=0, max_audio_length_ms=480, chunk_frames=2, first_chunk_frames=1))
         engine = TurnEngine(stages, Conversation(keep_audio_turns), log=lambda m: None)
         return engine, log
 
@@ -130,4 +130,4 @@ def test_memory_stays_flat_over_many_turns(make_engine):
     with_audio = [t.index for t in turns if t.user is not None or t.agent is not None]
     assert with_audio == list(range(n - 4, n))
     assert sink.audio().size == 0 and sink.played_samples > 0
-    assert len(engine.stages.tts._codes_cache) <= engine.stages.tts._codes_cache_size
+    assert len(engine.stages.tts.prompts._codes_cache) <= engine.stages.tts.prompts.codes_cache_size

@@ -10,7 +10,10 @@ import pytest
 
 from pipelines.errors import AudioInputError, CheckpointError, TextInputError
 from pipelines.tts.codec import FRAME_SIZE, SAMPLE_RATE
-from pipelines.tts.generator import GenerationConfig, MarvisTTS, Segment, TextTokenizer, VoiceReference
+from pipelines.messages import Segment, VoiceReference
+from pipelines.tts.generator import FrameGenerator, GenerationConfig, PrefixCache
+from pipelines.tts.prompt import TextTokenizer, frame_cap
+from pipelines.tts.stage import MarvisTTS
 from pipelines.tts.weights import random_model
 
 K = 32
@@ -22,7 +25,7 @@ def noise(seconds, rate=SAMPLE_RATE, seed=0, level=0.1):
 
 def test_cache_equivalence(tiny_tts):
     """Prefill + one-row steps gives the same hidden states as recomputing all rows from scratch."""
-    model = tiny_tts.model
+    model = tiny_tts.checkpoint.model
     prompt = tiny_tts.build_prompt("hello there", 1, [Segment(0, "how are you", noise(0.5))])
     rows = np.concatenate([prompt.tokens, np.c_[np.random.default_rng(0).integers(0, 2048, (5, K)), np.zeros(5)].astype(np.int32)])
     masks = np.concatenate([prompt.mask, np.tile(np.r_[np.ones(K, bool), False], (5, 1))])
@@ -66,15 +69,15 @@ def test_seed_controls_sampling(tiny_tts):
 
 
 def test_segment_tokenisation(tiny_tts):
-    tok = tiny_tts.tokenizer
-    tokens, mask = tiny_tts.text_rows("hello there", 3)
+    tok = tiny_tts.prompts.tokenizer
+    tokens, mask = tiny_tts.prompts.text_rows("hello there", 3)
     ids = tokens[:, -1].tolist()
     assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2
     assert ids[1:-1] == tok.tokenizer.encode("[3]hello there", add_special_tokens=False).ids
     assert mask[:, -1].all() and not mask[:, :-1].any() and not tokens[:, :-1].any()
 
     seg = Segment(1, "how are you", noise(1.0))
-    s_tok, s_mask = tiny_tts.segment_rows(seg)
+    s_tok, s_mask = tiny_tts.prompts.segment_rows(seg)
     n_text = len(tok.encode("[1]how are you"))
     frames = s_tok.shape[0] - n_text
     assert frames == 13 + 1  # 1 s at 12.5 frames/s, rounded up, + the EOS frame
@@ -84,7 +87,7 @@ def test_segment_tokenisation(tiny_tts):
     prompt = tiny_tts.build_prompt("i am fine", 0, [seg])
     assert prompt.context_used == 1
     np.testing.assert_array_equal(prompt.tokens[: len(s_tok)], s_tok)
-    np.testing.assert_array_equal(prompt.tokens[len(s_tok):], tiny_tts.text_rows("i am fine", 0)[0])
+    np.testing.assert_array_equal(prompt.tokens[len(s_tok):], tiny_tts.prompts.text_rows("i am fine", 0)[0])
 
 
 def test_context_codes_are_cached_and_reused(tiny_tts, monkeypatch):
@@ -97,12 +100,37 @@ def test_context_codes_are_cached_and_reused(tiny_tts, monkeypatch):
     assert len(calls) == 1  # the second prompt reuses the codes; a segment with codes is never encoded
 
 
-def test_eos_on_all_zero_frame(tiny_tts, monkeypatch):
+class ScriptedFrames:
+    """A backend that returns scripted frames (the network is not under test here)."""
+
+    name, quantization, num_codebooks = "scripted", None, K
+
+    def __init__(self, frames):
+        self.frames = iter(frames)
+
+    def make_cache(self):
+        return _Offset()
+
+    def rng(self, cfg):
+        return None
+
+    def frame(self, tokens, mask, cache, cfg, rng):
+        cache.offset += len(tokens)
+        return next(self.frames).astype(np.int32)
+
+
+class _Offset:
+    offset = 0
+
+    def trim(self, n):
+        self.offset -= n
+        return n
+
+
+def test_eos_on_all_zero_frame(tiny_tts):
     frames = [np.r_[0, np.ones(K - 1)], np.r_[np.ones(K - 1), 0], np.zeros(K), np.ones(K)]
-    it = iter(frames)
-    monkeypatch.setattr(tiny_tts, "generate_frame", lambda *a, **k: mx.array(next(it).astype(np.int32))[None])
     prompt = tiny_tts.build_prompt("hello", 0)
-    out = list(tiny_tts.generate_codes(prompt, GenerationConfig(seed=0, max_audio_length_ms=8000)))
+    out = list(FrameGenerator(ScriptedFrames(frames)).frames(prompt, GenerationConfig(seed=0, max_audio_length_ms=8000)))
     assert len(out) == 2  # a zero code alone is valid; the all-zero frame stops
 
 
@@ -119,8 +147,8 @@ def test_zero_weights_stop_at_once_greedy(tiny_args, tiny_tokenizer, mimi):
 
 def test_length_caps(tiny_tts):
     cfg = GenerationConfig(seed=0, max_audio_length_ms=10_000, frames_per_char=1.0, min_text_frames=3)
-    assert tiny_tts.frame_cap("hello", cfg) == 8  # by text: 3 + 5 characters
-    assert tiny_tts.frame_cap("x" * 500, cfg) == 125  # by time: 10 s / 80 ms
+    assert frame_cap("hello", cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames) == 8  # 3 + 5 chars
+    assert frame_cap("x" * 500, cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames) == 125  # 10 s / 80 ms
     speech = tiny_tts.generate("hello", 0, config=cfg)
     assert speech.codes.shape == (K, 8) and not speech.stopped_on_eos
     assert speech.audio.shape == (8 * FRAME_SIZE,)
@@ -133,13 +161,13 @@ def test_context_trimmed_oldest_first(tiny_args, tiny_tokenizer, mimi):
     ctx = [Segment(i % 2, w, codes=np.full((K, 12), i + 1, np.int32)) for i, w in enumerate(["hello", "there", "how", "are"])]
     prompt = tts.build_prompt("i am fine thanks", 0, ctx)
     per_seg = 5 + 13  # BOS [ n ] word EOS + 12 frames + EOS frame
-    target = len(tts.tokenizer.encode("[0]i am fine thanks"))
+    target = len(tts.prompts.tokenizer.encode("[0]i am fine thanks"))
     assert prompt.context_used == (80 - target - 10) // per_seg == 3
     # the newest segments survive: the first audio row is segment 1's code value (2)
     assert prompt.tokens[prompt.mask[:, 0]][0, 0] == 2
     assert prompt.tokens.shape[0] + prompt.max_frames <= 80
-    np.testing.assert_array_equal(prompt.tokens[-target:], tts.text_rows("i am fine thanks", 0)[0])
-    frames = list(tts.generate_codes(prompt))
+    np.testing.assert_array_equal(prompt.tokens[-target:], tts.prompts.text_rows("i am fine thanks", 0)[0])
+    frames = list(tts.frames.frames(prompt, tts.config))
     assert len(frames) == prompt.max_frames == 10
 
     with pytest.raises(TextInputError, match="positions"):
@@ -149,14 +177,14 @@ def test_context_trimmed_oldest_first(tiny_args, tiny_tokenizer, mimi):
 def test_voice_match_prompt_layout(tiny_tts):
     ref = VoiceReference(noise(0.8, 16000), "hello there", sample_rate=16000)
     prompt = tiny_tts.build_prompt("how are you", 2, voice=ref)
-    ids = tiny_tts.tokenizer.encode("[0]hello there how are you")
+    ids = tiny_tts.prompts.tokenizer.encode("[0]hello there how are you")
     n = len(ids)
     assert prompt.tokens[:n, -1].tolist() == ids
     audio = prompt.tokens[n:]
     assert audio.shape[0] == 10  # 0.8 s -> 10 frames, and no EOS frame after them
     assert prompt.mask[n:, :K].all() and not prompt.mask[n:, -1].any()
     assert audio[:, :K].any(axis=1).all()
-    np.testing.assert_array_equal(audio[:, :K].T, tiny_tts.encode_audio(ref.audio, 16000))
+    np.testing.assert_array_equal(audio[:, :K].T, tiny_tts.prompts.encode_audio(ref.audio, 16000))
     assert prompt.tokens.shape[0] == n + 10  # no separate target segment
     with pytest.raises(TextInputError, match="transcript"):
         tiny_tts.build_prompt("how are you", 0, voice=VoiceReference(ref.audio, "  ", 16000))
@@ -180,9 +208,9 @@ def test_bad_inputs(tiny_tts):
     assert silent.context_used == text_only.context_used == 1
     assert silent.tokens.shape[0] - text_only.tokens.shape[0] == 13 + 1
     for rate in (8000, 16000, 44100, 48000):
-        assert tiny_tts.encode_audio(noise(1.0, rate, seed=rate), rate).shape == (K, 13)
+        assert tiny_tts.prompts.encode_audio(noise(1.0, rate, seed=rate), rate).shape == (K, 13)
     with pytest.raises(AudioInputError):
-        tiny_tts.encode_audio(noise(1.0), 0)
+        tiny_tts.prompts.encode_audio(noise(1.0), 0)
 
 
 def test_mismatched_tokenizer_is_refused(tiny_args, tiny_tokenizer, mimi):
@@ -193,25 +221,19 @@ def test_mismatched_tokenizer_is_refused(tiny_args, tiny_tokenizer, mimi):
         MarvisTTS(random_model(small), TextTokenizer(tiny_tokenizer), mimi)
 
 
-def test_backbone_prefix_is_reused_between_generations(tiny_args, tiny_tokenizer, mimi, monkeypatch):
+def test_backbone_prefix_is_reused_between_generations(tiny_args, tiny_tokenizer, mimi):
     """Sentence 2's prompt starts with sentence 1's context, text and frames: only the new rows are run,
     and the frames are the same as with a fresh cache."""
-    def make():
-        return MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)
-
     cfg = GenerationConfig(temperature=0.0, max_audio_length_ms=480, stop_on_eos=False)
     ctx = [Segment(1, "how are you", noise(0.6))]
     runs = {}
     for reuse in (True, False):
-        tts = make()
-        tts.reuse_prefix = reuse
-        rows_run = []
-        real = tts.model.backbone_hidden
-        monkeypatch.setattr(tts.model, "backbone_hidden", lambda t, m, c: rows_run.append(t.shape[1]) or real(t, m, c))
+        tts = MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)
         first = tts.generate("i am fine", 0, ctx, config=cfg)
-        before = len(rows_run)
+        if not reuse:
+            tts.prefix.clear()
         second = tts.generate("thanks", 0, ctx + [Segment(0, "i am fine", codes=first.codes)], config=cfg)
-        runs[reuse] = (first.codes, second.codes, rows_run[before])
+        runs[reuse] = (first.codes, second.codes, tts.frames.last_prefill_rows)
         prompt2 = tts.build_prompt("thanks", 0, ctx + [Segment(0, "i am fine", codes=first.codes)], config=cfg)
     (a1, a2, a_rows), (b1, b2, b_rows) = runs[True], runs[False]
     np.testing.assert_array_equal(a1, b1)
@@ -219,4 +241,20 @@ def test_backbone_prefix_is_reused_between_generations(tiny_args, tiny_tokenizer
     assert b_rows == prompt2.tokens.shape[0]
     # with reuse only the new rows run: sentence 1's last frame (generated, never fed back), its EOS
     # frame, and sentence 2's text rows
-    assert a_rows == 2 + len(tts.tokenizer.encode("[0]thanks"))
+    assert a_rows == 2 + len(tts.prompts.tokenizer.encode("[0]thanks"))
+
+
+def test_prefix_cache_trims_to_the_shared_rows(tiny_tts):
+    """A prompt that diverges mid-way reuses exactly the rows before the divergence."""
+    prefix = PrefixCache()
+    rows = np.arange(10 * 4, dtype=np.int32).reshape(10, 4)
+    backend = ScriptedFrames([])
+    cache = backend.make_cache()
+    cache.offset = 10
+    prefix.keep(rows, cache)
+    other = rows.copy()
+    other[6] += 1
+    got, shared = prefix.take(other, backend)
+    assert shared == 6 and got is cache and cache.offset == 6
+    prefix.keep(other[:6], got)
+    assert prefix.take(other[:6], backend)[1] == 5  # at least one row is always left to run

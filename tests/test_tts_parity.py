@@ -13,7 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from pipelines.tts.generator import GenerationConfig, MarvisTTS, Prompt  # noqa: E402
+from pipelines.tts.generator import GenerationConfig  # noqa: E402
+from pipelines.tts.prompt import Prompt, TextTokenizer  # noqa: E402
+from pipelines.tts.stage import MarvisTTS  # noqa: E402
 from pipelines.tts.weights import load_checkpoint  # noqa: E402
 
 K, V = 32, 2051
@@ -108,15 +110,13 @@ def test_logits_match_reference(fmt, reference, transformers_dir, torchtune_file
 
 
 def test_greedy_generation_matches_reference(reference, transformers_dir, tiny_tokenizer, mimi):
-    from pipelines.tts.generator import TextTokenizer
-
     ck = load_checkpoint(transformers_dir)
     tts = MarvisTTS(ck, TextTokenizer(tiny_tokenizer), mimi)
     tokens, mask = _prompt(np.random.default_rng(2))
     n = 12
     ref_frames, _ = _reference_frames(reference, tokens, mask, n_frames=n)
     prompt = Prompt(tokens, mask, context_used=2, max_frames=n)
-    ours = np.array(list(tts.generate_codes(prompt, GenerationConfig(temperature=0.0, stop_on_eos=False))))
+    ours = np.array(list(tts.frames.frames(prompt, GenerationConfig(temperature=0.0, stop_on_eos=False))))
     assert ours.shape == (n, K)
     np.testing.assert_array_equal(ours, ref_frames)
     # the codes are not degenerate: the comparison means something

@@ -1,0 +1,174 @@
+"""Config -> a ready TTS stage: which checkpoint (or the labelled random fallback), tokenizer, Mimi and backend.
+
+`TTSConfig` is the one home of every TTS knob: it extends the per-call `GenerationConfig` with what is fixed
+at load time, and the agent's `[tts]` config section is this dataclass. The backend is chosen here:
+`auto` runs the frame loop on ONNX Runtime on a CPU (MLX's CPU kernels are the slow part, DESIGN.md §5) and on
+MLX where MLX has a GPU (Metal); either can be forced. ONNX graphs are built once per checkpoint and
+precision and cached under `ort_cache`, keyed by a hash of the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import CheckpointError
+from pipelines.tts.generator import GenerationConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("auto", "mlx", "onnx")
+QUANTIZATIONS = ("auto", "none", "8", "4")
+
+
+@dataclass(frozen=True)
+class TTSConfig(GenerationConfig):
+    checkpoint: str = "checkpoints/marvis-tts-250m-v0.2"  # used when present; otherwise `fallback`
+    fallback: str = "random:marvis-250m"  # the offline default: real shape, seeded random weights
+    mimi: str = "checkpoints/mimi/tokenizer-e351c8d8-checkpoint125.safetensors"
+    tokenizer: str = "checkpoints/smollm2-135m-instruct"  # used when the checkpoint carries none
+    dtype: str = "float32"  # MLX weights
+    backend: str = "auto"  # auto | mlx | onnx
+    quantization: str = "auto"  # auto (onnx: 8, mlx: as the checkpoint) | none | 8 | 4
+    ort_cache: str = "checkpoints/.ort"
+    seed: int = 0
+    speaker: int = 0  # the agent's voice
+    user_speaker: int = 1
+    context_segments: int = 4  # recent conversation segments the agent passes as context
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, allowed in (("dtype", DTYPES), ("backend", BACKENDS), ("quantization", QUANTIZATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"tts.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("speaker", "user_speaker", "context_segments"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"tts.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("checkpoint", "fallback"):
+            spec = getattr(self, name)
+            if spec.startswith("random:"):
+                from pipelines.tts.model import PRESETS
+
+                if spec.split(":", 1)[1] not in PRESETS:
+                    raise ValueError(f"tts.{name} {spec!r}: no such preset; known: "
+                                     + ", ".join(f"random:{p}" for p in PRESETS))
+
+
+def resolve_backend(config: TTSConfig) -> tuple[str, int | None]:
+    """(backend, quantization bits or None) for this machine."""
+    import mlx.core as mx
+
+    backend = config.backend
+    if backend == "auto":
+        on_gpu = mx.default_device() == mx.gpu and platform.system() == "Darwin"
+        backend = "mlx" if on_gpu or not _has_onnxruntime() else "onnx"
+    q = config.quantization
+    if q == "auto":
+        q = "8" if backend == "onnx" else "none"
+    return backend, None if q == "none" else int(q)
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def weights_key(path: Path) -> str:
+    """A short hash of a checkpoint's weight files, remembered beside them by (size, mtime) so it is read once."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    memo = (path.parent if path.is_file() else path) / ".weights-hash.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved.get("stamp") == json.loads(json.dumps(stamp)):
+            return saved["hash"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    h = hashlib.blake2b(digest_size=8)
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    key = h.hexdigest()
+    try:
+        memo.write_text(json.dumps({"stamp": stamp, "hash": key}))
+    except OSError:
+        pass  # a read-only checkpoint folder: hash again next time
+    return key
+
+
+def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None = None,
+             log: Callable[[str], None] = print, progress: bool = True):
+    """Marvis from `checkpoint` (or config.checkpoint); the labelled random fallback when that is absent."""
+    import mlx.core as mx
+
+    from pipelines.tts.codec import MimiCodec
+    from pipelines.tts.generator import MLXFrames, OrtFrames
+    from pipelines.tts.prompt import TextTokenizer
+    from pipelines.tts.stage import MarvisTTS
+    from pipelines.tts.weights import load_checkpoint, random_model
+
+    def resolve(p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() or root is None else root / path
+
+    dtype = getattr(mx, config.dtype)
+    spec = checkpoint or config.checkpoint
+    if spec.startswith("random:"):
+        loaded, key = random_model(spec.split(":", 1)[1], seed=config.seed, dtype=dtype), spec
+    elif resolve(spec).exists():
+        loaded, key = load_checkpoint(resolve(spec), dtype=dtype), None
+    elif checkpoint is not None:
+        raise CheckpointError(f"{spec}: no such TTS checkpoint")
+    elif config.fallback.startswith("random:"):
+        spec = config.fallback
+        loaded, key = random_model(spec.split(":", 1)[1], seed=config.seed, dtype=dtype), spec
+    else:
+        spec = config.fallback
+        loaded, key = load_checkpoint(resolve(spec), dtype=dtype), None
+    tokenizer = TextTokenizer(loaded.tokenizer_dir or resolve(config.tokenizer))
+    mimi_path = resolve(config.mimi)
+    codec = MimiCodec(mimi_path if mimi_path.is_file() else None, num_codebooks=loaded.args.audio_num_codebooks,
+                      seed=config.seed)
+
+    backend, bits = resolve_backend(config)
+    if backend == "onnx":
+        from pipelines.tts.ort import OrtFrameModel
+
+        if key is None:
+            key = weights_key(resolve(spec))
+        else:  # a random model is its preset, seed and dtype
+            key = f"{key.replace(':', '-')}-seed{config.seed}-{config.dtype}"
+        folder = resolve(config.ort_cache) / f"{key}-{'fp32' if bits is None else f'q{bits}'}"
+        frames = OrtFrames(OrtFrameModel(loaded.model, quantization=bits, cache_dir=folder, progress=progress))
+    else:
+        if bits is not None and not any(k.endswith(".scales") for k in _param_names(loaded.model)):
+            import mlx.nn as nn
+
+            nn.quantize(loaded.model, group_size=64, bits=bits,
+                        class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
+            loaded.model.quantization_bits = bits
+        frames = MLXFrames(loaded.model)
+    tts = MarvisTTS(loaded, tokenizer, codec, config, backend=frames)
+    if tts.untrained:
+        log("WARNING: " + tts.describe())
+        log("WARNING: the agent's voice is UNTRAINED noise until real Marvis/Mimi weights are in checkpoints/ "
+            "(see checkpoints/README.md, `voice-agent fetch`)")
+    else:
+        log(tts.describe())
+    if frames.quantization:
+        log(f"note: the TTS runs {frames.quantization}-bit weights (--tts.quantization none for fp32); "
+            "with untrained weights nobody can hear whether that costs quality")
+    return tts
+
+
+def _param_names(model) -> list[str]:
+    from mlx.utils import tree_flatten
+
+    return [k for k, _ in tree_flatten(model.parameters())]

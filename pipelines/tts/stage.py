@@ -1,0 +1,107 @@
+"""The TTS stage: text (+ context Segments) -> Mimi frames -> 24 kHz audio, streamed or one shot.
+
+A thin composition of the prompt builder (`prompt.py`), the frame loop on a backend (`generator.py`) and the
+Mimi codec (`codec.py`). It holds one `PrefixCache`, so consecutive calls (the sentences of a reply, the turns
+of a conversation) prefill only the rows that are new. `load.py` builds it from a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from pipelines.errors import CheckpointError
+from pipelines.messages import TTS_SAMPLE_RATE, AudioChunk, Segment, Speech, VoiceReference
+from pipelines.tts.codec import FRAME_SIZE
+from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, PrefixCache
+from pipelines.tts.prompt import FRAME_MS, Prompt, PromptBuilder, TextTokenizer, frame_cap
+
+
+class MarvisTTS:
+    sample_rate = TTS_SAMPLE_RATE
+
+    def __init__(self, checkpoint, tokenizer: TextTokenizer, codec, config: GenerationConfig | None = None,
+                 backend=None, codes_cache_size: int = 512):
+        args = checkpoint.args
+        if codec.num_codebooks != args.audio_num_codebooks:
+            raise CheckpointError(f"Mimi gives {codec.num_codebooks} codebooks but the model wants {args.audio_num_codebooks}")
+        if tokenizer.vocab_size > args.text_vocab_size:
+            raise CheckpointError(f"text tokenizer has {tokenizer.vocab_size} tokens but the model embeds {args.text_vocab_size}")
+        self.checkpoint = checkpoint
+        self.codec = codec
+        self.config = config or GenerationConfig()
+        self.samples_per_frame = FRAME_SIZE
+        self.num_codebooks = args.audio_num_codebooks
+        self.prompts = PromptBuilder(tokenizer, codec, args.audio_num_codebooks, args.max_seq_len, codes_cache_size)
+        self.frames = FrameGenerator(backend or MLXFrames(checkpoint.model))
+        self.prefix = PrefixCache()
+
+    @property
+    def untrained(self) -> bool:
+        return self.checkpoint.random_weights or self.codec.random_weights
+
+    def describe(self) -> str:
+        def label(random: bool) -> str:
+            return "UNTRAINED random weights" if random else "trained"
+
+        backend = self.frames.backend
+        precision = f"int{backend.quantization}" if backend.quantization else "fp32"
+        note = ": output is noise, not speech" if self.untrained else ""
+        return (f"Marvis TTS [model {label(self.checkpoint.random_weights)}, Mimi {label(self.codec.random_weights)}"
+                f"{note}] model={self.checkpoint.source} mimi={self.codec.source} "
+                f"backend={backend.name} precision={precision}")
+
+    def build_prompt(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
+                     voice: VoiceReference | None = None, config: GenerationConfig | None = None) -> Prompt:
+        cfg = config or self.config
+        cap = frame_cap((text or "").strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
+        return self.prompts.build(text, speaker, context, voice, cap)
+
+    def prepare_context(self, segment: Segment) -> None:
+        """Encode a segment's audio now (cached), so a later prompt that holds it pays nothing."""
+        self.prompts.segment_codes(segment)
+
+    def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
+               voice: VoiceReference | None = None, config: GenerationConfig | None = None) -> Iterator[AudioChunk]:
+        """Audio chunks as frames are produced, decoded with one Mimi streaming state per utterance."""
+        cfg = config or self.config
+        prompt = self.build_prompt(text, speaker, context, voice, cfg)
+        pending: list[np.ndarray] = []
+        first, target = 0, cfg.first_chunk_frames
+        with self.codec.stream_decoder() as decoder:
+            for codes in self.frames.frames(prompt, cfg, self.prefix):
+                pending.append(codes)
+                if len(pending) >= target:
+                    yield self._chunk(decoder, pending, first)
+                    first += len(pending)
+                    pending, target = [], cfg.chunk_frames
+            if pending:
+                yield self._chunk(decoder, pending, first)
+
+    def _chunk(self, decoder, frames: list[np.ndarray], first: int) -> AudioChunk:
+        codes = np.stack(frames, axis=1)
+        return AudioChunk(decoder.decode(codes), codes, first, self.sample_rate, self.samples_per_frame)
+
+    def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
+                 voice: VoiceReference | None = None, config: GenerationConfig | None = None) -> Speech:
+        """The whole utterance at once (one-shot Mimi decode)."""
+        cfg = config or self.config
+        prompt = self.build_prompt(text, speaker, context, voice, cfg)
+        frames = list(self.frames.frames(prompt, cfg, self.prefix))
+        if not frames:
+            return Speech(np.zeros(0, np.float32), np.zeros((self.num_codebooks, 0), np.int32), stopped_on_eos=True)
+        codes = np.stack(frames, axis=1)
+        return Speech(self.codec.decode(codes), codes, stopped_on_eos=len(frames) < prompt.max_frames)
+
+    def warmup(self) -> None:
+        """Touch every weight and Mimi's streaming path once, so the first real turn is not the slow one."""
+        cfg = dataclasses.replace(self.config, temperature=0.0, max_audio_length_ms=2 * FRAME_MS, stop_on_eos=False)
+        for _ in self.stream("Hi.", 0, config=cfg):
+            pass
+        self.prefix.clear()
+
+    def reset(self) -> None:
+        self.prompts.clear()
+        self.prefix.clear()
