@@ -64,19 +64,17 @@ def resolve_backend(config: TTSConfig) -> tuple[str, int | None]:
     backend = config.backend
     if backend == "auto":
         on_gpu = mx.default_device() == mx.gpu and platform.system() == "Darwin"
-        backend = "mlx" if on_gpu or not _has_onnxruntime() else "onnx"
+        backend = "mlx" if on_gpu or not _onnx_available() else "onnx"
     q = config.quantization
     if q == "auto":
         q = "8" if backend == "onnx" else "none"
     return backend, None if q == "none" else int(q)
 
 
-def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "pipelines.tts.ort"))
 
 
 def weights_key(path: Path) -> str:
