@@ -8,10 +8,11 @@ PY=${PYTHON:-python3}
 VENV=.venv
 say() { echo "bootstrap: $*"; }
 
-# 1. System packages: PortAudio (sounddevice), OpenBLAS (fast MLX CPU GEMM), espeak-ng + sox (test speech).
+# 1. System packages: PortAudio (sounddevice), OpenBLAS (fast MLX CPU GEMM), espeak-ng + sox (test speech),
+#    chromium + its driver (the browser test of `voice-agent serve`).
 if [ "$(uname)" = Linux ] && command -v apt-get >/dev/null 2>&1; then
   need=()
-  for pkg in libportaudio2 libopenblas0-pthread espeak-ng sox; do
+  for pkg in libportaudio2 libopenblas0-pthread espeak-ng sox chromium chromium-driver; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then

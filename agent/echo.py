@@ -1,0 +1,103 @@
+"""Acoustic echo cancellation, so the agent can be interrupted on laptop speakers.
+
+`EchoCanceller` runs WebRTC's AEC3 locally through the `livekit` package's `rtc.AudioProcessingModule`:
+what the speaker plays is the far end (`far_end`, fed as it is played, from any thread), the microphone is
+the near end (`near_end`, which returns the mic with the echo removed). AEC3 works on 10 ms frames and finds
+the echo path's delay itself; `delay_ms` is only its starting hint (PortAudio's input + output latency).
+Far-end audio is queued and handed to the module on the mic's thread, just before the mic frames it can
+echo into, so the module only ever sees one caller and render and capture stay in real-time order.
+
+`is_echo` is the second line of defence: a "barge-in" whose transcript is mostly what the agent is saying
+is the agent hearing itself, not the user.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+from difflib import SequenceMatcher
+
+import numpy as np
+
+from pipelines.audio import float_to_pcm16
+from pipelines.errors import VoiceAgentError
+
+FRAME_MS = 10  # the only frame length the audio processing module takes
+
+
+def _pcm16(audio: np.ndarray) -> np.ndarray:
+    return np.frombuffer(float_to_pcm16(np.asarray(audio, np.float32)), dtype="<i2")
+
+
+class EchoCanceller:
+    """Mic minus what the speaker played. Not thread-safe except `far_end`, which only queues."""
+
+    def __init__(self, mic_rate: int = 16_000, far_rate: int = 24_000, delay_ms: int = 0,
+                 noise_suppression: bool = False):
+        try:
+            from livekit import rtc
+        except ImportError as exc:
+            raise VoiceAgentError(f"echo cancellation needs the `livekit` package ({exc}); install it "
+                                  f"(`pip install livekit`) or set audio.echo_cancellation false") from None
+        self._rtc = rtc
+        self._apm = rtc.AudioProcessingModule(echo_cancellation=True, high_pass_filter=True,
+                                              noise_suppression=noise_suppression)
+        self.mic_rate, self.far_rate = mic_rate, far_rate
+        self.delay_ms = int(delay_ms)
+        self._near_frame = mic_rate * FRAME_MS // 1000
+        self._far_frame = far_rate * FRAME_MS // 1000
+        self._near = np.zeros(0, np.int16)  # mic samples short of a whole frame
+        self._far = np.zeros(0, np.int16)
+        self._far_queue: collections.deque[np.ndarray] = collections.deque()
+        self._far_lock = threading.Lock()
+
+    def far_end(self, audio: np.ndarray) -> None:
+        """Audio as it is played ([n] float32 at `far_rate`); safe to call from the speaker's thread."""
+        pcm = _pcm16(audio)
+        with self._far_lock:
+            self._far_queue.append(pcm)
+
+    def near_end(self, block: np.ndarray) -> np.ndarray:
+        """The mic block ([n] float32 at `mic_rate`) with the echo removed. Whole 10 ms frames go through at
+        once; a remainder waits for the next block, so blocks of a multiple of 10 ms come back the same length."""
+        self._feed_far()
+        near = np.concatenate([self._near, _pcm16(block)])
+        whole = len(near) // self._near_frame * self._near_frame
+        out = near[:whole].copy()
+        for start in range(0, whole, self._near_frame):
+            frame = self._rtc.AudioFrame(out[start:start + self._near_frame].tobytes(), self.mic_rate, 1,
+                                         self._near_frame)
+            self._apm.set_stream_delay_ms(self.delay_ms)  # AEC3 wants it before every capture frame
+            self._apm.process_stream(frame)
+            out[start:start + self._near_frame] = np.frombuffer(frame.data, dtype=np.int16)
+        self._near = near[whole:]
+        return out.astype(np.float32) / 32768.0
+
+    def _feed_far(self) -> None:
+        with self._far_lock:
+            parts, self._far_queue = list(self._far_queue), collections.deque()
+        if not parts:
+            return
+        far = np.concatenate([self._far, *parts])
+        whole = len(far) // self._far_frame * self._far_frame
+        for start in range(0, whole, self._far_frame):
+            frame = self._rtc.AudioFrame(far[start:start + self._far_frame].tobytes(), self.far_rate, 1,
+                                         self._far_frame)
+            self._apm.process_reverse_stream(frame)
+        self._far = far[whole:]
+
+
+def _letters(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower().replace("'", "")))
+
+
+def is_echo(transcript: str, agent_text: str, threshold: float = 0.8) -> bool:
+    """True when at least `threshold` of the transcript's letters lie in runs (4+ characters, in order) of what
+    the agent is saying: the mic heard the agent's own reply, an echo the canceller let through, not the user.
+    Letters rather than words, so the ASR's slips on an echo ("talking through the lap top") still match."""
+    heard, said = _letters(transcript), _letters(agent_text)
+    if not heard or not said:
+        return False
+    blocks = SequenceMatcher(None, heard, said, autojunk=False).get_matching_blocks()
+    return sum(b.size for b in blocks if b.size >= 4) / len(heard) >= threshold
