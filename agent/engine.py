@@ -9,15 +9,16 @@ context too, so the voice holds within a reply as well as across turns.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from agent.conversation import Conversation, Turn
-from agent.metrics import Waterfall, summary_line
+from agent.metrics import Waterfall, playback_stalls, summary_line
 from pipelines.llm.sentences import SentenceSplitter, clean_for_speech
 from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage
 from pipelines.tts.load import TTSConfig
@@ -44,15 +45,42 @@ class Stages:
     tts_config: TTSConfig  # sampling knobs, the agent's and the user's voices, how much context to pass
 
 
+@dataclass
+class Speculation:
+    """ASR and the LLM started at the first silence after speech, before the endpoint was sure.
+
+    `run_turn` keeps this work when the utterance it is given is the one speculated on (the user did not speak
+    again); otherwise it is dropped: nothing was played and nothing entered the history.
+    """
+
+    utterance: Utterance
+    transcript: str
+    replies: Iterator[str] | None  # the LLM stream, partly consumed
+    deltas: list[str]  # what it has produced so far
+    started_wall: float
+    marks: dict[str, float]  # stage -> wall time it completed during speculation
+    done: bool = False  # the LLM stream ended during speculation
+
+    def matches(self, utterance: Utterance) -> bool:
+        return (abs(utterance.start_s - self.utterance.start_s) < 1e-6
+                and abs(utterance.end_s - self.utterance.end_s) < 1e-6)
+
+    def drop(self) -> None:
+        if self.replies is not None:
+            self.replies.close()
+            self.replies = None
+
+
 class TurnEngine:
     def __init__(self, stages: Stages, conversation: Conversation | None = None, recorder=None,
-                 log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic):
+                 log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+                 jitter_s: float = 0.12):
         self.stages = stages
         self.conversation = conversation or Conversation()
         self.recorder = recorder
         self.log = log
         self.clock = clock
-        self.turn_seed = 0
+        self.jitter_s = jitter_s  # audio buffered before playback starts, for the stall figures
 
     def warmup(self) -> None:
         for stage in (self.stages.asr, self.stages.llm, self.stages.tts):
@@ -62,14 +90,56 @@ class TurnEngine:
         if self.recorder is not None:
             self.recorder.event(kind, **data)
 
-    def run_turn(self, utterance: Utterance, sink: AudioSink,
-                 interrupted: Callable[[], bool] = lambda: False) -> Turn | None:
-        """Answer one utterance. Returns None when the ASR heard no words (no turn is taken)."""
+    def speculate(self, utterance: Utterance, cancelled: Callable[[], bool] = lambda: False) -> Speculation:
+        """Transcribe what was said so far and run the LLM until its first sentence is ready (text only)."""
         st = self.stages
-        decided = self.clock()
-        wf = Waterfall(utterance.decided_s - utterance.end_s, decided)
+        started = self.clock()
         transcript = st.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
-        wf.mark("asr_final", self.clock())
+        spec = Speculation(utterance, transcript, None, [], started, {"asr_final": self.clock()})
+        if transcript and not cancelled():
+            spec.replies = iter(st.llm.stream(transcript))
+            splitter = SentenceSplitter()
+            for delta in spec.replies:
+                spec.marks.setdefault("llm_first_token", self.clock())
+                spec.deltas.append(delta)
+                if splitter.push(delta) or cancelled():
+                    break
+            else:
+                spec.done = True
+        self._event("speculation", start_s=utterance.start_s, end_s=utterance.end_s, transcript=transcript,
+                    ms=round((self.clock() - started) * 1000, 1))
+        return spec
+
+    def run_turn(self, utterance: Utterance, sink: AudioSink, interrupted: Callable[[], bool] = lambda: False,
+                 speculation: Speculation | None = None) -> Turn | None:
+        """Answer one utterance. Returns None when the ASR heard no words (no turn is taken).
+
+        With a matching `speculation`, its transcript and LLM output are used instead of being recomputed. The
+        waterfall then counts from when the endpoint would have been decided had the speculation run in parallel
+        with the stream (as it does live): work finished by then costs nothing, the rest shows.
+        """
+        st = self.stages
+        if speculation is not None and not speculation.matches(utterance):
+            speculation.drop()
+            self._event("speculation_dropped", start_s=speculation.utterance.start_s)
+            speculation = None
+        if speculation is not None:
+            # the endpoint came (decided_s - end_s) after the speculation started, on the stream clock
+            decided = speculation.started_wall + (utterance.decided_s - speculation.utterance.decided_s)
+            now = self.clock()
+            shift = max(0.0, decided - now)  # a fast replay got here sooner than a live stream would
+            clock = lambda: self.clock() + shift  # noqa: E731
+            self._event("speculation_kept", start_s=utterance.start_s)
+        else:
+            decided, clock = self.clock(), self.clock
+        wf = Waterfall(utterance.decided_s - utterance.end_s, decided)
+        if speculation is not None:
+            transcript = speculation.transcript
+            for stage, wall in speculation.marks.items():
+                wf.mark(stage, max(wall, decided))
+        else:
+            transcript = st.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
+            wf.mark("asr_final", clock())
         self._event("transcript", text=transcript, start_s=utterance.start_s, end_s=utterance.end_s,
                     decided_s=utterance.decided_s, reason=utterance.reason)
         if not transcript:
@@ -78,11 +148,12 @@ class TurnEngine:
         turn = self.conversation.new_turn(transcript)
         self.log(f"you   > {transcript}")
         context, turn.context_turns = self.conversation.context(st.tts_config.context_segments)
-        sink.on_first_sample = lambda wall: wf.mark("first_sample_played", wall)
+        sink.on_first_sample = lambda wall: wf.mark("first_sample_played", wall + (clock() - self.clock()))
         sink.begin_utterance()
 
         splitter = SentenceSplitter()
         spoken: list[tuple[str, np.ndarray, np.ndarray]] = []  # sentence, audio, codes
+        timeline: list[tuple[float, int]] = []  # (wall time a chunk was ready, its samples)
         cfg = dataclasses.replace(st.tts_config, seed=st.tts_config.seed + turn.index)
         agent_speaker, user_speaker = cfg.speaker, cfg.user_speaker
         stopped = False
@@ -92,27 +163,35 @@ class TurnEngine:
             text = clean_for_speech(sentence)
             if not text or stopped:
                 return
-            wf.mark("first_sentence", self.clock())
+            wf.mark("first_sentence", clock())
             own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
             audio_parts, code_parts = [], []
             for chunk in st.tts.stream(text, agent_speaker, context + own, config=cfg):
-                wf.mark("first_tts_chunk", self.clock())
+                ready = clock()
+                wf.mark("first_tts_chunk", ready)
                 if interrupted():
                     stopped = True
                     break
+                timeline.append((ready, chunk.audio.size))
                 sink.write(chunk.audio)
                 audio_parts.append(chunk.audio)
                 code_parts.append(chunk.codes)
             if audio_parts:
                 spoken.append((text, np.concatenate(audio_parts), np.concatenate(code_parts, axis=1)))
 
-        for delta in st.llm.stream(transcript):
-            wf.mark("llm_first_token", self.clock())
+        if speculation is not None:
+            deltas = itertools.chain(speculation.deltas, speculation.replies or ())
+        else:
+            deltas = st.llm.stream(transcript)
+        for delta in deltas:
+            wf.mark("llm_first_token", clock())
             for sentence in splitter.push(delta):
                 speak(sentence)
             if stopped or interrupted():
                 stopped = True
                 break
+        if speculation is not None:
+            speculation.drop()
         if not stopped:
             for sentence in splitter.flush():
                 speak(sentence)
@@ -130,10 +209,13 @@ class TurnEngine:
                                  st.tts.sample_rate, codes=np.concatenate([c for _, _, c in spoken], axis=1))
         st.llm.commit(transcript, turn.reply)
         turn.waterfall = wf.offsets()
+        if timeline and not turn.interrupted:
+            turn.waterfall.update(playback_stalls(timeline, st.tts.sample_rate, self.jitter_s))
         self.conversation.append(turn)
         self._finish(turn)
-        # encode the user's audio now, while the reply plays, not inside the next turn's latency
-        st.tts.prepare_context(turn.user)
+        # get the next turn's context ready now (Mimi-encode the user's audio, prefill the new rows), while
+        # the reply plays and the user thinks, instead of inside the next turn's latency
+        st.tts.prepare_context(self.conversation.context(st.tts_config.context_segments)[0])
         return turn
 
     def _finish(self, turn: Turn) -> None:

@@ -44,14 +44,43 @@ class Waterfall:
         return out
 
 
+def playback_stalls(timeline: list[tuple[float, int]], sample_rate: int, jitter_s: float) -> dict[str, float]:
+    """What a listener hears after the first sample: silence inserted because the next audio was not ready.
+
+    `timeline` is (wall time a chunk was ready, its samples) in order. Playback starts once `jitter_s` of audio
+    is buffered (or when the last chunk is ready) and runs in real time; a chunk that is not ready when the
+    audio before it has played out stalls the speaker for the difference.
+    """
+    buffered, start = 0.0, timeline[-1][0]
+    for ready, samples in timeline:
+        buffered += samples / sample_rate
+        if buffered >= jitter_s:
+            start = ready
+            break
+    position, stall, stalls = start, 0.0, 0
+    for ready, samples in timeline:
+        if ready > position:
+            stall += ready - position
+            stalls += 1
+            position = ready
+        position += samples / sample_rate
+    return {"stall_ms": round(stall * 1000.0, 1), "stalls": stalls}
+
+
 def summary_line(turn_index: int, offsets: dict[str, float]) -> str:
     parts = [f"{LABELS[s]} {offsets[s]:.0f}" for s in STAGES if s in offsets]
-    return f"turn {turn_index}: " + " | ".join(parts) + " ms after end of speech"
+    line = f"turn {turn_index}: " + " | ".join(parts) + " ms after end of speech"
+    if "stall_ms" in offsets:
+        line += f"; then {offsets['stall_ms']:.0f} ms of stalls ({offsets['stalls']:.0f})"
+    return line
+
+
+EXTRA = ["stall_ms"]  # per-turn figures summarised beside the stages, not drawn as one
 
 
 def session_summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for stage in STAGES:
+    for stage in STAGES + EXTRA:
         values = [r[stage] for r in rows if stage in r]
         if values:
             out[stage] = {
@@ -64,7 +93,7 @@ def session_summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]
 
 def summary_table(summary: dict[str, dict[str, float]]) -> str:
     lines = [f"{'stage':<22}{'p50 ms':>10}{'p90 ms':>10}{'turns':>7}"]
-    for stage in STAGES:
+    for stage in STAGES + EXTRA:
         if stage in summary:
             s = summary[stage]
             lines.append(f"{stage:<22}{s['p50']:>10.0f}{s['p90']:>10.0f}{s['n']:>7}")
@@ -91,6 +120,9 @@ def draw_timeline(rows: list[dict[str, float]], path: Path, title: str = "") -> 
             ax.barh(y, end - start, left=start, color=colour, edgecolor="white",
                     label=LABELS[stage] if y == 0 else None)
             start = end
+        if row.get("stall_ms"):  # silences after the first sample, summed, drawn after it
+            ax.barh(y, row["stall_ms"], left=start, color="none", edgecolor="tab:red", hatch="//",
+                    label="stalls after 1st sample" if not any(r.get("stall_ms") for r in rows[:y]) else None)
     ax.set_yticks(range(len(rows)), [f"turn {i}" for i in range(len(rows))])
     ax.invert_yaxis()
     ax.set_xlabel("ms after end of user speech")

@@ -131,3 +131,79 @@ def test_memory_stays_flat_over_many_turns(make_engine):
     assert with_audio == list(range(n - 4, n))
     assert sink.audio().size == 0 and sink.played_samples > 0
     assert len(engine.stages.tts.prompts._codes_cache) <= engine.stages.tts.prompts.codes_cache_size
+
+
+def paused(utt: Utterance) -> Utterance:
+    """The same utterance as the VAD reports it at the first silent frame: decided at the end of speech."""
+    import dataclasses
+
+    return dataclasses.replace(utt, decided_s=utt.end_s, reason="pause")
+
+
+def test_speculation_is_kept_when_the_endpoint_confirms(make_engine):
+    engine, log = make_engine(["hello there"], ["Hi. How are you?"])
+    utt = utterance()
+    spec = engine.speculate(paused(utt))
+    assert spec.transcript == "hello there" and spec.deltas  # ASR and the LLM ran before the endpoint
+    assert not any(e[0] == "tts" for e in log)  # nothing spoken yet
+    turn = engine.run_turn(utt, ReplaySink(), speculation=spec)
+    assert turn.transcript == "hello there" and turn.reply == "Hi. How are you?"
+    assert engine.stages.asr.texts == []  # the ASR ran once, not again at the endpoint
+    # the LLM was not restarted: its words were produced once each
+    assert [e[1] for e in log if e[0] == "llm"] == ["Hi.", "How", "are", "you?"]
+    assert turn.waterfall["asr_final"] == pytest.approx(turn.waterfall["endpoint"], abs=1.0)
+
+
+def test_speculation_is_dropped_when_the_user_goes_on(make_engine):
+    engine, log = make_engine(["hello", "hello there my friend"], ["Unused.", "Hi friend."])
+    first = utterance(0.5)
+    spec = engine.speculate(paused(first))
+    longer = utterance(1.5, seed=3)  # the user spoke again: a different utterance ends the turn
+    turn = engine.run_turn(longer, ReplaySink(), speculation=spec)
+    assert spec.replies is None  # the speculative LLM stream was closed
+    assert turn.transcript == "hello there my friend" and turn.reply == "Hi friend."
+    assert engine.stages.llm.history == [("hello there my friend", "Hi friend.")]  # nothing else entered it
+    assert [t.transcript for t in engine.conversation.turns] == ["hello there my friend"]
+
+
+def test_next_context_is_prefilled_after_each_turn(make_engine):
+    engine, log = make_engine(["hello there", "how are you"], ["Hi.", "Fine."])
+    sink = ReplaySink()
+    engine.run_turn(utterance(), sink)
+    tts = engine.stages.tts
+    held = tts.prefix.rows
+    context, _ = engine.conversation.context(engine.stages.tts_config.context_segments)
+    tokens, mask = tts.prompts.context_rows(context)
+    assert held is not None and len(held) == len(tokens)  # the next turn's context is in the cache already
+    engine.run_turn(utterance(seed=1), sink)
+    # the first sentence of turn 2 ran only its own text rows through the backbone
+    first_sentence_rows = len(tts.prompts.tokenizer.encode("[0]Fine."))
+    assert tts.frames.last_prefill_rows <= first_sentence_rows + 2
+
+
+def test_context_window_is_append_only_and_trimmed_in_steps():
+    from agent.conversation import Turn
+    from pipelines.messages import Segment
+
+    conv = Conversation()
+    starts = []
+    for i in range(8):
+        conv.append(Turn(i, f"t{i}", user=Segment(1, f"u{i}"), agent=Segment(0, f"a{i}")))
+        segments, turns = conv.context(6)
+        starts.append(turns[0])
+        assert len(segments) <= 6
+    # grows to 3 turns (6 segments); the 4th turn makes 8, so the window drops to at most half (the newest
+    # turn) and grows again from there: the start moves rarely, in steps
+    assert starts == [0, 0, 0, 3, 3, 3, 6, 6]
+
+
+def test_stalls_are_measured_against_real_time_playback():
+    from agent.metrics import playback_stalls
+
+    rate = 1000
+    # 0.2 s chunks, ready every 0.3 s: after a 0.2 s jitter buffer each later chunk is 0.1 s late
+    timeline = [(0.3 * i, 200) for i in range(4)]
+    got = playback_stalls(timeline, rate, jitter_s=0.2)
+    assert got["stalls"] == 3 and got["stall_ms"] == pytest.approx(300, abs=1)
+    # audio ready faster than real time plays without a gap
+    assert playback_stalls([(0.1 * i, 200) for i in range(4)], rate, 0.2) == {"stall_ms": 0.0, "stalls": 0}

@@ -258,3 +258,20 @@ def test_prefix_cache_trims_to_the_shared_rows(tiny_tts):
     assert shared == 6 and got is cache and cache.offset == 6
     prefix.keep(other[:6], got)
     assert prefix.take(other[:6], backend)[1] == 5  # at least one row is always left to run
+
+
+def test_prefilled_context_gives_the_same_frames(tiny_args, tiny_tokenizer, mimi):
+    """prepare_context runs the context rows ahead of time; the generation then runs only its own text rows
+    and produces exactly the frames a cold start gives."""
+    cfg = GenerationConfig(temperature=0.0, max_audio_length_ms=400, stop_on_eos=False)
+    ctx = [Segment(1, "how are you", noise(0.6)), Segment(0, "i am fine", noise(0.4, seed=1))]
+    cold = MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)
+    warm = MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)
+    expected = cold.generate("thanks", 0, ctx, config=cfg).codes
+    n_context = len(warm.prompts.context_rows(ctx)[0])
+    assert warm.prepare_context(ctx) == n_context
+    assert warm.prepare_context(ctx) == 0  # already held: nothing runs again
+    got = warm.generate("thanks", 0, ctx, config=cfg).codes
+    np.testing.assert_array_equal(got, expected)
+    assert warm.frames.last_prefill_rows == len(warm.prompts.tokenizer.encode("[0]thanks"))
+    assert cold.frames.last_prefill_rows == n_context + warm.frames.last_prefill_rows

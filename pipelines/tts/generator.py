@@ -121,6 +121,12 @@ class MLXFrames:
             return None
         return [mx.random.key(cfg.seed if cfg.seed is not None else secrets.randbits(31))]
 
+    def prefill(self, tokens: np.ndarray, mask: np.ndarray, cache: _MLXCache) -> None:
+        """Run rows [T, K+1] through the backbone into the cache, sampling nothing."""
+        import mlx.core as mx
+
+        mx.eval(self.model.backbone_hidden(mx.array(tokens)[None], mx.array(mask)[None], cache.layers))
+
     def frame(self, tokens: np.ndarray, mask: np.ndarray, cache: _MLXCache, cfg: GenerationConfig, rng) -> np.ndarray:
         """Rows [T, K+1] in, one frame of codes [K] out."""
         import mlx.core as mx
@@ -164,6 +170,9 @@ class OrtFrames:
             return None
         return np.random.default_rng(cfg.seed if cfg.seed is not None else secrets.randbits(31))
 
+    def prefill(self, tokens: np.ndarray, mask: np.ndarray, cache) -> None:
+        self.ort.backbone(tokens, mask, cache)
+
     def frame(self, tokens, mask, cache, cfg: GenerationConfig, rng) -> np.ndarray:
         return self.ort.frame(tokens, mask, cache, lambda logits, _k: sample_numpy(logits, cfg.temperature, cfg.top_k, rng))
 
@@ -173,20 +182,20 @@ class OrtFrames:
 class PrefixCache:
     """The backbone cache of the previous generation and the rows it holds, for the next one to start from.
 
-    `take` trims it to the rows a new prompt shares with it (at least one prompt row is always left to run:
-    its hidden state starts the first frame); `keep` stores the cache a generation ends with.
+    `take` trims it to the rows a new prompt shares with it (a generation always leaves at least one prompt
+    row to run: its hidden state starts the first frame); `keep` stores the cache a generation ends with.
     """
 
     def __init__(self):
         self.rows: np.ndarray | None = None  # [N, 2(K+1)] int32: tokens | mask of every row the cache holds
         self.cache = None
 
-    def take(self, rows: np.ndarray, backend) -> tuple[object, int]:
+    def take(self, rows: np.ndarray, backend, leave: int = 1) -> tuple[object, int]:
         previous, cache = self.rows, self.cache
         self.rows = self.cache = None
         if previous is None:
             return backend.make_cache(), 0
-        n = min(len(previous), len(rows) - 1)
+        n = min(len(previous), len(rows) - leave)
         same = (previous[:n] == rows[:n]).all(axis=1)
         shared = n if same.all() else int(np.argmin(same))
         if shared == 0:
@@ -209,6 +218,16 @@ class FrameGenerator:
         self.backend = backend
         self.num_codebooks = backend.num_codebooks
         self.last_prefill_rows = 0  # prompt rows the backbone ran in the last generation (the rest were reused)
+
+    def prefill(self, tokens: np.ndarray, mask: np.ndarray, prefix: PrefixCache) -> int:
+        """Run context rows [T, K+1] into `prefix` ahead of time (only those it does not hold yet), so the next
+        generation whose prompt starts with them runs just its own rows. Returns the rows run."""
+        rows = np.concatenate([tokens, mask], axis=1).astype(np.int32)
+        cache, start = prefix.take(rows, self.backend, leave=0)
+        if start < len(rows):
+            self.backend.prefill(tokens[start:], mask[start:], cache)
+        prefix.keep(rows, cache)
+        return len(rows) - start
 
     def frames(self, prompt: Prompt, cfg: GenerationConfig, prefix: PrefixCache | None = None) -> Iterator[np.ndarray]:
         """Yield frames of codes [K] until EOS or `prompt.max_frames`."""

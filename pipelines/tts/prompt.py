@@ -136,6 +136,14 @@ class PromptBuilder:
         a_tokens, a_mask = self.audio_rows(codes)
         return np.concatenate([tokens, a_tokens]), np.concatenate([mask, a_mask])
 
+    def context_rows(self, context: Sequence[Segment]) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of context segments alone, as a prompt holding them starts."""
+        K = self.num_codebooks
+        rows = [self.segment_rows(s) for s in context]
+        if not rows:
+            return np.zeros((0, K + 1), np.int32), np.zeros((0, K + 1), bool)
+        return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
     def build(self, text: str, speaker: int, context: Sequence[Segment], voice: VoiceReference | None,
               max_frames: int) -> Prompt:
         """The prompt for `text`; `max_frames` is the caller's frame cap, cut further to fit the window."""

@@ -59,9 +59,13 @@ class MarvisTTS:
         cap = frame_cap((text or "").strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
         return self.prompts.build(text, speaker, context, voice, cap)
 
-    def prepare_context(self, segment: Segment) -> None:
-        """Encode a segment's audio now (cached), so a later prompt that holds it pays nothing."""
-        self.prompts.segment_codes(segment)
+    def prepare_context(self, context: Sequence[Segment]) -> int:
+        """Get ready for a next call whose context is `context`: encode its audio (cached) and run its rows
+        through the backbone now, so that call prefills only its own text. Returns the rows run."""
+        tokens, mask = self.prompts.context_rows(context)
+        if len(tokens) + 1 >= self.prompts.max_seq_len:
+            return 0  # the window will trim this context: nothing here can be reused
+        return self.frames.prefill(tokens, mask, self.prefix)
 
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
                voice: VoiceReference | None = None, config: GenerationConfig | None = None) -> Iterator[AudioChunk]:
