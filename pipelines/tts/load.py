@@ -37,7 +37,7 @@ class TTSConfig(GenerationConfig):
     seed: int = 0
     speaker: int = 0  # the agent's voice
     user_speaker: int = 1
-    context_segments: int = 4  # recent conversation segments the agent passes as context
+    context_segments: int = 6  # most conversation segments the agent passes as context (window: agent/conversation.py)
 
     def __post_init__(self):
         super().__post_init__()
