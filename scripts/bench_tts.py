@@ -1,19 +1,21 @@
-"""Marvis-250M TTS speed and memory: ours (MLX) vs mlx-audio's SesameModel vs transformers' CSM.
+"""Marvis-250M TTS speed and memory: ours (MLX and ONNX Runtime, by precision) vs mlx-audio vs transformers.
 
 What is notable here:
 - All implementations run the same seeded random weights of the real shape (ours, copied into mlx-audio
   by name, exported to transformers' names with q/k permuted to rotate-half), so the figures measure
-  speed, not speech. A few greedy frames per implementation cross-check that they compute the same thing.
-- Each implementation runs in its own subprocess, so `ru_maxrss` is that implementation's peak alone.
+  speed, not speech. Greedy frames per implementation cross-check that they compute the same thing; the
+  quantised variants cannot be identical, so the cross-check says how far they agree.
+- Ours is composed from the parts `load_tts` uses (a backend, `FrameGenerator`, the Mimi stream decoder), not
+  a patched stage. Each implementation runs in its own process, so `ru_maxrss` is its peak alone.
+- Two prompts: 20 text tokens, and the same after two context segments (~300 rows), the agent's usual case.
 - MLX's Linux wheel ships a slow reference BLAS; when Debian's OpenBLAS is installed the MLX workers are
-  started with it in LD_PRELOAD (the transformers worker keeps torch's own BLAS).
+  started with it in LD_PRELOAD (the transformers worker keeps torch's own BLAS; ONNX Runtime has its own).
 - Timings are warm (one short generation first, as the agent's `warmup()` does); seconds/frame is the mean
-  of frames 2..N, the first frame (prompt prefill + one frame) is reported on its own. Our prompt-prefix
-  cache reuse is off, so every run prefills its 20 rows as the peers do.
+  of frames 2..N, the first frame (prompt prefill + one frame) is reported on its own.
 - Other work on the machine moves the figures: the load average is printed before and after.
 
     python scripts/bench_tts.py --frames 50 --json bench.json
-    python scripts/bench_tts.py --frames 8 --impl ours --dtype fp32 --quant 8,4
+    python scripts/bench_tts.py --frames 8 --impl ours --ours onnx-q8,onnx-q4 --prompt context
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 PRESET = "marvis-250m"
 FRAME_RATE = 12.5  # Mimi frames per second of audio
 PROMPT_TOKENS = 20
+CONTEXT_FRAMES = 140  # per context segment
 TOP_K, TEMPERATURE = 50, 0.9
 IMPLS = ("ours", "mlx-audio", "transformers")
 
@@ -44,16 +47,37 @@ IMPLS = ("ours", "mlx-audio", "transformers")
 # ---- shared by the workers -------------------------------------------------------------------------------
 
 
-def prompt_rows(text_vocab: int, num_codebooks: int = 32):
-    """A 20-token text-only prompt, the same for every implementation: tokens, mask [T, K+1]."""
+def prompt_rows(text_vocab: int, num_codebooks: int = 32, context: bool = False):
+    """The prompt every implementation gets: tokens, mask [T, K+1], and how many rows are context.
+
+    plain: 20 text tokens. context: two context segments first (10 text rows, 140 audio frames and the
+    all-zero EOS frame each, ~11 s of speech: ~300 rows in all), then the same 20 text tokens.
+    """
     import numpy as np
 
     rng = np.random.default_rng(0)
-    tokens = np.zeros((PROMPT_TOKENS, num_codebooks + 1), np.int32)
-    tokens[:, -1] = rng.integers(3, text_vocab, PROMPT_TOKENS)
-    mask = np.zeros_like(tokens, dtype=bool)
-    mask[:, -1] = True
-    return tokens, mask
+    K = num_codebooks
+    parts = []
+
+    def text(n):
+        t = np.zeros((n, K + 1), np.int32)
+        t[:, -1] = rng.integers(3, text_vocab, n)
+        m = np.zeros_like(t, dtype=bool)
+        m[:, -1] = True
+        parts.append((t, m))
+
+    def audio(n):
+        t = np.zeros((n + 1, K + 1), np.int32)
+        t[:n, :K] = rng.integers(0, 2048, (n, K))
+        m = np.zeros_like(t, dtype=bool)
+        m[:, :K] = True
+        parts.append((t, m))
+
+    if context:
+        text(10), audio(CONTEXT_FRAMES), text(10), audio(CONTEXT_FRAMES)
+    n_context = sum(len(t) for t, _ in parts)
+    text(PROMPT_TOKENS)
+    return np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts]), n_context
 
 
 def peak_rss_mb() -> float:
@@ -109,82 +133,78 @@ def run_result(load_s: float, greedy: list, codes: list, stamps: list[float], **
 
 
 def load_ours(opts):
-    """Our seeded random model (the weights every implementation shares), maybe cast or quantised."""
+    """Our seeded random model (the weights every implementation shares), maybe cast to bf16."""
     import mlx.core as mx
-    import mlx.nn as nn
 
     from pipelines.tts.weights import random_model
 
-    ck = random_model(PRESET, seed=opts.seed, dtype=mx.bfloat16 if opts.dtype == "bf16" else None)
-    if opts.quant:
-        nn.quantize(ck.model, group_size=64, bits=opts.quant,
-                    class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding)))
-        mx.eval(ck.model.parameters())
-        mx.clear_cache()  # hand the fp32 originals back to the OS
-    return ck
+    return random_model(PRESET, seed=opts.seed, dtype=mx.bfloat16 if opts.dtype == "bf16" else None)
+
+
+def our_backend(opts, ck):
+    """The frame loop's backend exactly as `load_tts` builds it: MLX, or ONNX Runtime at a precision."""
+    from pipelines.tts.generator import MLXFrames, OrtFrames
+
+    if opts.backend == "mlx":
+        return MLXFrames(ck.model)
+    from pipelines.tts.ort import OrtFrameModel
+
+    cache = ROOT / "checkpoints" / ".ort" / f"bench-{PRESET}-seed{opts.seed}-{'fp32' if not opts.quant else f'q{opts.quant}'}"
+    return OrtFrames(OrtFrameModel(ck.model, quantization=opts.quant or None, cache_dir=cache, progress=True))
 
 
 # ---- workers: one implementation each, in its own process -------------------------------------------------
 
 
 def worker_ours(opts) -> dict:
-    from pipelines.tts.codec import MimiCodec, StreamDecoder
-    from pipelines.tts.generator import FRAME_MS, GenerationConfig, MarvisTTS, Prompt
+    import numpy as np
 
-    class FixedPromptTTS(MarvisTTS):
-        """Our TTS stage with the benchmark's prompt in place of tokenised text."""
-
-        def build_prompt(self, text, speaker, context=(), voice=None, config=None):
-            cfg = config or self.config
-            return Prompt(tokens, mask, 0, int(cfg.max_audio_length_ms // FRAME_MS))
-
-    class NoTokenizer:
-        vocab_size = 0
-
-    class NoCodecYet:  # Mimi is loaded after the frame loop, so the loop's peak RSS excludes it
-        num_codebooks = 32
+    from pipelines.tts.codec import MimiCodec
+    from pipelines.tts.generator import FrameGenerator, GenerationConfig, PrefixCache
+    from pipelines.tts.prompt import Prompt
 
     t0 = time.perf_counter()
     ck = load_ours(opts)
-    tokens, mask = prompt_rows(ck.args.text_vocab_size, ck.args.audio_num_codebooks)
-    tts = FixedPromptTTS(ck, NoTokenizer(), NoCodecYet())
-    tts.reuse_prefix = False  # every run repeats the prompt: prefill it each time, as the peers do
+    frames_gen = FrameGenerator(our_backend(opts, ck))
     load_s = time.perf_counter() - t0
+    tokens, mask, n_context = prompt_rows(ck.args.text_vocab_size, ck.args.audio_num_codebooks, opts.context)
     reset_peak_rss()
 
-    def cfg(frames, greedy=False, **kw):
+    def cfg(greedy=False):
         return GenerationConfig(temperature=0.0 if greedy else TEMPERATURE, top_k=TOP_K, seed=opts.seed,
-                                max_audio_length_ms=frames * FRAME_MS, stop_on_eos=False, **kw)
+                                stop_on_eos=False)
 
-    def frames(n, greedy=False):
-        return tts.generate_codes(tts.build_prompt("", 0, config=cfg(n)), cfg(n, greedy))
+    def frames(n, greedy=False, prefix=None, rows=slice(None)):
+        # no prefix cache: every run prefills its whole prompt, as the peers do
+        return frames_gen.frames(Prompt(tokens[rows], mask[rows], 0, n), cfg(greedy), prefix)
 
     greedy, _ = timed_frames(frames(opts.greedy_frames, greedy=True))
     timed_frames(frames(2))  # warm-up
     codes, stamps = timed_frames(frames(opts.frames))
-    result = run_result(load_s, greedy, codes, stamps)
+    result = run_result(load_s, greedy, codes, stamps, backend=frames_gen.backend.name)
 
-    tts.codec = MimiCodec(seed=0)  # moshi's Mimi, random weights
-    decode_s = []
-    plain_decode = StreamDecoder.decode
+    # first audio chunk as the agent gets it: 2 frames decoded by a warm Mimi in its streaming state
+    codec = MimiCodec(seed=0)  # moshi's Mimi, random weights
+    with codec.stream_decoder() as warm:
+        warm.decode(np.zeros((ck.args.audio_num_codebooks, 2), np.int32))
 
-    def timed_decode(self, codes):  # how much of the first chunk is Mimi's
+    def first_chunk(prefix=None):
         start = time.perf_counter()
-        audio = plain_decode(self, codes)
-        decode_s.append(time.perf_counter() - start)
-        return audio
+        with codec.stream_decoder() as decoder:
+            chunk = np.stack(list(frames(2, prefix=prefix)), axis=1)
+            before_mimi = time.perf_counter()
+            decoder.decode(chunk)
+        end = time.perf_counter()
+        return end - start, end - before_mimi
 
-    StreamDecoder.decode = timed_decode
-    stream_cfg = cfg(4, first_chunk_frames=2, chunk_frames=8)
-    for _ in tts.stream("", config=cfg(2, first_chunk_frames=2)):  # warm-up, as MarvisTTS.warmup does
-        pass
-    start = time.perf_counter()
-    chunks = tts.stream("", config=stream_cfg)
-    first = next(chunks)
-    result["first_chunk_s"] = time.perf_counter() - start
-    result["first_chunk_frames"] = first.num_frames
-    result["first_chunk_decode_s"] = decode_s[-1]
-    chunks.close()
+    result["first_chunk_s"], result["first_chunk_decode_s"] = first_chunk()
+    if n_context:
+        # the agent prefills the context ahead of time (after the previous turn): only the 20 text rows remain
+        prefix = PrefixCache()
+        start = time.perf_counter()
+        frames_gen.prefill(tokens[:n_context], mask[:n_context], prefix)
+        result["prefill_context_s"] = time.perf_counter() - start
+        result["first_chunk_prefilled_s"], _ = first_chunk(prefix)
     result["peak_rss_with_mimi_mb"] = peak_rss_mb()
     return result
 
@@ -226,7 +246,7 @@ def worker_mlx_audio(opts) -> dict:
     load_s = time.perf_counter() - t0
     reset_peak_rss()
 
-    tokens, mask = prompt_rows(args.text_vocab_size, args.audio_num_codebooks)
+    tokens, mask, _ = prompt_rows(args.text_vocab_size, args.audio_num_codebooks, opts.context)
     frame_mask = mx.array(np.r_[np.ones(args.audio_num_codebooks, bool), False])[None, None]
 
     def frames(n, sampler):  # the loop of mlx-audio's Model.generate, without its EOS check
@@ -324,7 +344,7 @@ def worker_transformers(opts) -> dict:
     model = CsmForConditionalGeneration.from_pretrained(opts.export, dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
     reset_peak_rss()
-    tokens, mask = prompt_rows(args.text_vocab_size, K)
+    tokens, mask, _ = prompt_rows(args.text_vocab_size, K, opts.context)
 
     def sample(logits: torch.Tensor, gen: torch.Generator | None) -> int:
         if gen is None:
@@ -385,12 +405,16 @@ def worker_env(impl: str, use_openblas: bool) -> tuple[dict, str]:
     return env, env["LD_PRELOAD"] or "-"
 
 
-def run_worker(impl: str, dtype: str, quant: int, opts, export: str) -> dict:
+def run_worker(impl: str, variant: str, context: bool, opts, export: str) -> dict:
+    """One implementation in its own process; `variant` is ours' backend-precision or the peer's dtype."""
+    backend, _, precision = variant.rpartition("-")
+    dtype = "bf16" if precision == "bf16" else "fp32"
+    quant = int(precision[1:]) if precision.startswith("q") else 0
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = f.name
-    cmd = [sys.executable, __file__, "--worker", impl, "--dtype", dtype, "--quant-bits", str(quant),
-           "--frames", str(opts.frames), "--greedy-frames", str(opts.greedy_frames), "--seed", str(opts.seed),
-           "--export", export, "--result", result_file]
+    cmd = [sys.executable, __file__, "--worker", impl, "--backend", backend or "mlx", "--dtype", dtype,
+           "--quant-bits", str(quant), "--frames", str(opts.frames), "--greedy-frames", str(opts.greedy_frames),
+           "--seed", str(opts.seed), "--export", export, "--result", result_file] + (["--context"] if context else [])
     env, preload = worker_env(impl, not opts.no_openblas)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -407,7 +431,7 @@ def run_worker(impl: str, dtype: str, quant: int, opts, export: str) -> dict:
 
 
 def versions() -> str:
-    names = ["mlx", "mlx-lm", "mlx-audio", "torch", "transformers", "moshi", "numpy"]
+    names = ["mlx", "mlx-lm", "mlx-audio", "onnxruntime", "torch", "transformers", "moshi", "numpy"]
     out = []
     for n in names:
         try:
@@ -426,13 +450,13 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, nproc {os.cpu_count()}, {mem} GiB RAM, load avg {load}"
 
 
-def row_label(impl: str, dtype: str, quant: int) -> str:
-    return f"{impl} {'q%d' % quant if quant else dtype}"
+def row_label(impl: str, variant: str) -> str:
+    return f"{impl} {variant}"
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["implementation", "s/frame", "median", "frames/s", "RTF", "1st frame s", "1st chunk s (Mimi s)", "peak MB",
-            "gen peak MB", "+Mimi MB", "load s", "BLAS"]
+    head = ["implementation", "prompt", "s/frame", "median", "RTF", "1st frame s", "1st chunk s (Mimi s)",
+            "prefilled 1st chunk s", "peak MB", "load s", "BLAS"]
     lines = [head]
     for r in rows:
         res = r["result"]
@@ -440,12 +464,16 @@ def print_table(rows: list[dict]) -> None:
             lines.append([r["label"], "failed: " + res["error"]])
             continue
         chunk = f"{res['first_chunk_s']:.3f} ({res['first_chunk_decode_s']:.3f})" if "first_chunk_s" in res else "-"
-        gen = f"{res['gen_peak_mb']:.0f}" if res.get("gen_peak_mb") else "-"
-        mimi = f"{res['peak_rss_with_mimi_mb']:.0f}" if "peak_rss_with_mimi_mb" in res else "-"
-        blas = "torch" if r["impl"] == "transformers" else ("OpenBLAS" if res.get("openblas_loaded") else "MLX's own")
-        lines.append([r["label"], f"{res['s_per_frame']:.3f}", f"{res['median_s_per_frame']:.3f}",
-                      f"{res['frames_per_s']:.2f}", f"{res['rtf']:.2f}",
-                      f"{res['first_frame_s']:.3f}", chunk, f"{res['peak_rss_mb']:.0f}", gen, mimi,
+        warm = (f"{res['first_chunk_prefilled_s']:.3f} (+{res['prefill_context_s']:.2f} ahead)"
+                if "first_chunk_prefilled_s" in res else "-")
+        if r["impl"] == "transformers":
+            blas = "torch"
+        elif res.get("backend") == "onnx":
+            blas = "ONNX Runtime"
+        else:
+            blas = "OpenBLAS" if res.get("openblas_loaded") else "MLX's own"
+        lines.append([r["label"], r["prompt"], f"{res['s_per_frame']:.3f}", f"{res['median_s_per_frame']:.3f}",
+                      f"{res['rtf']:.2f}", f"{res['first_frame_s']:.3f}", chunk, warm, f"{res['peak_rss_mb']:.0f}",
                       f"{res['load_s']:.1f}", blas])
     widths = [max(len(line[i]) for line in lines if len(line) == len(head)) for i in range(len(head))]
     for i, line in enumerate(lines):
@@ -457,18 +485,27 @@ def print_table(rows: list[dict]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
+OUR_VARIANTS = ("mlx-fp32", "mlx-bf16", "onnx-fp32", "onnx-q8", "onnx-q4")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=50, help="frames to time per implementation (default 50)")
     ap.add_argument("--impl", default=",".join(IMPLS), help="comma list of: " + ", ".join(IMPLS))
-    ap.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32, bf16 (transformers runs fp32 only)")
-    ap.add_argument("--quant", default="", help="comma list of bits (8, 4): also time ours MLX-quantised (group 64)")
-    ap.add_argument("--greedy-frames", type=int, default=3, help="greedy frames for the cross-check (default 3)")
+    ap.add_argument("--ours", default="mlx-fp32,onnx-fp32,onnx-q8,onnx-q4",
+                    help="comma list of our backend-precision variants: " + ", ".join(OUR_VARIANTS))
+    ap.add_argument("--peer-dtype", default="fp32", help="comma list of fp32, bf16 for mlx-audio (transformers: fp32)")
+    ap.add_argument("--prompt", default="plain,context", help="comma list of: plain (20 text tokens), context "
+                    f"(+ two context segments, {2 * (CONTEXT_FRAMES + 11)} rows)")
+    ap.add_argument("--greedy-frames", type=int, default=50, help="greedy frames for the cross-check (default 50)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-openblas", action="store_true", help="run MLX with its bundled BLAS")
     ap.add_argument("--json", help="write all figures (and per-frame times) to this file")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="mlx", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--quant-bits", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--context", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--export", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     opts = ap.parse_args()
@@ -476,24 +513,25 @@ def main() -> None:
         opts.quant = opts.quant_bits
         return worker_main(opts)
 
-    impls = [i.strip() for i in opts.impl.split(",") if i.strip()]
-    dtypes = [d.strip() for d in opts.dtype.split(",") if d.strip()]
-    quants = [int(q) for q in opts.quant.split(",") if q.strip()]
-    for i in impls:
-        if i not in IMPLS:
-            ap.error(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
-    for d in dtypes:
-        if d not in ("fp32", "bf16"):
-            ap.error(f"unknown dtype {d!r}; choose fp32 or bf16")
+    def items(text, allowed, what):
+        out = [x.strip() for x in text.split(",") if x.strip()]
+        for x in out:
+            if x not in allowed:
+                ap.error(f"unknown {what} {x!r}; choose from {', '.join(allowed)}")
+        return out
+
+    impls = items(opts.impl, IMPLS, "implementation")
+    ours = items(opts.ours, OUR_VARIANTS, "variant")
+    peer_dtypes = items(opts.peer_dtype, ("fp32", "bf16"), "dtype")
+    prompts = items(opts.prompt, ("plain", "context"), "prompt")
     if opts.frames < 2:
         ap.error("--frames must be at least 2 (the first frame is reported on its own)")
 
     plan = []
-    for impl in impls:
-        for dtype in (["fp32"] if impl == "transformers" else dtypes):
-            plan.append((impl, dtype, 0))
-        if impl == "ours":
-            plan += [("ours", "fp32", q) for q in quants]
+    for prompt in prompts:
+        for impl in impls:
+            variants = ours if impl == "ours" else (["fp32"] if impl == "transformers" else peer_dtypes)
+            plan += [(impl, v, prompt) for v in variants]
 
     has_openblas = os.path.exists(OPENBLAS)
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
@@ -507,7 +545,7 @@ def main() -> None:
     else:
         print(f"MLX workers: {OPENBLAS} not installed, MLX's bundled BLAS")
     print(f"OPENBLAS_NUM_THREADS: {os.environ.get('OPENBLAS_NUM_THREADS', '-')}; transformers: torch, 2 threads")
-    print(f"workload: {PRESET} shape, RANDOM weights (seed {opts.seed}), {PROMPT_TOKENS}-token prompt, "
+    print(f"workload: {PRESET} shape, RANDOM weights (seed {opts.seed}), prompts {', '.join(prompts)}, "
           f"{opts.frames} frames, top-k {TOP_K} / temp {TEMPERATURE}, EOS off; each implementation in its own process")
     print(flush=True)
 
@@ -516,61 +554,60 @@ def main() -> None:
     try:
         if "transformers" in impls:
             print("exporting the random weights to transformers' CSM format ...", file=sys.stderr, flush=True)
-            res = run_worker("export-transformers", "fp32", 0, opts, export)
+            res = run_worker("export-transformers", "fp32", False, opts, export)
             if "error" in res:
                 print(f"export failed: {res['error']}", file=sys.stderr)
-        for impl, dtype, quant in plan:
-            label = row_label(impl, dtype, quant)
-            print(f"running {label} ...", file=sys.stderr, flush=True)
-            rows.append({"impl": impl, "dtype": dtype, "quant": quant, "label": label,
-                         "result": run_worker(impl, dtype, quant, opts, export)})
+        for impl, variant, prompt in plan:
+            label = row_label(impl, variant)
+            print(f"running {label} on the {prompt} prompt ...", file=sys.stderr, flush=True)
+            rows.append({"impl": impl, "variant": variant, "prompt": prompt, "label": label,
+                         "result": run_worker(impl, variant, prompt == "context", opts, export)})
     finally:
         shutil.rmtree(export, ignore_errors=True)
 
     print_table(rows)
     print()
     print("  s/frame: mean of frames 2..N (median: their median, steadier on a shared machine).\n"
-          "  frames/s and RTF from the mean; RTF = s/frame x 12.5 (below 1 is faster than real time).\n"
-          "  1st frame: prompt prefill + frame 1, warm. 1st chunk: ours stream(), 2 frames + moshi Mimi decode.\n"
-          "  peak MB: ru_maxrss of the implementation's own process after its frames (loading included;\n"
-          "  transformers' holds its unused codec_model); gen peak MB: RSS high-water mark from the end of\n"
-          "  loading on; +Mimi MB: ours' ru_maxrss after loading moshi's Mimi and streaming.")
+          "  RTF = s/frame x 12.5 (below 1 is faster than real time). 1st frame: whole-prompt prefill + frame 1.\n"
+          "  1st chunk: ours, 2 frames + a warm moshi Mimi decode, whole prompt prefilled on the spot (Mimi's share\n"
+          "  in brackets). prefilled 1st chunk: the agent's case, the context rows prefilled ahead of time (after\n"
+          "  the previous turn; that time in brackets), so only the 20 text rows + 2 frames + Mimi remain.\n"
+          "  peak MB: ru_maxrss of the implementation's own process (loading included).")
 
-    ok = {(r["impl"], r["dtype"], r["quant"]): r["result"] for r in rows if "error" not in r["result"]}
+    ok = {(r["impl"], r["variant"], r["prompt"]): r["result"] for r in rows if "error" not in r["result"]}
     print()
     print(f"greedy cross-check ({opts.greedy_frames} frames x 32 codes, same weights and prompt):")
-    for dtype in ("fp32", "bf16"):
-        base = ok.get(("ours", dtype, 0))
-        if base is None:
-            continue
-        for impl in ("mlx-audio", "transformers"):
-            peer = ok.get((impl, dtype, 0))
-            if peer is None:
+    for prompt in prompts:
+        ref = ok.get(("ours", "mlx-fp32", prompt))
+        for (impl, variant, p), res in ok.items():
+            if p != prompt or ref is None or (impl, variant) == ("ours", "mlx-fp32"):
                 continue
-            a, b = base["greedy_codes"], peer["greedy_codes"]
+            a, b = ref["greedy_codes"], res["greedy_codes"]
             same = sum(x == y for fa, fb in zip(a, b) for x, y in zip(fa, fb))
             total = sum(len(f) for f in a)
-            verdict = "MATCH" if a == b else f"DIFFER ({same}/{total} codes equal)"
-            print(f"  ours {dtype} vs {impl} {dtype}: {verdict}")
+            first = next((i for i, (fa, fb) in enumerate(zip(a, b)) if fa != fb), None)
+            verdict = "MATCH" if a == b else (f"DIFFER: {same}/{total} codes equal, first differing frame {first} "
+                                              "(after it the frames feed back different codes)")
+            print(f"  {prompt}: ours mlx-fp32 vs {impl} {variant}: {verdict}")
 
     print()
     print("ratios of time per frame, ours / peer (below 1: ours is faster), of the means and of the medians:")
-    for (impl, dtype, quant), res in ok.items():
+    for (impl, variant, prompt), res in ok.items():
         if impl != "ours":
             continue
-        for peer_key in [("mlx-audio", dtype, 0), ("transformers", "fp32", 0)]:
-            if peer_key in ok:
-                peer = ok[peer_key]
-                mean = res["s_per_frame"] / peer["s_per_frame"]
-                median = res["median_s_per_frame"] / peer["median_s_per_frame"]
-                print(f"  {row_label(impl, dtype, quant)} / {row_label(*peer_key)}: {mean:.2f} mean, "
-                      f"{median:.2f} median (ours at {1 / mean:.2f}x / {1 / median:.2f}x the peer's speed)")
+        for peer in [("mlx-audio", "fp32"), ("transformers", "fp32")]:
+            if (*peer, prompt) in ok:
+                ref = ok[(*peer, prompt)]
+                mean = res["s_per_frame"] / ref["s_per_frame"]
+                median = res["median_s_per_frame"] / ref["median_s_per_frame"]
+                print(f"  {prompt}: ours {variant} / {row_label(*peer)}: {mean:.2f} mean, {median:.2f} median "
+                      f"(ours at {1 / mean:.2f}x / {1 / median:.2f}x the peer's speed)")
     print()
     print(f"load avg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if opts.json:
         meta = {"command": [sys.executable, *sys.argv], "machine": machine(), "versions": versions(),
                 "openblas": None if opts.no_openblas or not has_openblas else OPENBLAS, "frames": opts.frames,
-                "prompt_tokens": PROMPT_TOKENS, "top_k": TOP_K, "temperature": TEMPERATURE, "preset": PRESET}
+                "prompts": prompts, "top_k": TOP_K, "temperature": TEMPERATURE, "preset": PRESET}
         Path(opts.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"\nwrote {opts.json}")
 
