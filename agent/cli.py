@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--realtime", action="store_true", help="pace the audio like a live microphone")
     sp.add_argument("--no-progress", action="store_true")
 
+    sp = sub.add_parser("serve", help="talk to the agent from a browser page (a local web app)")
+    sp.add_argument("--config", default="default", help="preset in configs/ or a .toml path (default: default)")
+    sp.add_argument("--seed", type=int, help="seed for the LLM and the TTS sampling")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+
     sp = sub.add_parser("tts", help="synthesise text with Marvis")
     sp.add_argument("text")
     sp.add_argument("-o", "--output", type=Path, default=Path("tts.wav"))
@@ -239,6 +245,11 @@ def _dispatch(args, overrides) -> int:
         cfg = _config(args, overrides)
         run_live(cfg, push_to_talk=args.verb == "ptt", duration_s=args.duration,
                  key_script=getattr(args, "keys", None), out=args.out)
+        return 0
+    if args.verb == "serve":
+        from agent.web.server import serve
+
+        serve(_config(args, overrides), host=args.host, port=args.port)
         return 0
     if args.verb == "tts":
         return _cmd_tts(args, overrides)
