@@ -48,6 +48,7 @@ class AudioSection:
     jitter_ms: int = 120
     half_duplex: bool = True  # ignore the mic while the agent speaks
     barge_in: bool = False  # user speech during playback stops the agent (needs echo-free audio)
+    echo_cancellation: bool = False  # WebRTC AEC3 on the mic (agent/echo.py): barge-in on speakers
 
 
 @dataclass
