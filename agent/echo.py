@@ -1,8 +1,9 @@
 """Acoustic echo cancellation, so the agent can be interrupted on laptop speakers.
 
 `EchoCanceller` runs WebRTC's AEC3 locally through the `livekit` package's `rtc.AudioProcessingModule`:
-what the speaker plays is the far end (`far_end`, fed as it is played, from any thread), the microphone is
-the near end (`near_end`, which returns the mic with the echo removed). AEC3 works on 10 ms frames and finds
+what the speaker plays is the far end (`far_end`, fed as it is played, from any thread: `EchoReferenceSpeaker`
+does it from PortAudio's callback), the microphone is the near end (`near_end`, which returns the mic with the
+echo removed). AEC3 works on 10 ms frames and finds
 the echo path's delay itself; `delay_ms` is only its starting hint (PortAudio's input + output latency).
 Far-end audio is queued and handed to the module on the mic's thread, just before the mic frames it can
 echo into, so the module only ever sees one caller and render and capture stay in real-time order.
@@ -20,6 +21,7 @@ from difflib import SequenceMatcher
 
 import numpy as np
 
+from agent.devices import SpeakerSink
 from pipelines.audio import float_to_pcm16
 from pipelines.errors import VoiceAgentError
 
@@ -33,8 +35,7 @@ def _pcm16(audio: np.ndarray) -> np.ndarray:
 class EchoCanceller:
     """Mic minus what the speaker played. Not thread-safe except `far_end`, which only queues."""
 
-    def __init__(self, mic_rate: int = 16_000, far_rate: int = 24_000, delay_ms: int = 0,
-                 noise_suppression: bool = False):
+    def __init__(self, mic_rate: int = 16_000, delay_ms: int = 0, noise_suppression: bool = False):
         try:
             from livekit import rtc
         except ImportError as exc:
@@ -43,20 +44,20 @@ class EchoCanceller:
         self._rtc = rtc
         self._apm = rtc.AudioProcessingModule(echo_cancellation=True, high_pass_filter=True,
                                               noise_suppression=noise_suppression)
-        self.mic_rate, self.far_rate = mic_rate, far_rate
+        self.mic_rate = mic_rate
         self.delay_ms = int(delay_ms)
         self._near_frame = mic_rate * FRAME_MS // 1000
-        self._far_frame = far_rate * FRAME_MS // 1000
         self._near = np.zeros(0, np.int16)  # mic samples short of a whole frame
         self._far = np.zeros(0, np.int16)
-        self._far_queue: collections.deque[np.ndarray] = collections.deque()
+        self._far_rate = 0
+        self._far_queue: collections.deque[tuple[np.ndarray, int]] = collections.deque()
         self._far_lock = threading.Lock()
 
-    def far_end(self, audio: np.ndarray) -> None:
-        """Audio as it is played ([n] float32 at `far_rate`); safe to call from the speaker's thread."""
-        pcm = _pcm16(audio)
+    def far_end(self, audio: np.ndarray, rate: int) -> None:
+        """Audio as it is played ([n] float32, or int16 as PortAudio has it); safe from the speaker's thread."""
+        pcm = audio.copy() if audio.dtype == np.int16 else _pcm16(audio)
         with self._far_lock:
-            self._far_queue.append(pcm)
+            self._far_queue.append((pcm, rate))
 
     def near_end(self, block: np.ndarray) -> np.ndarray:
         """The mic block ([n] float32 at `mic_rate`) with the echo removed. Whole 10 ms frames go through at
@@ -77,15 +78,27 @@ class EchoCanceller:
     def _feed_far(self) -> None:
         with self._far_lock:
             parts, self._far_queue = list(self._far_queue), collections.deque()
-        if not parts:
-            return
-        far = np.concatenate([self._far, *parts])
-        whole = len(far) // self._far_frame * self._far_frame
-        for start in range(0, whole, self._far_frame):
-            frame = self._rtc.AudioFrame(far[start:start + self._far_frame].tobytes(), self.far_rate, 1,
-                                         self._far_frame)
-            self._apm.process_reverse_stream(frame)
-        self._far = far[whole:]
+        for pcm, rate in parts:
+            if rate != self._far_rate:  # a speaker at another rate: start its frames afresh
+                self._far, self._far_rate = np.zeros(0, np.int16), rate
+            size = rate * FRAME_MS // 1000
+            far = np.concatenate([self._far, pcm])
+            whole = len(far) // size * size
+            for start in range(0, whole, size):
+                self._apm.process_reverse_stream(self._rtc.AudioFrame(far[start:start + size].tobytes(), rate, 1, size))
+            self._far = far[whole:]
+
+
+class EchoReferenceSpeaker(SpeakerSink):
+    """A speaker whose every block, as PortAudio takes it, is also the canceller's far end (one copy)."""
+
+    def __init__(self, canceller: EchoCanceller, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.canceller = canceller
+
+    def _callback(self, outdata, frames, time_info, status) -> None:
+        super()._callback(outdata, frames, time_info, status)
+        self.canceller.far_end(outdata[:, 0], self.sample_rate)
 
 
 def _letters(text: str) -> str:

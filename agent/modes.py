@@ -304,7 +304,10 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     Every mute, key and barge-in is recorded at the mic time of the block it applies to, so `replay` of the
     bundle feeds the VAD exactly as it was fed live.
     """
+    from functools import partial
+
     from agent.devices import REPLAY_HINT, MicSource, SpeakerSink, check_devices
+    from agent.echo import EchoCanceller, EchoReferenceSpeaker
     from pipelines.errors import VoiceAgentError
 
     a = cfg.audio
@@ -313,7 +316,9 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     check_devices(need_input=True, need_output=True, input_device=a.input_device or None,
                   output_device=a.output_device or None)
     mode = "push-to-talk" if push_to_talk else "hands-free"
-    speaker = SpeakerSink(24_000, device=a.output_device or None, jitter_ms=a.jitter_ms).start()
+    canceller = EchoCanceller(MIC_RATE) if a.echo_cancellation else None  # the mic minus what the speaker plays
+    make_speaker = SpeakerSink if canceller is None else partial(EchoReferenceSpeaker, canceller)
+    speaker = make_speaker(24_000, device=a.output_device or None, jitter_ms=a.jitter_ms).start()
     sink = _PlaybackSink(speaker)
     holder: dict = {}
 
@@ -336,7 +341,7 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     tts_rate = worker.engine.stages.tts.sample_rate
     if tts_rate != speaker.sample_rate:  # Marvis speaks at 24 kHz; another TTS may not
         speaker.close()
-        speaker = SpeakerSink(tts_rate, device=a.output_device or None, jitter_ms=a.jitter_ms).start()
+        speaker = make_speaker(tts_rate, device=a.output_device or None, jitter_ms=a.jitter_ms).start()
         sink.speaker = speaker
         speaker.on_first_sample = sink._first_sample
     recorder: SessionRecorder | None = holder.get("recorder")
@@ -362,6 +367,8 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
             last_block = time.monotonic()
             while worker.error is None:
                 block = mic.read(timeout=0.5)
+                if block is not None and canceller is not None:
+                    block = canceller.near_end(block)
                 if block is None:
                     if time.monotonic() - last_block > MIC_STALL_S:
                         raise VoiceAgentError(f"the microphone stopped delivering audio ({MIC_STALL_S:.0f} s "

@@ -51,14 +51,14 @@ def scene(tmp_path_factory):
 def run_mic(scene, cancel: bool):
     """Block by block as live: the speaker plays a block, the mic delivers one; returns (mic out, VAD events)."""
     far, mic = scene["far"], scene["mic"]
-    canceller = EchoCanceller(MIC, FAR) if cancel else None
+    canceller = EchoCanceller(MIC) if cancel else None
     vad = Endpointer(VADConfig(), MIC)
     n_mic, n_far = int(BLOCK_S * MIC), int(BLOCK_S * FAR)
     out, events = [], []
     for i in range(len(mic) // n_mic):
         block = mic[i * n_mic:(i + 1) * n_mic]
         if canceller is not None:
-            canceller.far_end(far[i * n_far:(i + 1) * n_far])
+            canceller.far_end(far[i * n_far:(i + 1) * n_far], FAR)
             block = canceller.near_end(block)
             assert len(block) == n_mic  # 30 ms blocks come back whole
         out.append(block)
@@ -98,7 +98,7 @@ def test_with_cancellation_only_the_user_starts_a_turn(scene):
 
 
 def test_blocks_that_are_not_whole_frames_keep_every_sample():
-    canceller = EchoCanceller(MIC, FAR)
+    canceller = EchoCanceller(MIC)
     blocks = [np.zeros(n, np.float32) for n in (100, 250, 7, 443)]
     out = [canceller.near_end(b) for b in blocks]
     assert sum(map(len, out)) == 800 and all(len(o) % 160 == 0 for o in out)
