@@ -24,7 +24,8 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
                      initial_prompt=cfg.asr.initial_prompt or None)
     llm = ReplyLLM(cfg.resolve(cfg.llm.model), cfg.llm.system_prompt, max_history_turns=cfg.llm.max_history_turns,
                    max_tokens=cfg.llm.max_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed)
-    return Stages(asr=asr, llm=llm, tts=build_tts(cfg, log=log), tts_config=cfg.tts)
+    return Stages(asr=asr, llm=llm, tts=build_tts(cfg, log=log), tts_config=cfg.tts,
+                  first_clause_words=cfg.llm.first_clause_words)
 
 
 def vad_config(cfg: AgentConfig, endpointing: bool = True):

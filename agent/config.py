@@ -38,6 +38,7 @@ class LLMSection:
     max_history_turns: int = 8
     temperature: float = 0.0
     seed: int = 0
+    first_clause_words: int = 6  # a long first sentence goes to the TTS at its first clause break after this many words (0: off)
 
 
 @dataclass

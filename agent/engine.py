@@ -43,6 +43,7 @@ class Stages:
     llm: ReplyStage
     tts: TTSStage
     tts_config: TTSConfig  # sampling knobs, the agent's and the user's voices, how much context to pass
+    first_clause_words: int = 0  # a long first sentence may start speaking at a clause break (0: sentences only)
 
 
 @dataclass
@@ -98,7 +99,7 @@ class TurnEngine:
         spec = Speculation(utterance, transcript, None, [], started, {"asr_final": self.clock()})
         if transcript and not cancelled():
             spec.replies = iter(st.llm.stream(transcript))
-            splitter = SentenceSplitter()
+            splitter = SentenceSplitter(st.first_clause_words)
             for delta in spec.replies:
                 spec.marks.setdefault("llm_first_token", self.clock())
                 spec.deltas.append(delta)
@@ -151,7 +152,7 @@ class TurnEngine:
         sink.on_first_sample = lambda wall: wf.mark("first_sample_played", wall + (clock() - self.clock()))
         sink.begin_utterance()
 
-        splitter = SentenceSplitter()
+        splitter = SentenceSplitter(st.first_clause_words)
         spoken: list[tuple[str, np.ndarray, np.ndarray]] = []  # sentence, audio, codes
         timeline: list[tuple[float, int]] = []  # (wall time a chunk was ready, its samples)
         cfg = dataclasses.replace(st.tts_config, seed=st.tts_config.seed + turn.index)

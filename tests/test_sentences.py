@@ -124,3 +124,17 @@ def test_clean_for_speech_leaves_no_markdown_symbols():
     spoken = clean_for_speech(raw)
     assert not set(spoken) & set("*_`#[]()💧")
     assert spoken.startswith("Tips Drink water Read books code done")
+
+
+def test_first_clause_of_a_long_first_sentence_goes_early():
+    split = SentenceSplitter(first_clause_words=4)
+    out = []
+    for word in "The sky on a clear day, as you may know, is usually blue. It is, indeed, nice. Done".split(" "):
+        out += split.push(word + " ")
+    out += split.flush()
+    # only the first unit may be a clause; the rest are whole sentences
+    assert out == ["The sky on a clear day,", "as you may know, is usually blue.", "It is, indeed, nice.", "Done"]
+    short = SentenceSplitter(first_clause_words=4)
+    assert short.push("Yes, it is blue. ") == ["Yes, it is blue."]  # too few words before the comma
+    assert SentenceSplitter(first_clause_words=2).push("It costs 1,000 dollars") == []  # a digit comma is no break
+    assert SentenceSplitter().push("The sky on a clear day, as you know ") == []  # off by default

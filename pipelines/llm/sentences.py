@@ -4,6 +4,10 @@
 followed by a digit is a decimal, one followed by a lowercase word is an abbreviation, "Dr." and
 initials never end a sentence, and an ellipsis is a pause, not an end. A newline always ends one
 (list items, headings). `clean_for_speech` strips markdown and emoji so TTS never reads symbols.
+
+With `first_clause_words`, the reply's first unit may end at a clause break (`,` `;` `:` or a dash, then a
+space) once it has that many words: a long first sentence then starts speaking sooner. Sentences stay the
+unit afterwards, for prosody.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ _ABBREVIATIONS = frozenset(
 _OPENERS = "\"'“‘([*_`"
 
 
+_CLAUSE_BREAK = re.compile(r"(?:[,;:]|\s[-–—])(?=\s)")
+
+
 class SentenceSplitter:
     """Incremental: `push` deltas, get finished sentences; `flush` at the end of the reply."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_clause_words: int = 0) -> None:
         self._buffer = ""
+        self.first_clause_words = first_clause_words
+        self._first = True  # nothing emitted yet
 
     def push(self, delta: str) -> list[str]:
         self._buffer += delta
@@ -38,15 +47,30 @@ class SentenceSplitter:
 
     def reset(self) -> None:
         self._buffer = ""
+        self._first = True
 
     def _drain(self, final: bool) -> list[str]:
         sentences = []
+        if self._first and self.first_clause_words > 0 and _first_boundary(self._buffer, final) is None:
+            end = _first_clause(self._buffer, self.first_clause_words)
+            if end is not None:
+                sentences.append(self._buffer[:end].strip())
+                self._buffer = self._buffer[end:]
         while (end := _first_boundary(self._buffer, final)) is not None:
             sentence, self._buffer = self._buffer[:end].strip(), self._buffer[end:]
             if sentence:
                 sentences.append(sentence)
         self._buffer = self._buffer.lstrip()
+        self._first = self._first and not sentences
         return sentences
+
+
+def _first_clause(text: str, min_words: int) -> int | None:
+    """End of the first clause of `text` that has at least `min_words` words and is followed by a space."""
+    for m in _CLAUSE_BREAK.finditer(text):
+        if len(text[: m.start()].split()) >= min_words:
+            return m.end()
+    return None
 
 
 def _first_boundary(text: str, final: bool) -> int | None:
