@@ -9,7 +9,10 @@ Far-end audio is queued and handed to the module on the mic's thread, just befor
 echo into, so the module only ever sees one caller and render and capture stay in real-time order.
 
 `is_echo` is the second line of defence: a "barge-in" whose transcript is mostly what the agent is saying
-is the agent hearing itself, not the user.
+is the agent hearing itself, not the user. `guard_against_echo(stages)` applies it to a turn engine's stages:
+such an utterance is no turn (the ASR "heard no words"). The barge-in itself has already stopped the reply by
+then (it is decided at the start of speech, long before a transcript exists); the guard keeps the agent from
+answering itself.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import collections
 import re
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 import numpy as np
@@ -114,3 +119,45 @@ def is_echo(transcript: str, agent_text: str, threshold: float = 0.8) -> bool:
         return False
     blocks = SequenceMatcher(None, heard, said, autojunk=False).get_matching_blocks()
     return sum(b.size for b in blocks if b.size >= 4) / len(heard) >= threshold
+
+
+@dataclass(frozen=True)
+class _NoWords:
+    text: str = ""
+
+
+class _RememberedReply:
+    """The reply stage, remembering the last reply committed to the conversation (what the user heard of it)."""
+
+    def __init__(self, llm):
+        self._llm = llm
+        self.said = ""
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def commit(self, user_text: str, reply: str) -> None:
+        self.said = reply
+        self._llm.commit(user_text, reply)
+
+
+class _GuardedASR:
+    def __init__(self, asr, reply: _RememberedReply, on_echo: Callable[[str], None]):
+        self._asr, self._reply, self._on_echo = asr, reply, on_echo
+
+    def __getattr__(self, name):
+        return getattr(self._asr, name)
+
+    def transcribe(self, audio: np.ndarray, sample_rate: int = 16_000):
+        heard = self._asr.transcribe(audio, sample_rate)
+        if is_echo(heard.text, self._reply.said):
+            self._on_echo(heard.text.strip())
+            return _NoWords()
+        return heard
+
+
+def guard_against_echo(stages, on_echo: Callable[[str], None]) -> None:
+    """Wrap a turn engine's `Stages` in place: an utterance whose transcript is the agent's last reply heard back
+    calls `on_echo(transcript)` and is no turn."""
+    reply = _RememberedReply(stages.llm)
+    stages.llm, stages.asr = reply, _GuardedASR(stages.asr, reply, on_echo)

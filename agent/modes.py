@@ -307,7 +307,7 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     from functools import partial
 
     from agent.devices import REPLAY_HINT, MicSource, SpeakerSink, check_devices
-    from agent.echo import EchoCanceller, EchoReferenceSpeaker
+    from agent.echo import EchoCanceller, EchoReferenceSpeaker, guard_against_echo
     from pipelines.errors import VoiceAgentError
 
     a = cfg.audio
@@ -323,6 +323,8 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     holder: dict = {}
 
     def make_recorder(stages):
+        if a.barge_in:  # the agent's own reply heard back is no turn
+            guard_against_echo(stages, lambda text: log(f"(echo of the agent's own reply: {text!r}; no turn)"))
         recorder = _open_recorder(cfg, mode, out, stages)
         holder["recorder"] = recorder
         return holder["recorder"]

@@ -116,3 +116,28 @@ def test_blocks_that_are_not_whole_frames_keep_every_sample():
 ])
 def test_echo_guard_matches_the_agents_own_words(heard, said, echo):
     assert is_echo(heard, said) is echo
+
+
+def test_guard_makes_the_agents_own_reply_heard_back_no_turn():
+    from types import SimpleNamespace
+
+    from agent.echo import guard_against_echo
+
+    committed = []
+    heard = SimpleNamespace(text="")
+    asr = SimpleNamespace(transcribe=lambda audio, rate=16000: heard, warmup=lambda: None)
+    llm = SimpleNamespace(stream=lambda text: iter(["The capital ", "of France is Paris."]),
+                          commit=lambda user, reply: committed.append((user, reply)))
+    stages = SimpleNamespace(asr=asr, llm=llm)
+    echoes = []
+    guard_against_echo(stages, echoes.append)
+    stages.asr.warmup()  # everything else passes through
+    heard.text = "The capital of France is Paris."
+    assert stages.asr.transcribe(None).text == heard.text  # nothing said yet: not an echo
+    assert "".join(stages.llm.stream("q")) == "The capital of France is Paris."
+    stages.llm.commit("What is the capital of France?", "The capital of France is Paris.")
+    assert committed == [("What is the capital of France?", "The capital of France is Paris.")]
+    heard.text = " the capital of france is paris"
+    assert stages.asr.transcribe(None).text == "" and echoes == ["the capital of france is paris"]
+    heard.text = "Stop, please wait."
+    assert stages.asr.transcribe(None).text == "Stop, please wait." and len(echoes) == 1

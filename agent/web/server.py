@@ -22,7 +22,6 @@ plus a burst); a malformed message closes that connection with a reason and the 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import secrets
@@ -37,7 +36,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.build import vad_config
 from agent.config import AgentConfig
-from agent.echo import is_echo
+from agent.echo import guard_against_echo
 from agent.session import MIC_RATE, SessionRecorder, new_bundle_dir
 from pipelines.audio import float_to_pcm16, pcm16_to_float
 from pipelines.errors import VoiceAgentError
@@ -190,46 +189,18 @@ class _PageRecorder(SessionRecorder):
 
 
 class _NarratedReply:
-    """The reply stage, sending each piece of text to the page as it is generated (just before it is spoken).
-    Remembers the last reply, which the echo guard compares a barge-in's transcript with."""
+    """The reply stage, sending each piece of text to the page as it is generated (just before it is spoken)."""
 
     def __init__(self, llm, send: Callable[[object], None]):
         self._llm, self.send = llm, send
-        self.last_reply = ""
 
     def __getattr__(self, name):
         return getattr(self._llm, name)
 
     def stream(self, user_text: str):
-        self.last_reply = ""
         for delta in self._llm.stream(user_text):
-            self.last_reply += delta
             self.send({"type": "reply", "text": delta})
             yield delta
-
-
-@dataclasses.dataclass(frozen=True)
-class _Heard:
-    text: str
-
-
-class _EchoGuardedASR:
-    """The ASR stage with the echo guard: an utterance whose transcript is the agent's own reply heard back is
-    no turn (the engine sees no words)."""
-
-    def __init__(self, asr, reply: _NarratedReply, send: Callable[[object], None], log: Log):
-        self._asr, self._reply, self.send, self.log = asr, reply, send, log
-
-    def __getattr__(self, name):
-        return getattr(self._asr, name)
-
-    def transcribe(self, audio: np.ndarray, sample_rate: int = MIC_RATE):
-        heard = self._asr.transcribe(audio, sample_rate)
-        if is_echo(heard.text, self._reply.last_reply):
-            self.log(f"(echo of the agent's own reply: {heard.text.strip()!r})")
-            self.send({"type": "echo", "text": heard.text.strip()})
-            return _Heard("")
-        return heard
 
 
 class Conversation:
@@ -252,9 +223,13 @@ class Conversation:
         self._closed: Path | None | bool = False
 
         def make_recorder(stages):
-            reply = _NarratedReply(stages.llm, send)
-            stages.llm = reply
-            stages.asr = _EchoGuardedASR(stages.asr, reply, send, log)
+            stages.llm = _NarratedReply(stages.llm, send)
+
+            def on_echo(text: str) -> None:
+                log(f"(echo of the agent's own reply: {text!r}; no turn)")
+                send({"type": "echo", "text": text})
+
+            guard_against_echo(stages, on_echo)
             if not cfg.session.record:
                 return None
             folder = new_bundle_dir(cfg.resolve(cfg.session.dir), self.mode)
