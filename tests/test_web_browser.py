@@ -127,19 +127,31 @@ def chromium(mic_wav: Path, profile: Path):
     return webdriver.Chrome(service=service, options=options)
 
 
-def test_a_browser_conversation_is_heard_answered_played_and_recorded(tmp_path, question_wav, tiny_marvis):
+@pytest.mark.parametrize("mode", ["hands-free", "push-to-talk"])
+def test_a_browser_conversation_is_heard_answered_played_and_recorded(tmp_path, question_wav, tiny_marvis, mode):
+    """Hands-free: the VAD ends the turn. Push-to-talk: the space bar is held from before the question until the
+    page has sent the whole recording, so the keys decide the turn."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     runs = tmp_path / "runs"
+    wav_samples = sf.info(question_wav).frames
     served = Served(["--tts.checkpoint", str(tiny_marvis), "--llm.max_tokens", "16",
                      "--tts.max_audio_length_ms", "800", "--session.dir", str(runs)], tmp_path)
     driver = None
     try:
         driver = chromium(question_wav, tmp_path / "chromium-profile")
         driver.get(served.url)
+        driver.find_element(By.CSS_SELECTOR, f'input[name="mode"][value="{mode}"]').click()
         driver.find_element(By.ID, "start").click()
         page = lambda expr: driver.execute_script(f"return window.voiceAgent.{expr}")
+        if mode == "push-to-talk":
+            WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(lambda d: page("micSamples") > 0)
+            ActionChains(driver).key_down(Keys.SPACE).perform()
+            WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(lambda d: page("micSamples") >= wav_samples)
+            ActionChains(driver).key_up(Keys.SPACE).perform()
         WebDriverWait(driver, WAIT_S, poll_frequency=0.5).until(
             lambda d: page("turns.length") >= 1 and page("playedSamples") > 0 or "closed" in page("status"))
         turn = page("turns[0]")
@@ -172,8 +184,11 @@ def test_a_browser_conversation_is_heard_answered_played_and_recorded(tmp_path, 
 
     (bundle,) = [p for p in runs.iterdir() if p.is_dir()]
     meta = json.loads((bundle / "session.json").read_text())
-    assert meta["mode"] == "hands-free" and meta["front_end"] == "browser" and meta["turns"] >= 1
+    assert meta["mode"] == mode and meta["front_end"] == "browser" and meta["turns"] >= 1
     data = read_session(bundle)
+    if mode == "push-to-talk":
+        assert [action for _, action in data.keys] == ["press", "release"]
+        assert [e["reason"] for e in data.events if e["type"] == "transcript"] == ["manual"]
     live = [e for e in data.events if e["type"] == "turn"]
     assert live[0]["transcript"] == turn["transcript"] and live[0]["reply"] == turn["reply"]
     assert live[0]["waterfall"]["first_sample_played"] > 0  # stamped by the page's played report

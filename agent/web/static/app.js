@@ -8,7 +8,7 @@ const STAGES = [
 ];
 const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token") || "";
-const state = { status: "idle", playedSamples: 0, turns: [], transcripts: [], replyText: "", bundle: null };
+const state = { status: "idle", micSamples: 0, playedSamples: 0, turns: [], transcripts: [], replyText: "", bundle: null };
 window.voiceAgent = state;  // for tests and the curious
 
 let ws = null, micContext = null, playerContext = null, player = null, stream = null;
@@ -75,7 +75,10 @@ async function startAudio(msg) {
   const mic = new AudioWorkletNode(micContext, "mic-frames");
   mic.port.onmessage = (event) => {
     if (event.data.pcm) {
-      if (ws && ws.readyState === WebSocket.OPEN) ws.send(event.data.pcm);
+      if (ws && ws.readyState === WebSocket.OPEN) {
+        ws.send(event.data.pcm);
+        state.micSamples += event.data.pcm.byteLength / 2;
+      }
     } else {
       $("level").style.width = `${Math.min(100, 300 * event.data.level)}%`;
     }
