@@ -217,3 +217,20 @@ def test_sink_reports_what_the_page_played():
     threading.Timer(0.05, sink.report_played, (utterance, 1000, False)).start()
     sink.end_of_stream()
     assert sink.played_samples == 1000 and not sink.is_playing
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--port", str(port)],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in proc.stderr
