@@ -1,0 +1,84 @@
+"""The browser conversation's turn-taking, without a browser: the page's mic frames through the real VAD.
+
+The worker is a stand-in that is "speaking" or not (the models are not what these tests are about); the
+bundle is real, and the replay path must make the same decisions from it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from agent.config import load_config
+from agent.modes import replay_utterances
+from agent.session import SessionRecorder, read_session
+from agent.web.server import Conversation
+from virtual_audio import espeak_pcm16
+
+FRAME = 320  # the page's 20 ms frames
+
+
+class SpeakingWorker:
+    def __init__(self, speaking: bool):
+        self.speaking = speaking
+        self.barge_ins = 0
+        self.submitted = []
+
+    def barge_in(self) -> None:
+        self.barge_ins += 1
+
+    def submit(self, utterance) -> None:
+        self.submitted.append(utterance)
+
+
+@pytest.fixture(scope="module")
+def question(tmp_path_factory) -> np.ndarray:
+    pcm = espeak_pcm16("What is the capital of France?", tmp_path_factory.mktemp("speech"))
+    if pcm is None:
+        pytest.skip("espeak-ng is not installed (Debian: apt install espeak-ng)")
+    return np.concatenate([np.zeros(8000, np.int16), pcm, np.zeros(16000, np.int16)])
+
+
+def converse(tmp_path, mic: np.ndarray, push_to_talk: bool, full_duplex: bool, speaking: bool, keys=()):
+    sent = []
+    conversation = Conversation(load_config("default"), sent.append, push_to_talk, full_duplex, log=lambda m: None)
+    conversation.worker = SpeakingWorker(speaking)
+    conversation.recorder = SessionRecorder(tmp_path / "bundle", {"mode": conversation.mode})
+    conversation.started = time.monotonic() - 3600  # the frames come faster than real time here
+    keys = dict(keys)  # frame index -> key down?
+    for i, start in enumerate(range(0, len(mic), FRAME)):
+        if i in keys:
+            conversation.key(keys[i])
+        conversation.mic(mic[start:start + FRAME].astype("<i2").tobytes())
+    conversation.recorder.close()
+    return conversation.worker, sent, read_session(tmp_path / "bundle")
+
+
+def test_half_duplex_mutes_the_mic_while_the_agent_speaks(tmp_path, question):
+    worker, sent, data = converse(tmp_path, question, push_to_talk=False, full_duplex=False, speaking=True)
+    assert worker.submitted == [] and worker.barge_ins == 0
+    assert data.mutes and data.mutes[0][0] == 0.0
+    assert {"type": "listening", "on": False} in sent
+    assert list(replay_utterances(load_config("default"), data)) == []
+
+
+def test_full_duplex_speech_barges_in_and_is_a_turn(tmp_path, question):
+    worker, sent, data = converse(tmp_path, question, push_to_talk=False, full_duplex=True, speaking=True)
+    assert worker.barge_ins == 1 and len(worker.submitted) == 1
+    assert [e["type"] for e in data.events if e["type"] == "barge_in"] == ["barge_in"]
+    again = list(replay_utterances(load_config("default"), data))
+    assert [(u.start_s, u.end_s) for u in again] == [(u.start_s, u.end_s) for u in worker.submitted]
+
+
+def test_push_to_talk_keys_make_the_turn_and_replay_the_same(tmp_path, question):
+    frames = len(question) // FRAME
+    worker, sent, data = converse(tmp_path, question, push_to_talk=True, full_duplex=False, speaking=False,
+                                  keys={5: True, frames - 5: False})
+    (utterance,) = worker.submitted
+    assert utterance.reason == "manual" and utterance.start_s == pytest.approx(5 * 0.02)
+    assert utterance.end_s == pytest.approx((frames - 5) * 0.02)
+    assert [a for _, a in data.keys] == ["press", "release"]
+    (again,) = replay_utterances(load_config("push_to_talk"), data)
+    assert (again.start_s, again.end_s) == pytest.approx((utterance.start_s, utterance.end_s), abs=0.031)
