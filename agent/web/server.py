@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -442,11 +443,11 @@ class Server:
     async def _bundle_index(self, request: web.Request) -> web.Response:
         folder = self._bundle(request.match_info["name"])
         token = self.token
-        rows = "".join(f'<li><a href="{p.relative_to(folder).as_posix()}?token={token}">'
-                       f'{p.relative_to(folder).as_posix()}</a> ({p.stat().st_size} bytes)</li>'
-                       for p in sorted(folder.rglob("*")) if p.is_file())
-        return web.Response(text=f"<!doctype html><title>{folder.name}</title><h1>{folder.name}</h1>"
-                                 f"<p>{folder}</p><ul>{rows}</ul>", content_type="text/html")
+        names = [escape(p.relative_to(folder).as_posix()) for p in sorted(folder.rglob("*")) if p.is_file()]
+        rows = "".join(f'<li><a href="{name}?token={token}">{name}</a></li>' for name in names)
+        title = escape(folder.name)
+        return web.Response(text=f"<!doctype html><title>{title}</title><h1>{title}</h1>"
+                                 f"<p>{escape(str(folder))}</p><ul>{rows}</ul>", content_type="text/html")
 
     async def _bundle_file(self, request: web.Request) -> web.StreamResponse:
         folder = self._bundle(request.match_info["name"]).resolve()
