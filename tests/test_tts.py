@@ -19,6 +19,22 @@ from pipelines.tts.weights import random_model
 K = 32
 
 
+BACKENDS = ["mlx", "onnx"]
+
+
+def make_tts(tiny_args, tokenizer_dir, mimi, backend: str, tmp_path_factory, config=None) -> MarvisTTS:
+    """A tiny random Marvis (seed 0) on the given backend; the ONNX graphs are built once per session."""
+    from pipelines.tts.generator import MLXFrames, OrtFrames
+    from pipelines.tts.ort import OrtFrameModel
+
+    ck = random_model(tiny_args, seed=0)
+    if backend == "onnx":
+        frames = OrtFrames(OrtFrameModel(ck.model, cache_dir=tmp_path_factory.getbasetemp() / "ort-tiny-seed0"))
+    else:
+        frames = MLXFrames(ck.model)
+    return MarvisTTS(ck, TextTokenizer(tokenizer_dir), mimi, config, backend=frames)
+
+
 def noise(seconds, rate=SAMPLE_RATE, seed=0, level=0.1):
     return (np.random.default_rng(seed).standard_normal(int(seconds * rate)) * level).astype(np.float32)
 
@@ -41,7 +57,9 @@ def test_cache_equivalence(tiny_tts):
     assert cache[0].offset == len(rows)
 
 
-def test_streaming_equals_one_shot_decode(tiny_tts):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_equals_one_shot_decode(backend, tiny_args, tiny_tokenizer, mimi, tmp_path_factory):
+    tiny_tts = make_tts(tiny_args, tiny_tokenizer, mimi, backend, tmp_path_factory)
     cfg = GenerationConfig(seed=3, max_audio_length_ms=1600, first_chunk_frames=2, chunk_frames=8)
     chunks = list(tiny_tts.stream("hello there how are you", 0, config=cfg))
     assert [c.num_frames for c in chunks] == [2, 8, 8, 2]
@@ -221,14 +239,15 @@ def test_mismatched_tokenizer_is_refused(tiny_args, tiny_tokenizer, mimi):
         MarvisTTS(random_model(small), TextTokenizer(tiny_tokenizer), mimi)
 
 
-def test_backbone_prefix_is_reused_between_generations(tiny_args, tiny_tokenizer, mimi):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backbone_prefix_is_reused_between_generations(backend, tiny_args, tiny_tokenizer, mimi, tmp_path_factory):
     """Sentence 2's prompt starts with sentence 1's context, text and frames: only the new rows are run,
     and the frames are the same as with a fresh cache."""
     cfg = GenerationConfig(temperature=0.0, max_audio_length_ms=480, stop_on_eos=False)
     ctx = [Segment(1, "how are you", noise(0.6))]
     runs = {}
     for reuse in (True, False):
-        tts = MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)
+        tts = make_tts(tiny_args, tiny_tokenizer, mimi, backend, tmp_path_factory)
         first = tts.generate("i am fine", 0, ctx, config=cfg)
         if not reuse:
             tts.prefix.clear()
@@ -260,13 +279,14 @@ def test_prefix_cache_trims_to_the_shared_rows(tiny_tts):
     assert prefix.take(other[:6], backend)[1] == 5  # at least one row is always left to run
 
 
-def test_prefilled_context_gives_the_same_frames(tiny_args, tiny_tokenizer, mimi):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefilled_context_gives_the_same_frames(backend, tiny_args, tiny_tokenizer, mimi, tmp_path_factory):
     """prepare_context runs the context rows ahead of time; the generation then runs only its own text rows
     and produces exactly the frames a cold start gives."""
     cfg = GenerationConfig(temperature=0.0, max_audio_length_ms=400, stop_on_eos=False)
     ctx = [Segment(1, "how are you", noise(0.6)), Segment(0, "i am fine", noise(0.4, seed=1))]
-    cold = MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)
-    warm = MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)
+    cold = make_tts(tiny_args, tiny_tokenizer, mimi, backend, tmp_path_factory)
+    warm = make_tts(tiny_args, tiny_tokenizer, mimi, backend, tmp_path_factory)
     expected = cold.generate("thanks", 0, ctx, config=cfg).codes
     n_context = len(warm.prompts.context_rows(ctx)[0])
     assert warm.prepare_context(ctx) == n_context
