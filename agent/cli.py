@@ -9,6 +9,7 @@ import argparse
 import os
 import platform
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -186,6 +187,10 @@ def _cmd_doctor() -> int:
         print(list_devices())
     except Exception as exc:
         print(f"audio devices: unavailable ({exc})")
+    else:
+        from agent.devices import probe_input
+
+        print(probe_input())
     for name in sorted(p.name for p in CHECKPOINTS.iterdir() if p.name != "README.md") if CHECKPOINTS.is_dir() else []:
         print(f"checkpoints/{name}")
     if not (CHECKPOINTS / "marvis-tts-250m-v0.2").exists():
@@ -197,6 +202,10 @@ def console_main() -> None:
     """The `voice-agent` entry point: preload OpenBLAS (re-exec) first, then run."""
     _maybe_preload_openblas(sys.argv[1:])
     sys.exit(main())
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"'{args.verb}' takes no config overrides")
     from pipelines.errors import VoiceAgentError
 
+    if args.verb in ("replay", "chat", "ptt"):
+        signal.signal(signal.SIGTERM, _terminate)  # kill, systemd, timeout: close the session like Ctrl-C
     try:
         return _dispatch(args, overrides)
     except VoiceAgentError as exc:

@@ -74,6 +74,28 @@ def check_devices(need_input: bool, need_output: bool, *, input_device: int | st
         _check_one(sd, "output", output_device)
 
 
+def probe_input(seconds: float = 1.0, device: int | str | None = None) -> str:
+    """One line on whether the default (or given) microphone delivers sound: open it for `seconds`, read the
+    level. Only zeros is what a muted mic or a denied permission (macOS) looks like."""
+    try:
+        with MicSource(16000, device=device) as mic:
+            blocks, deadline = [], time.monotonic() + seconds + 2.0
+            while mic.stream_time < seconds and time.monotonic() < deadline:
+                block = mic.read(timeout=0.5)
+                if block is not None:
+                    blocks.append(block)
+    except VoiceAgentError as exc:
+        return f"microphone: cannot open ({exc})"
+    if not blocks:
+        return "microphone: opened, but delivered no audio in 3 s (the device is not running)"
+    audio = np.concatenate(blocks)
+    if not audio.any():
+        return (f"microphone: delivers only zeros ({len(audio) / 16000:.1f} s read): muted, unplugged, or this "
+                f"program may not use it (macOS: System Settings > Privacy & Security > Microphone)")
+    peak = 20 * np.log10(max(float(np.abs(audio).max()), 1e-9))
+    return f"microphone: ok, {len(audio) / 16000:.1f} s read, peak {peak:.0f} dBFS"
+
+
 def _open_error(noun: str, device, sample_rate: int, exc: Exception) -> VoiceAgentError:
     where = "the default device" if device is None else repr(device)
     return VoiceAgentError(f"cannot open the {noun} ({where}, {sample_rate} Hz mono 16-bit): {exc}; "
@@ -97,6 +119,7 @@ class MicSource:
         max_blocks = max(1, round(max_queued_s * sample_rate / self.block_size))
         self._blocks: queue.Queue[np.ndarray] = queue.Queue(maxsize=max_blocks)
         self._delivered = 0  # samples handed out by read()
+        self.zeros_s = 0.0  # seconds of exact digital silence up to the last block read (a muted or denied mic)
         self._stream = None
 
     def start(self) -> "MicSource":
@@ -134,7 +157,13 @@ class MicSource:
         except queue.Empty:
             return None
         self._delivered += len(block)
+        self.zeros_s = 0.0 if block.any() else self.zeros_s + len(block) / self.sample_rate
         return block.astype(np.float32) / 32768.0
+
+    @property
+    def active(self) -> bool:
+        """The stream is running (False once the device went away or PortAudio stopped it)."""
+        return self._stream is not None and bool(self._stream.active)
 
     @property
     def stream_time(self) -> float:
@@ -364,6 +393,14 @@ class ReplaySink:
     def wait_idle(self, timeout: float | None = None) -> bool:
         return True
 
+    def barge_in(self) -> None:
+        """The user took the floor: what was written so far is what was heard (`clear()` reports it)."""
+        self._in_utterance = False
+
+    @property
+    def speaker(self) -> "ReplaySink":
+        return self  # the worker reads the played count and output latency from `sink.speaker`
+
     @property
     def played_samples(self) -> int:
         return self._played
@@ -384,3 +421,74 @@ class ReplaySink:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+class PlaybackSink:
+    """The speaker as the turn engine sees it: `end_of_stream()` returns once the reply has been played out
+    (or cleared by a barge-in), like `ReplaySink`, whose writes are "played" at once. So the engine's check
+    for an interruption after the reply sees a barge-in during playback and keeps only what was heard, and
+    `first_sample_played` is in the turn's waterfall even when the TTS was done before the speaker started."""
+
+    STALL_S = 10.0  # playback that makes no progress for this long is given up (the device stopped)
+
+    def __init__(self, speaker):
+        self.speaker = speaker
+        self.on_first_sample: Callable[[float], None] | None = None  # set by the engine for each turn
+        self._first = threading.Event()
+        self._lock = threading.Lock()
+        self._cut: int | None = None  # after a barge-in: samples of the reply that were played
+        speaker.on_first_sample = self._first_sample
+
+    @property
+    def sample_rate(self) -> int:
+        return self.speaker.sample_rate
+
+    def use(self, speaker) -> None:
+        """Play through another speaker from now on (one at the TTS's sample rate)."""
+        self.speaker = speaker
+        speaker.on_first_sample = self._first_sample
+
+    def _first_sample(self, wall: float) -> None:  # PortAudio's thread
+        listener = self.on_first_sample
+        try:
+            if listener is not None:
+                listener(wall)
+        finally:
+            self._first.set()
+
+    def begin_utterance(self) -> None:
+        with self._lock:
+            self._cut = None
+            self._first.clear()
+            self.speaker.begin_utterance()
+
+    def write(self, audio: np.ndarray) -> None:
+        with self._lock:
+            if self._cut is None:  # a chunk that was on its way when the user barged in is dropped
+                self.speaker.write(audio)
+
+    def barge_in(self) -> None:
+        """Stop the reply now (any thread); the engine's `clear()` then reports what was heard."""
+        with self._lock:
+            played = self.speaker.clear()
+            if self._cut is None:
+                self._cut = played
+
+    def end_of_stream(self) -> None:
+        self.speaker.end_of_stream()
+        played, progress = -1, time.monotonic()
+        while not self.speaker.wait_idle(timeout=0.1):
+            if self.speaker.played_samples != played:
+                played, progress = self.speaker.played_samples, time.monotonic()
+            elif time.monotonic() - progress > self.STALL_S:
+                return
+        if self.speaker.played_samples:  # the callback reports the first sample just after handing it out
+            self._first.wait(0.5)
+
+    def clear(self) -> int:
+        with self._lock:
+            played = self.speaker.clear()
+            return played if self._cut is None else self._cut
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self.speaker.wait_idle(timeout)

@@ -7,7 +7,8 @@ A bundle is a folder:
     turns/NNNN-user.wav, NNNN-agent.wav   each turn's audio, written when the turn ends
     waterfall.jsonl, summary.json, waterfall.png, transcript.txt   written when the session closes
 Killing the process loses at most the last unflushed block; a truncated bundle (odd byte count, a
-half-written last line, no session.json) still replays.
+half-written last line, no session.json) still replays. A bundle is never written twice: the recorder refuses
+a folder that already holds files. When the disk fills, recording stops with one warning; the session goes on.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.metrics import draw_timeline, write_jsonl
 from pipelines.audio import float_to_pcm16, load_audio, pcm16_to_float, save_audio
-from pipelines.errors import AudioInputError
+from pipelines.errors import AudioInputError, ConfigError
 
 FORMAT = "voice-agent-session"
 MIC_RATE = 16_000
@@ -37,19 +39,40 @@ def new_bundle_dir(root: Path, mode: str) -> Path:
     return path
 
 
-class SessionRecorder:
-    """Thread-safe: the mic loop and the MLX worker both write to it."""
+def check_new_bundle(folder: Path) -> None:
+    """A bundle folder must be new or empty: a recording is never appended to or overwritten by a later run."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"{folder}: already exists and is not an empty folder; a session bundle is never "
+                          f"overwritten, pass a new --out (or leave it out for a fresh name)")
 
-    def __init__(self, folder: Path, meta: dict, mic_rate: int = MIC_RATE):
+
+class SessionRecorder:
+    """Thread-safe: the mic loop and the MLX worker both write to it.
+
+    An OSError while writing (disk full, file too large) stops all recording with one `warn` line; the caller's
+    session goes on. What was flushed before stays a valid bundle.
+    """
+
+    def __init__(self, folder: Path, meta: dict, mic_rate: int = MIC_RATE, warn=print):
         self.folder = Path(folder)
+        check_new_bundle(self.folder)
         (self.folder / "turns").mkdir(parents=True, exist_ok=True)
         self.meta = {"format": FORMAT, "version": 1, "mic_rate": mic_rate, "created": time.time(), **meta}
         self._write_meta()
-        self._mic = open(self.folder / "mic.pcm", "ab")
-        self._events = open(self.folder / "events.jsonl", "a", encoding="utf-8")
+        self._mic = open(self.folder / "mic.pcm", "xb")
+        self._events = open(self.folder / "events.jsonl", "x", encoding="utf-8")
         self.mic_samples = 0
         self.mic_rate = mic_rate
-        self._lock = threading.Lock()  # events.jsonl lines from two threads never interleave
+        self.warn = warn
+        self.failed: OSError | None = None  # recording stopped after this error
+        self._lock = threading.RLock()  # events.jsonl lines from two threads never interleave
+
+    def _failing(self, exc: OSError) -> None:
+        if self.failed is None:
+            self.failed = exc
+            self.warn(f"warning: recording stopped, cannot write the session bundle {self.folder} ({exc}); "
+                      f"the conversation goes on")
 
     def _write_meta(self) -> None:
         tmp = self.folder / "session.json.tmp"
@@ -62,27 +85,69 @@ class SessionRecorder:
 
     def write_mic(self, block: np.ndarray) -> None:
         with self._lock:
-            self._mic.write(float_to_pcm16(block))
-            self._mic.flush()
-            self.mic_samples += len(block)
+            self.mic_samples += len(block)  # the mic clock runs on, recorded or not
+            if self.failed is None:
+                try:
+                    self._mic.write(float_to_pcm16(block))
+                    self._mic.flush()
+                except OSError as exc:
+                    self._failing(exc)
 
     def event(self, kind: str, t: float | None = None, **data) -> None:
         with self._lock:
+            if self.failed is not None:
+                return
             row = {"type": kind, "t": round(self.mic_time if t is None else t, 4), "wall": round(time.time(), 4), **data}
-            self._events.write(json.dumps(row, default=str) + "\n")
-            self._events.flush()
+            try:
+                self._events.write(json.dumps(row, default=str) + "\n")
+                self._events.flush()
+            except OSError as exc:
+                self._failing(exc)
 
-    def turn_audio(self, index: int, who: str, audio: np.ndarray, rate: int) -> Path:
-        return save_audio(self.folder / "turns" / f"{index:04d}-{who}.wav", audio, rate)
+    def turn_audio(self, index: int, who: str, audio: np.ndarray, rate: int) -> Path | None:
+        if self.failed is not None:
+            return None
+        try:
+            return save_audio(self.folder / "turns" / f"{index:04d}-{who}.wav", audio, rate)
+        except OSError as exc:
+            self._failing(exc)
+            return None
+
+    def finish(self, turns: list, summary: dict) -> list[str]:
+        """Write the closing files (waterfall, summary, transcript, plot) and close; return the names written."""
+        rows = [t.waterfall for t in turns]
+        written = []
+        with self._lock:
+            if self.failed is None:
+                try:
+                    write_jsonl([{"turn": t.index, **t.waterfall} for t in turns], self.folder / "waterfall.jsonl")
+                    (self.folder / "summary.json").write_text(json.dumps(summary, indent=2))
+                    (self.folder / "transcript.txt").write_text("".join(
+                        f"[{t.index}] you:   {t.transcript}\n[{t.index}] agent: {t.reply}\n" for t in turns))
+                    written = ["transcript.txt", "summary.json", "waterfall.jsonl"]
+                    if draw_timeline(rows, self.folder / "waterfall.png", title=f"latency waterfall: {self.folder.name}"):
+                        written.append("waterfall.png")
+                except OSError as exc:
+                    self._failing(exc)
+            self.close(turns=len(turns), summary=summary)
+        if turns and (self.folder / "turns").is_dir() and any((self.folder / "turns").iterdir()):
+            written.insert(1, "turns/*.wav")
+        return written
 
     def close(self, **final) -> None:
         with self._lock:
             if self._mic.closed:
                 return
-            self._mic.close()
-            self._events.close()
+            for f in (self._mic, self._events):
+                try:
+                    f.close()
+                except OSError as exc:
+                    self._failing(exc)
             self.meta.update(final, closed=time.time())
-            self._write_meta()
+            try:
+                self._write_meta()
+            except OSError as exc:
+                self._failing(exc)
 
 
 @dataclass

@@ -350,10 +350,10 @@ def test_playback_sink_waits_for_the_reply_and_keeps_only_what_was_heard_on_barg
     import threading
 
     from agent.devices import SpeakerSink
-    from agent.modes import _PlaybackSink
+    from agent.devices import PlaybackSink
 
     speaker = SpeakerSink(sample_rate=1000, jitter_ms=10)  # not started: we play it by calling its callback's fill
-    sink = _PlaybackSink(speaker)
+    sink = PlaybackSink(speaker)
     stamps = []
     sink.on_first_sample = stamps.append
     done = threading.Event()

@@ -1,0 +1,111 @@
+"""Who holds the floor: the one turn-taking rule, shared by live modes and replay.
+
+A `Floor` is fed, block by block, the mic audio, the push-to-talk key actions due at that block and whether the
+agent is speaking; it drives the VAD and returns a `Step` saying what to do: utterances to answer, a barge-in,
+a mute change and the key actions to record, speculation hooks. It owns no thread and no device.
+
+- hands-free: the VAD endpoints each utterance.
+- push-to-talk: a press begins an utterance, a release ends it; a press always takes the floor (unmutes, and
+  stops a reply under way in half-duplex).
+- half-duplex (without barge-in): the VAD is muted while the agent speaks, so it never hears itself.
+- replay passes the recorded mute spans instead: the VAD is then muted exactly as it was live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines import vad as vad_events
+from pipelines.vad import Endpointer, SpeechEnded, SpeechStarted, Utterance
+
+# the VAD's "speech paused / resumed" hints, where it emits them
+SpeechPaused = getattr(vad_events, "SpeechPaused", None)
+SpeechResumed = getattr(vad_events, "SpeechResumed", None)
+
+
+@dataclass
+class Step:
+    """What one mic block decided; `mute` and `keys` are to be recorded at the block's mic time, in that order."""
+
+    mute: bool | None = None  # the new mute state, when it changed
+    keys: list[str] = field(default_factory=list)  # key actions applied ("press" / "release")
+    barge_in: bool = False  # the user took the floor while the agent was speaking: stop the reply
+    utterances: list[Utterance] = field(default_factory=list)  # to answer, in order
+    speculate: Utterance | None = None  # speech paused: the utterance so far, worth answering ahead
+    drop_speculation: bool = False  # speech resumed: the speculation is stale
+
+
+class Floor:
+    def __init__(self, vad: Endpointer, *, push_to_talk: bool, half_duplex: bool, barge_in: bool,
+                 mutes: list[tuple[float, float]] | None = None):
+        self.vad = vad
+        self.push_to_talk, self.half_duplex, self.barge_in = push_to_talk, half_duplex, barge_in
+        self.mutes = mutes  # replay: the recorded mic-time spans the VAD was muted
+        self.muted = False
+        self.heard_s = 0.0  # mic audio fed, and how much of it while muted (why no turn was taken)
+        self.muted_s = 0.0
+        self.started = 0  # utterances begun / ended
+        self.ended = 0
+
+    def _want_mute(self, t: float, speaking: bool, holding: bool) -> bool:
+        if holding:
+            return False
+        if self.mutes is not None:
+            return any(a <= t < b for a, b in self.mutes)
+        return self.half_duplex and not self.barge_in and speaking
+
+    def step(self, t: float, block: np.ndarray, keys: list[str], speaking: bool, rate: int) -> Step:
+        """`block` starts at mic time `t`; `keys` are the key actions due at `t`."""
+        step = Step()
+        pressed = self.push_to_talk and "press" in keys
+        holding = self.push_to_talk and (self.vad.in_speech or pressed)
+        mute = self._want_mute(t, speaking, holding)
+        if mute != self.muted:
+            self.muted = step.mute = mute
+            self.vad.mute(mute)
+        events = []
+        for action in keys:
+            if action == "press" and not self.vad.in_speech:
+                events.append(self.vad.begin())
+            elif action == "release":
+                utterance = self.vad.end()
+                if utterance is not None:
+                    events.append(SpeechEnded(utterance))
+            if action in ("press", "release"):
+                step.keys.append(action)
+        for ev in events + self.vad.process(block):
+            self._apply(ev, step, speaking, pressed)
+        self.heard_s += len(block) / rate
+        self.muted_s += len(block) / rate if self.muted else 0.0
+        return step
+
+    def flush(self) -> Step:
+        """End of input: an utterance still open (speaking, or the key held) is answered too."""
+        step = Step()
+        for ev in self.vad.flush():
+            self._apply(ev, step, False, False)
+        return step
+
+    def _apply(self, ev, step: Step, speaking: bool, pressed: bool) -> None:
+        if isinstance(ev, SpeechStarted):
+            self.started += 1
+            if speaking and (self.barge_in or (pressed and self.half_duplex)):
+                step.barge_in = True
+        elif isinstance(ev, SpeechEnded):
+            self.ended += 1
+            step.utterances.append(ev.utterance)
+        elif SpeechPaused is not None and isinstance(ev, SpeechPaused):
+            step.speculate = ev.utterance
+        elif SpeechResumed is not None and isinstance(ev, SpeechResumed):
+            step.speculate, step.drop_speculation = None, True
+
+    def why_silent(self, unanswered: int) -> str:
+        """Why no turn was taken, given how many utterances the ASR found no words in."""
+        if unanswered:
+            return f"the ASR heard no words in the {unanswered} utterance(s) the VAD found"
+        if self.heard_s and self.muted_s >= self.heard_s - 1e-6:
+            return "the microphone was muted all along (half-duplex: the agent was speaking)"
+        return (f"no speech found in {self.heard_s:.1f} s of mic audio (too quiet? check the input level, "
+                f"vad.energy_margin_db, or that the right microphone is used)")
