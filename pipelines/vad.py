@@ -8,6 +8,11 @@ a turn with too little voiced audio (cough, click) is dropped without a word, an
 before the start is kept so first syllables survive. `SpeechStarted` is only sent once a turn has
 `min_speech_ms` of voiced audio, so a dropped burst never needs taking back.
 
+For speculative work while the endpoint is still undecided: `SpeechPaused` comes at the first silent
+frame after voiced audio of a started turn, carrying the utterance so far (pre-roll to the end of the
+last voiced frame; the final utterance's audio starts with exactly these samples), and
+`SpeechResumed` if a voiced frame comes back before the turn ends.
+
 Input of any rate is resampled to 16 kHz as it streams. Stream time is 16 kHz samples consumed /
 16000: for 16 kHz input exactly the input time; otherwise it lags the input by the resampler's
 ~20 ms delay. With endpointing off (push-to-talk) the caller's `begin()`/`end()` decide the turn.
@@ -64,7 +69,7 @@ class Utterance:
     start_s: float  # first speech frame (manual: when begin() was called)
     end_s: float  # end of the last voiced frame (manual: when end() was called)
     decided_s: float  # stream time when the end was decided
-    reason: str  # 'silence' | 'max_length' | 'flush' | 'manual'
+    reason: str  # 'silence' | 'max_length' | 'flush' | 'manual' | 'pause' (SpeechPaused)
     audio_start_s: float  # stream time of audio[0]
 
     @property
@@ -82,7 +87,17 @@ class SpeechEnded:
     utterance: Utterance
 
 
-VADEvent = SpeechStarted | SpeechEnded
+@dataclass(frozen=True)
+class SpeechPaused:
+    utterance: Utterance  # so far: reason 'pause'; decided_s = this silent frame's end
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    t: float  # stream time of the voiced frame that ended the pause
+
+
+VADEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded
 
 
 class _AudioHistory:
@@ -151,6 +166,7 @@ class Endpointer:
         self._voiced = 0
         self._silence = 0
         self._last_voiced_end = 0
+        self._paused = False
         self._manual_start: int | None = None
 
     @property
@@ -257,7 +273,25 @@ class Endpointer:
             return self._finish(end, "silence")
         if end - self._start >= self._max_len:
             return self._finish(end, "max_length")
-        return self._confirm()
+        events = self._confirm()
+        if self._confirmed and voiced and self._paused:
+            self._paused = False
+            events.append(SpeechResumed(t=at / VAD_RATE))
+        elif self._confirmed and not voiced and self._silence == 1:
+            self._paused = True
+            events.append(SpeechPaused(self._so_far(end)))
+        return events
+
+    def _so_far(self, decided: int) -> Utterance:
+        first = max(self._start - self._pre_roll, self._history.floor)
+        return Utterance(
+            audio=self._history.slice(first, self._last_voiced_end),
+            start_s=self._start / VAD_RATE,
+            end_s=self._last_voiced_end / VAD_RATE,
+            decided_s=decided / VAD_RATE,
+            reason="pause",
+            audio_start_s=first / VAD_RATE,
+        )
 
     def _count(self, voiced: bool, end: int) -> None:
         if voiced:

@@ -14,7 +14,7 @@ import soxr
 
 from pipelines.audio import load_audio
 from pipelines.errors import AudioInputError
-from pipelines.vad import Endpointer, SpeechEnded, SpeechStarted, VADConfig
+from pipelines.vad import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, VADConfig
 
 SR = 16000
 JFK = Path(__file__).parent / "fixtures" / "jfk.flac"
@@ -70,7 +70,7 @@ def test_jfk_default_turns(jfk):
     assert [u.reason for u in got] == ["silence", "silence", "silence", "flush"]
     np.testing.assert_allclose(spans(events), JFK_TURNS, atol=0.035)
     # every turn is announced once, at its first speech frame, before it ends
-    assert [type(e) for e in events] == [SpeechStarted, SpeechEnded] * 4
+    assert [type(e) for e in events if not isinstance(e, (SpeechPaused, SpeechResumed))] == [SpeechStarted, SpeechEnded] * 4
     assert [e.t for e in events if isinstance(e, SpeechStarted)] == [u.start_s for u in got]
     for u in got[:3]:
         assert u.decided_s - u.end_s == pytest.approx(0.6)
@@ -269,3 +269,46 @@ def test_non_finite_input_is_an_audio_error(bad):
 def test_int16_and_stereo_input_are_accepted(jfk, form):
     samples = (jfk * 32767).astype(np.int16) if form == "int16" else np.stack([jfk, jfk], axis=1)
     np.testing.assert_allclose(spans(run(Endpointer(), samples)), JFK_TURNS, atol=0.035)
+
+
+def test_pause_events_bracket_each_gap_and_prefix_the_final_utterance(jfk):
+    events = run(Endpointer(), jfk)
+    kinds = [type(e) for e in events]
+    ended = utterances(events)
+    # inside a turn pauses and resumes alternate, and a turn that ends on silence was paused first
+    turn = []
+    for e in events:
+        if isinstance(e, SpeechStarted):
+            turn = []
+        elif isinstance(e, (SpeechPaused, SpeechResumed)):
+            turn.append(type(e))
+        elif e.utterance.reason == "silence":
+            assert turn and turn[0] is SpeechPaused and turn[-1] is SpeechPaused
+            assert all(a is not b for a, b in zip(turn, turn[1:]))
+    assert SpeechResumed in kinds  # words inside a turn are not one unbroken voiced run
+    # the last pause before each silence end carries exactly the start of the final audio
+    last_pause = None
+    for e in events:
+        if isinstance(e, SpeechPaused):
+            last_pause = e.utterance
+            assert last_pause.reason == "pause" and last_pause.decided_s > last_pause.end_s
+        elif isinstance(e, SpeechEnded) and e.utterance.reason == "silence":
+            u = e.utterance
+            assert last_pause.end_s == u.end_s and last_pause.audio_start_s == u.audio_start_s
+            np.testing.assert_array_equal(u.audio[: last_pause.audio.size], last_pause.audio)
+            assert u.audio.size > last_pause.audio.size  # plus the quiet tail
+    assert len(ended) == 4
+
+
+def test_pause_then_resume_on_a_burst_gap():
+    burst = np.random.default_rng(1).normal(0.0, 0.3, SR // 2).astype(np.float32)
+    audio = np.concatenate([hiss(0.5), burst, hiss(0.3, seed=2), burst, hiss(1.0, seed=3)])
+    events = run(Endpointer(VADConfig(energy_margin_db=0)), audio)
+    speech = [type(e) for e in events]
+    assert SpeechStarted in speech and speech[-1] is SpeechEnded
+    assert speech.count(SpeechEnded) == 1  # the 300 ms gap is shorter than silence_ms
+    paused = [e for e in events if isinstance(e, SpeechPaused)]
+    resumed = [e for e in events if isinstance(e, SpeechResumed)]
+    assert len(paused) == len(resumed) + 1
+    gap = [e for e in resumed if 1.2 <= e.t <= 1.4]
+    assert gap, [e.t for e in resumed]
