@@ -13,6 +13,13 @@ frame after voiced audio of a started turn, carrying the utterance so far (pre-r
 last voiced frame; the final utterance's audio starts with exactly these samples), and
 `SpeechResumed` if a voiced frame comes back before the turn ends.
 
+Semantic end of turn (`smart_turn`, given a `turn_model`: any callable 16 kHz audio -> probability
+that the speaker has finished, e.g. pipelines.turn.SmartTurn): at that same first silent frame the
+model is asked once about the utterance so far. Above `smart_turn_threshold` the turn ends after
+`complete_silence_ms` (reason 'complete'); otherwise after `silence_ms` as without it (reason
+'silence'). The probability rides on the Utterance. The model sees exactly the audio the stream
+delivered, so the same audio gives the same decisions (replay reproduces them).
+
 Input of any rate is resampled to 16 kHz as it streams. Stream time is 16 kHz samples consumed /
 16000: for 16 kHz input exactly the input time; otherwise it lags the input by the resampler's
 ~20 ms delay. With endpointing off (push-to-talk) the caller's `begin()`/`end()` decide the turn.
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +56,9 @@ class VADConfig:
     max_utterance_ms: int = 30000
     enabled_endpointing: bool = True
     energy_margin_db: float = 10.0  # 0 turns the noise-floor gate off
+    smart_turn: bool = True  # only acts when the Endpointer is given a turn model
+    smart_turn_threshold: float = 0.5  # Smart Turn's own cut (pipecat's); its output is a probability
+    complete_silence_ms: int = 200  # a "complete" turn still needs this much silence: a breath, not a word
 
     def __post_init__(self):
         if self.frame_ms not in (10, 20, 30):
@@ -57,7 +68,9 @@ class VADConfig:
         for name in ("pre_roll_ms", "start_ms", "min_speech_ms", "energy_margin_db"):
             if getattr(self, name) < 0:
                 raise ValueError(f"vad.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("silence_ms", "max_utterance_ms"):
+        if not 0.0 < self.smart_turn_threshold < 1.0:
+            raise ValueError(f"vad.smart_turn_threshold must be in (0, 1), got {self.smart_turn_threshold}")
+        for name in ("silence_ms", "max_utterance_ms", "complete_silence_ms"):
             if (value := getattr(self, name)) < self.frame_ms:
                 raise ValueError(f"vad.{name} must be at least one frame ({self.frame_ms} ms), got {value}")
 
@@ -69,8 +82,9 @@ class Utterance:
     start_s: float  # first speech frame (manual: when begin() was called)
     end_s: float  # end of the last voiced frame (manual: when end() was called)
     decided_s: float  # stream time when the end was decided
-    reason: str  # 'silence' | 'max_length' | 'flush' | 'manual' | 'pause' (SpeechPaused)
+    reason: str  # 'silence' | 'complete' (turn model) | 'max_length' | 'flush' | 'manual' | 'pause' (SpeechPaused)
     audio_start_s: float  # stream time of audio[0]
+    turn_probability: float | None = None  # the turn model's answer at the last pause, if it was asked
 
     @property
     def duration_s(self) -> float:
@@ -130,7 +144,12 @@ class _AudioHistory:
 class Endpointer:
     """Feed float32 audio chunks with `process`; get `SpeechStarted` / `SpeechEnded` events back."""
 
-    def __init__(self, config: VADConfig | None = None, input_rate: int = VAD_RATE):
+    def __init__(
+        self,
+        config: VADConfig | None = None,
+        input_rate: int = VAD_RATE,
+        turn_model: Callable[[np.ndarray], float] | None = None,
+    ):
         if input_rate <= 0:
             raise AudioInputError(f"VAD input sample rate must be positive, got {input_rate}")
         self.config = config or VADConfig()
@@ -142,6 +161,8 @@ class Endpointer:
         self._start_frames = max(1, self.config.start_ms // self.config.frame_ms)
         self._start_needed = math.ceil(START_RATIO * self._start_frames)
         self._silence_frames = self.config.silence_ms // self.config.frame_ms
+        self._complete_frames = min(self._silence_frames, self.config.complete_silence_ms // self.config.frame_ms)
+        self._turn_model = turn_model if self.config.smart_turn else None
         self._min_voiced_frames = math.ceil(self.config.min_speech_ms / self.config.frame_ms)
         self._max_len = self.config.max_utterance_ms * ms
         self.reset()
@@ -167,6 +188,7 @@ class Endpointer:
         self._silence = 0
         self._last_voiced_end = 0
         self._paused = False
+        self._turn_probability: float | None = None
         self._manual_start: int | None = None
 
     @property
@@ -276,11 +298,21 @@ class Endpointer:
         events = self._confirm()
         if self._confirmed and voiced and self._paused:
             self._paused = False
+            self._turn_probability = None
             events.append(SpeechResumed(t=at / VAD_RATE))
         elif self._confirmed and not voiced and self._silence == 1:
             self._paused = True
-            events.append(SpeechPaused(self._so_far(end)))
+            so_far = self._so_far(end)
+            if self._turn_model is not None:
+                self._turn_probability = float(self._turn_model(so_far.audio))
+            events.append(SpeechPaused(so_far))
+        if self._complete and self._silence >= self._complete_frames:
+            return events + self._finish(end, "complete")
         return events
+
+    @property
+    def _complete(self) -> bool:
+        return self._turn_probability is not None and self._turn_probability > self.config.smart_turn_threshold
 
     def _so_far(self, decided: int) -> Utterance:
         first = max(self._start - self._pre_roll, self._history.floor)
@@ -331,6 +363,7 @@ class Endpointer:
             decided_s=decided / VAD_RATE,
             reason=reason,
             audio_start_s=first / VAD_RATE,
+            turn_probability=self._turn_probability,
         )
         self._history.drop_before(stop)  # the next turn's pre-roll must not repeat this audio
         return utterance
