@@ -201,7 +201,18 @@ def _cmd_doctor() -> int:
 def console_main() -> None:
     """The `voice-agent` entry point: preload OpenBLAS (re-exec) first, then run."""
     _maybe_preload_openblas(sys.argv[1:])
-    sys.exit(main())
+    argv = sys.argv[1:]
+    rc = main(argv)
+    if _SESSION_VERBS & set(argv):
+        # after a turn was stopped mid-way (SIGTERM, Ctrl-C), the interpreter's shutdown can abort in native
+        # code ("terminate called without an active exception"); the session is closed by now: leave without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
+_SESSION_VERBS = {"replay", "chat", "ptt"}
 
 
 def _terminate(signum, frame) -> None:
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"'{args.verb}' takes no config overrides")
     from pipelines.errors import VoiceAgentError
 
-    if args.verb in ("replay", "chat", "ptt"):
+    if args.verb in _SESSION_VERBS:
         signal.signal(signal.SIGTERM, _terminate)  # kill, systemd, timeout: close the session like Ctrl-C
     try:
         return _dispatch(args, overrides)

@@ -40,6 +40,7 @@ Log = Callable[[str], None]
 
 MIC_STALL_S = 10.0  # no mic block for this long: the device has stopped (unplugged, stream died)
 DEAD_MIC_S = 3.0  # only exact zeros for this long: a muted or denied microphone
+STOPPED = "stopped before a turn was completed"
 
 
 @dataclass
@@ -64,15 +65,15 @@ def _open_recorder(cfg: AgentConfig, mode: str, out: Path | None, stages, log: L
     return SessionRecorder(folder, _meta(cfg, mode, stages), warn=log)
 
 
-def finish(recorder: SessionRecorder | None, conversation: Conversation, log: Log, floor: Floor | None = None) -> dict:
-    """Report the session's latency (or why no turn was taken) and close its bundle."""
+def finish(recorder: SessionRecorder | None, conversation: Conversation, log: Log, why: str | None = None) -> dict:
+    """Report the session's latency (or `why` no turn was taken) and close its bundle."""
     turns = conversation.turns
     summary = session_summary([t.waterfall for t in turns])
     if turns:
         log(f"latency over {len(turns)} turns (ms after end of user speech):")
         log(summary_table(summary))
-    elif floor is not None:
-        log(f"no turn taken: {floor.why_silent(floor.ended)}")
+    elif why:
+        log(f"no turn taken: {why}")
     if recorder is not None:
         written = recorder.finish(turns, summary)
         log(f"session bundle: {recorder.folder}" + (f" ({', '.join(written)})" if written else ""))
@@ -148,6 +149,8 @@ def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, l
     sink = ReplaySink(stages.tts.sample_rate, keep=False)
     floor = _replay_floor(cfg, data)
     speculation = None
+    unheard = 0  # utterances the ASR found no words in
+    stopped = False
     try:
         for _, step in _replay_steps(cfg, data, floor, recorder, progress):
             if step.drop_speculation and speculation is not None:
@@ -156,10 +159,14 @@ def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, l
             if step.speculate is not None:
                 speculation = engine.speculate(step.speculate)
             for utterance in step.utterances:
-                engine.run_turn(utterance, sink, speculation=speculation)
+                unheard += engine.run_turn(utterance, sink, speculation=speculation) is None
                 speculation = None
+    except KeyboardInterrupt:
+        stopped = True
+        raise
     finally:
-        summary = finish(recorder, engine.conversation, log, floor)
+        why = STOPPED if stopped else floor.why_silent(unheard)
+        summary = finish(recorder, engine.conversation, log, why)
     return RunResult(recorder.folder if recorder else None, engine.conversation, summary)
 
 
@@ -183,10 +190,10 @@ def _run_replay_on_stream_clock(cfg: AgentConfig, data: SessionData, out: Path |
         interrupted = True
         worker.cancel()
     finally:
-        summary = _close(worker, floor, log)
+        summary, stopped = _close(worker, floor, log, interrupted)
     if worker.error is not None:
         raise worker.error
-    if interrupted:
+    if stopped:
         raise KeyboardInterrupt
     return RunResult(worker.recorder.folder if worker.recorder else None, worker.engine.conversation, summary)
 
@@ -206,6 +213,7 @@ class _Worker(threading.Thread):
         self.recorder: SessionRecorder | None = None
         self.work: queue.Queue = queue.Queue()  # ("turn" | "speculate", utterance), ("drop", None), ("stop", None)
         self.outstanding = 0  # turns submitted and not yet played out
+        self.unheard = 0  # utterances the ASR found no words in
         self.ready = threading.Event()
         self.generation = 0  # bumped by barge-in / cancel: the running turn sees it changed and stops
         self.error: BaseException | None = None
@@ -275,8 +283,9 @@ class _Worker(threading.Thread):
                     speculation = self.engine.speculate(utterance, cancelled=lambda: not self.work.empty())
                 elif kind == "turn":
                     gen = self.generation
-                    self.engine.run_turn(utterance, self.sink, interrupted=lambda: self.generation != gen,
-                                         speculation=speculation)
+                    turn = self.engine.run_turn(utterance, self.sink, interrupted=lambda: self.generation != gen,
+                                                speculation=speculation)
+                    self.unheard += turn is None and self.generation == gen
                     speculation = None
                     if self.sink.speaker.played_samples and self.generation == gen:
                         time.sleep(min(self.sink.speaker.output_latency, 1.0))  # still in the device's buffer
@@ -301,16 +310,23 @@ def _hand_over(step: Step, worker: _Worker, recorder: SessionRecorder | None, t:
         worker.submit(utterance)
 
 
-def _close(worker: _Worker, floor: Floor, log: Log) -> dict:
-    """Answer and play what is pending (Ctrl-C / SIGTERM again abandons it), then close the bundle."""
+def _close(worker: _Worker, floor: Floor, log: Log, stopped: bool) -> tuple[dict, bool]:
+    """Answer and play what is pending (Ctrl-C / SIGTERM abandons it), then close the bundle.
+    Returns the summary and whether the session was stopped by the user."""
     worker.stop()
     try:
         while worker.is_alive():
             worker.join(timeout=0.5)
     except KeyboardInterrupt:
+        if not stopped:
+            log("stopping...")
+        stopped = True
         worker.cancel()
         worker.join(timeout=10)
-    return finish(worker.recorder, worker.engine.conversation, log, floor) if worker.engine is not None else {}
+    if worker.engine is None:
+        return {}, stopped
+    why = STOPPED if stopped else floor.why_silent(worker.unheard)
+    return finish(worker.recorder, worker.engine.conversation, log, why), stopped
 
 
 def _stdin_keys(keys: queue.Queue) -> None:
@@ -418,7 +434,7 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
         interrupted = True
         worker.cancel()
     finally:
-        summary = _close(worker, floor, log)
+        summary, interrupted = _close(worker, floor, log, interrupted)
         sink.speaker.close()
     if worker.error is not None:
         raise worker.error
