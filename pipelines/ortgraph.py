@@ -1,0 +1,229 @@
+"""Llama blocks as ONNX graphs for ONNX Runtime, built from a model's own args and weights.
+
+Both the TTS (Marvis' backbone and depth decoder) and the reply LLM (SmolLM2) are Llama-style stacks. MLX
+stays their model of record; on CPUs where MLX's kernels are slow, these graphs run the same numbers through
+ONNX Runtime's MLAS kernels, fp32 or blockwise int8/int4 (`MatMulNBits`, from ORT's own quantiser).
+What is notable here:
+- Standard ONNX, opset 23: RMSNormalization, RotaryEmbedding (interleaved pairs or rotate-half), Attention with
+  grouped KV heads, a past cache in and the present cache out, and a causal mask that accounts for the past.
+- Nothing is hand-copied: a stack is emitted from its args and its parameters by name, so the parity tests of
+  the MLX model carry over.
+- A build is written once into a cache folder (atomically, stamped) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 23
+QUANT_BLOCK = 32
+
+
+def rope_periods(args) -> np.ndarray:
+    """Per rotated pair, the period p_i of the angle pos / p_i (mx.fast.rope's `freqs`), Llama-3 scaled."""
+    dims = args.head_dim
+    periods = args.rope_base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    scaling = args.rope_scaling
+    if not scaling or scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return periods
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old = scaling.get("original_max_position_embeddings", 8192)
+    wavelens = 2 * np.pi * periods
+    scaled = np.where(wavelens > old / low, periods * factor, periods)
+    medium = (wavelens > old / high) & (wavelens < old / low)
+    smooth = (old / wavelens - low) / (high - low)
+    return np.where(medium, scaled / ((1 - smooth) / factor + smooth), scaled)
+
+
+class Graph:
+    """A small onnx.helper wrapper: named initializers, nodes with unique output names."""
+
+    def __init__(self, name: str):
+        self.name, self.nodes, self.inits, self.inputs, self.outputs = name, [], [], [], []
+        self._n = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs):
+        from onnx import helper
+
+        self._n += 1
+        outs = [f"{op_type.lower()}_{self._n}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self._n}", **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def input(self, name: str, elem, shape) -> str:
+        from onnx import helper
+
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def output(self, name: str, source: str, elem, shape=None) -> None:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node("Identity", [source], [name], name=f"out_{name}"))
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def model(self):
+        from onnx import helper
+
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        return model
+
+
+def llama_blocks(g: Graph, prefix: str, args, params: dict[str, np.ndarray], x: str, pos: str,
+                 interleaved: bool = True) -> str:
+    """Llama blocks + final norm of the LAST position: x [1, T, D] -> [1, D]; caches as graph inputs/outputs.
+
+    `args`: num_layers, num_heads, num_kv_heads, head_dim, embed_dim, intermediate_dim, norm_eps, rope_base,
+    rope_scaling, max_seq_len; parameters under `{prefix}.layers.N.*` and `{prefix}.norm.weight` (mlx-lm names).
+    """
+    from onnx import TensorProto as TP
+
+    H, KVH, hd, D = args.num_heads, args.num_kv_heads, args.head_dim, args.embed_dim
+    periods = rope_periods(args)
+    angles = np.arange(args.max_seq_len, dtype=np.float64)[:, None] / periods[None, :]  # [positions, hd/2]
+    cos = g.init(f"{prefix}.rope_cos", np.cos(angles).astype(np.float32))
+    sin = g.init(f"{prefix}.rope_sin", np.sin(angles).astype(np.float32))
+    split_qkv = g.init(f"{prefix}.split_qkv", np.array([H * hd, KVH * hd, KVH * hd], np.int64))
+    split_mlp = g.init(f"{prefix}.split_mlp", np.array([args.intermediate_dim] * 2, np.int64))
+
+    def w(name: str) -> np.ndarray:
+        return params[f"{prefix}.{name}"]
+
+    for i in range(args.num_layers):
+        p = f"layers.{i}"
+        past_k = g.input(f"{prefix}.past_k{i}", TP.FLOAT, [1, KVH, "past", hd])
+        past_v = g.input(f"{prefix}.past_v{i}", TP.FLOAT, [1, KVH, "past", hd])
+        h = g.op("RMSNormalization", [x, g.init(f"{prefix}.{p}.norm1", w(f"{p}.input_layernorm.weight"))],
+                 epsilon=args.norm_eps, axis=-1)
+        qkv_w = np.concatenate([w(f"{p}.self_attn.{n}_proj.weight").T for n in "qkv"], axis=1)  # [D, (H+2KVH)hd]
+        q, k, v = g.op("Split", [g.op("MatMul", [h, g.init(f"{prefix}.{p}.qkv", qkv_w)]), split_qkv], n_out=3, axis=-1)
+        q = g.op("RotaryEmbedding", [q, cos, sin, pos], interleaved=int(interleaved), num_heads=H)
+        k = g.op("RotaryEmbedding", [k, cos, sin, pos], interleaved=int(interleaved), num_heads=KVH)
+        attn, present_k, present_v = g.op("Attention", [q, k, v, "", past_k, past_v], n_out=3,
+                                          q_num_heads=H, kv_num_heads=KVH, is_causal=1)
+        g.output(f"{prefix}.present_k{i}", present_k, TP.FLOAT)
+        g.output(f"{prefix}.present_v{i}", present_v, TP.FLOAT)
+        o = g.op("MatMul", [attn, g.init(f"{prefix}.{p}.o", w(f"{p}.self_attn.o_proj.weight").T)])
+        x = g.op("Add", [x, o])
+        h = g.op("RMSNormalization", [x, g.init(f"{prefix}.{p}.norm2", w(f"{p}.post_attention_layernorm.weight"))],
+                 epsilon=args.norm_eps, axis=-1)
+        gu_w = np.concatenate([w(f"{p}.mlp.gate_proj.weight").T, w(f"{p}.mlp.up_proj.weight").T], axis=1)
+        gate, up = g.op("Split", [g.op("MatMul", [h, g.init(f"{prefix}.{p}.gate_up", gu_w)]), split_mlp], n_out=2, axis=-1)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        x = g.op("Add", [x, g.op("MatMul", [act, g.init(f"{prefix}.{p}.down", w(f"{p}.mlp.down_proj.weight").T)])])
+    last = g.op("Slice", [x, g.init(f"{prefix}.last_start", np.array([-1], np.int64)),
+                          g.init(f"{prefix}.last_end", np.array([2 ** 62], np.int64)),
+                          g.init(f"{prefix}.last_axis", np.array([1], np.int64))])
+    last = g.op("Reshape", [last, g.init(f"{prefix}.flat", np.array([1, D], np.int64))])
+    return g.op("RMSNormalization", [last, g.init(f"{prefix}.norm", w("norm.weight"))], epsilon=args.norm_eps, axis=-1)
+
+
+def float_params(model, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Parameters (all, or those `names` start with) as fp32 numpy under their checkpoint names; MLX-quantised
+    layers are dequantised first (ONNX Runtime quantises again, in its own kernels' layout)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    def wanted(name: str) -> bool:
+        return names is None or name.startswith(names)
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and wanted(name):
+            w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
+            out[f"{name}.weight"] = np.array(w.astype(mx.float32))
+    for name, value in tree_flatten(model.parameters()):
+        if name.endswith((".scales", ".biases")) or name in out or not wanted(name):
+            continue
+        out[name] = np.array(value.astype(mx.float32))
+    return out
+
+
+def quantize(onnx_model, bits: int):
+    """fp32 MatMuls with constant weights -> ONNX Runtime's blockwise `MatMulNBits` (its own quantiser)."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node it visits
+    quantizer = MatMulNBitsQuantizer(onnx_model, bits=bits, block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=4)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def save(onnx_model, path: Path) -> None:
+    import onnx
+
+    onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], progress: str | None) -> tuple[Path, bool]:
+    """The folder holding the built graphs: `folder` if a build with this `stamp` is complete there, else a new
+    build (into a temporary folder, renamed into place). `build()` returns name -> fp32 ONNX model; a stamp
+    with `quantization` bits quantises each. Returns (folder, whether it was built now)."""
+    from tqdm import tqdm
+
+    if folder is not None:
+        folder = Path(folder)
+        try:
+            if json.loads((folder / "ready.json").read_text()) == stamp:
+                return folder, False
+        except (OSError, ValueError):
+            pass
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent if folder else None))
+    try:
+        models = build()
+        bar = tqdm(total=len(models), desc=progress, unit="graph", disable=None if progress else True, leave=False)
+        for name in list(models):
+            m = models.pop(name)
+            if stamp.get("quantization"):
+                m = quantize(m, stamp["quantization"])
+            save(m, tmp / f"{name}.onnx")
+            del m
+            bar.update()
+        bar.close()
+        (tmp / "ready.json").write_text(json.dumps(stamp))
+        if folder is None:
+            return tmp, True
+        if folder.exists():
+            shutil.rmtree(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same build first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder, True
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def session(path: Path, threads: int, spin: bool = False):
+    """A CPU session; `spin`: may its idle workers busy-wait (fast for back-to-back runs, costly beside others)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
