@@ -332,3 +332,90 @@ def test_language_is_checked_against_the_model(synthetic_bin, tmp_path):
         WhisperASR(out, language="de")
     with pytest.raises(ConfigError, match="unknown language"):
         WhisperASR(out, language="klingon")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trimmed window and incremental reuse
+
+
+def test_incremental_reuse_only_for_a_quiet_tail(tiny_dir, monkeypatch):
+    asr = WhisperASR(tiny_dir)
+    runs = []
+    monkeypatch.setattr(asr, "_run_trimmed", lambda audio: runs.append(audio.size) or {"text": f"run {len(runs)}", "language": "en"})
+    speech = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    assert asr.transcribe(speech).text == "run 1"
+    assert asr.transcribe(speech).text == "run 1"  # nothing new
+    tail = np.random.default_rng(1).normal(0, 1e-3, 4800).astype(np.float32)  # -60 dBFS after -20 dBFS speech
+    assert asr.transcribe(np.concatenate([speech, tail])).text == "run 1"
+    assert asr.transcribe(np.concatenate([speech, tail, speech[:4800]])).text == "run 2"  # more words
+    assert asr.transcribe(speech[::-1].copy()).text == "run 3"  # other audio
+    asr.reset()
+    assert asr.transcribe(speech[::-1].copy()).text == "run 4"
+    assert runs == [16000, 25600, 16000, 16000]
+
+
+def test_long_audio_and_trim_off_take_the_full_window(tiny_dir, monkeypatch):
+    asr = WhisperASR(tiny_dir)
+    paths = []
+    monkeypatch.setattr(asr, "_run_trimmed", lambda audio: paths.append("trimmed") or {"text": "", "language": "en"})
+    monkeypatch.setattr(asr, "_run", lambda audio: paths.append("full") or {"text": "", "language": "en"})
+    speech = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    asr.transcribe(speech)
+    asr.transcribe(np.tile(speech, 31))
+    full = WhisperASR(tiny_dir, trim=False)
+    monkeypatch.setattr(full, "_run", lambda audio: paths.append("full") or {"text": "", "language": "en"})
+    full.transcribe(speech)
+    assert paths == ["trimmed", "full", "full"]
+    with pytest.raises(ConfigError):
+        WhisperASR(tiny_dir, floor_s=0)
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("colour", "color")).split()
+
+
+def word_errors(reference: str, hypothesis: str) -> int:
+    """Word-level Levenshtein distance on normalised text."""
+    ref, hyp = _words(reference), _words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
+    return row[-1]
+
+
+def test_word_errors():
+    assert word_errors("Ask not what your country", "ask not, what your country!") == 0
+    assert word_errors("a b c", "a x c d") == 2 and word_errors("a b c", "") == 3
+
+
+def shipped_utterances() -> list[tuple[np.ndarray, str]]:
+    """jfk.flac and every VAD turn of sessions/demo and sessions/ten-turns with its scripted text."""
+    from pipelines.vad import Endpointer, SpeechEnded
+
+    items = [(load_audio(JFK, 16000), "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country.")]
+    for name in ("demo", "ten-turns"):
+        folder = ROOT / "sessions" / name
+        meta = json.loads((folder / "session.json").read_text())
+        mic = np.frombuffer((folder / "mic.pcm").read_bytes(), np.int16).astype(np.float32) / 32768
+        endpointer = Endpointer(input_rate=meta["mic_rate"])
+        turns = [e.utterance.audio for e in endpointer.process(mic) + endpointer.flush() if isinstance(e, SpeechEnded)]
+        assert len(turns) == len(meta["turns"]), name
+        items += list(zip(turns, meta["turns"]))
+    return items
+
+
+@pytest.mark.slow
+def test_trimmed_window_wer_within_one_point_of_full(tiny_dir):
+    items = shipped_utterances()
+    total = sum(len(_words(text)) for _, text in items)
+    errors = {}
+    for trim in (False, True):
+        asr = WhisperASR(tiny_dir, trim=trim)
+        errors[trim] = sum(word_errors(text, asr.transcribe(audio).text) for audio, text in items)
+    full, trimmed = 100 * errors[False] / total, 100 * errors[True] / total
+    print(f"WER over {len(items)} utterances, {total} words: full window {full:.1f} %, trimmed {trimmed:.1f} %")
+    assert trimmed <= full + 1.0

@@ -8,11 +8,24 @@ Notable:
   so we read the dtype from the weights file instead of asking the user.
 - Each window is decoded on its own (`condition_on_previous_text=False`): a voice agent's utterances
   are short, and this keeps one bad window from dragging the next one into a repetition loop.
+- Trimmed window (default, `trim=True`): mlx-whisper always encodes a 30 s window (1500 encoder
+  positions), ~1.6 s of tiny.en on two CPU cores even for a 2 s utterance. We run the encoder's parts
+  ourselves on the utterance's mel plus `margin_s` of the padded-silence mel (at least `floor_s`), with
+  the positional embedding sliced to the frames fed (whisper.cpp's `audio_ctx`), then decode with
+  mlx-whisper's own DecodingTask: same greedy-then-hotter temperature fallback and thresholds as its
+  `transcribe`. The margin and floor keep the decoder from running away on a window that ends on the
+  last word (at a 3 s floor "Hi!" ran away into "3 a I 1 1 1 ..."; 8 s gives "Hi."). Utterances over
+  30 s, and `trim=False`, take mlx-whisper's full-window `transcribe`.
+- Incremental: `transcribe` remembers its last input and result. A call whose audio is the last
+  audio plus only a quiet tail (or nothing more) returns that result without running the model, so
+  the agent can transcribe at the first pause and pay nothing at the endpoint if the user said no more.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import struct
 import time
 from dataclasses import dataclass
@@ -26,6 +39,12 @@ from pipelines.errors import CheckpointError, ConfigError
 SAMPLE_RATE = 16_000
 MIN_SECONDS = 0.1  # below this there is no word to find; return "" without running the model
 SILENCE_PEAK = 1e-4  # digital silence: nothing to hear, so skip the encoder pass (seconds on CPU)
+TAIL_QUIET_DB = 20.0  # an appended tail this far below the utterance's RMS adds no words
+FULL_WINDOW_S = 30.0  # mlx-whisper's window: 3000 mel frames, 1500 encoder positions
+TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # mlx-whisper transcribe's defaults, and its thresholds:
+COMPRESSION_RATIO_MAX = 2.4
+LOGPROB_MIN = -1.0
+NO_SPEECH_MIN = 0.6
 
 
 @dataclass(frozen=True)
@@ -55,7 +74,15 @@ def _weights_dtype(weights: Path) -> str:
 class WhisperASR:
     """Speech to text with mlx-whisper. Plain object: `warmup()`, `transcribe(audio)`."""
 
-    def __init__(self, model_dir: str | Path, language: str | None = None, initial_prompt: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        language: str | None = None,
+        initial_prompt: str | None = None,
+        trim: bool = True,
+        margin_s: float = 2.0,
+        floor_s: float = 8.0,
+    ):
         from mlx_whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
         self.model_dir = Path(model_dir).expanduser().resolve()
@@ -87,6 +114,57 @@ class WhisperASR:
             language = code
         self.language = language
         self.initial_prompt = initial_prompt
+        if margin_s < 0 or not 0 < floor_s <= FULL_WINDOW_S:
+            raise ConfigError(f"asr: margin_s must be >= 0 and floor_s in (0, 30], got {margin_s}, {floor_s}")
+        self.trim, self.margin_s, self.floor_s = trim, margin_s, floor_s
+        self._last: tuple[np.ndarray, Transcript] | None = None  # (16 kHz input, its transcript)
+
+    def _model(self):
+        import mlx.core as mx
+        from mlx_whisper.transcribe import ModelHolder
+
+        # the same cached model mlx_whisper.transcribe uses, so both paths share one copy
+        return ModelHolder.get_model(str(self.model_dir), mx.float16 if self.fp16 else mx.float32)
+
+    def _run_trimmed(self, audio: np.ndarray) -> dict:
+        """One window of the utterance's mel + margin: encoder on the sliced positions, then decode."""
+        import mlx.core as mx
+        import mlx.nn as nn
+        from mlx_whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram
+        from mlx_whisper.decoding import DecodingOptions
+        from mlx_whisper.tokenizer import get_tokenizer
+
+        model = self._model()
+        # padded exactly as transcribe does, so the margin is the same "silence" mel it would see
+        mel = log_mel_spectrogram(audio, n_mels=model.dims.n_mels, padding=N_SAMPLES)  # [frames, n_mels]
+        content = audio.size / HOP_LENGTH
+        frames = max(content + self.margin_s * SAMPLE_RATE / HOP_LENGTH, self.floor_s * SAMPLE_RATE / HOP_LENGTH)
+        frames = min(N_FRAMES, 2 * math.ceil(frames / 2))  # even: conv2 has stride 2
+        mel = mel[None, :frames].astype(mx.float16 if self.fp16 else mx.float32)  # [1, frames, n_mels]
+
+        encoder = model.encoder
+        x = nn.gelu(encoder.conv1(mel))
+        x = nn.gelu(encoder.conv2(x))  # [1, frames / 2, n_state]
+        x = x + encoder._positional_embedding[: x.shape[1]]
+        for block in encoder.blocks:
+            x, _, _ = block(x)
+        features = encoder.ln_post(x)
+
+        language = self.language or (None if self.multilingual else "en")
+        prompt = None
+        if self.initial_prompt:
+            tokenizer = get_tokenizer(self.multilingual, num_languages=model.num_languages, language=language, task="transcribe")
+            prompt = tokenizer.encode(" " + self.initial_prompt.strip())
+        for temperature in TEMPERATURES:
+            options = DecodingOptions(language=language, temperature=temperature, prompt=prompt, fp16=self.fp16)
+            result = _encoded_task()(model, options).run(features)[0]
+            if result.no_speech_prob > NO_SPEECH_MIN:
+                break  # silence: hotter decoding will not find words either
+            if result.compression_ratio <= COMPRESSION_RATIO_MAX and result.avg_logprob >= LOGPROB_MIN:
+                break
+        if result.no_speech_prob > NO_SPEECH_MIN and result.avg_logprob <= LOGPROB_MIN:
+            return {"text": "", "language": result.language}
+        return {"text": result.text, "language": result.language}
 
     def _run(self, audio: np.ndarray, temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> dict:
         import mlx_whisper
@@ -111,7 +189,42 @@ class WhisperASR:
         """[T] float32 mono (any rate, resampled to 16 kHz) -> Transcript. Too short or silent -> ""."""
         start = time.perf_counter()
         audio = resample(to_mono_float32(audio, what="ASR input"), sample_rate, SAMPLE_RATE)
+        if self._last is not None and _adds_only_quiet(self._last[0], audio):
+            return Transcript(self._last[1].text, time.perf_counter() - start, self._last[1].language)
         if audio.size < MIN_SECONDS * SAMPLE_RATE or float(np.abs(audio).max()) < SILENCE_PEAK:
             return Transcript("", time.perf_counter() - start, self.language or (None if self.multilingual else "en"))
-        result = self._run(audio)
-        return Transcript(str(result.get("text", "")).strip(), time.perf_counter() - start, result.get("language"))
+        if self.trim and audio.size <= FULL_WINDOW_S * SAMPLE_RATE:
+            result = self._run_trimmed(audio)
+        else:
+            result = self._run(audio)
+        transcript = Transcript(str(result.get("text", "")).strip(), time.perf_counter() - start, result.get("language"))
+        self._last = (audio, transcript)
+        return transcript
+
+    def reset(self) -> None:
+        """Forget the last utterance (the next call always runs the model)."""
+        self._last = None
+
+
+def _adds_only_quiet(previous: np.ndarray, audio: np.ndarray) -> bool:
+    """`audio` is `previous` plus nothing, or plus a tail TAIL_QUIET_DB below `previous`'s RMS."""
+    if audio.size < previous.size or not np.array_equal(audio[: previous.size], previous):
+        return False
+    tail = audio[previous.size :]
+    if tail.size == 0:
+        return True
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))  # noqa: E731
+    return rms(tail) <= max(rms(previous) * 10 ** (-TAIL_QUIET_DB / 20), SILENCE_PEAK)
+
+
+@functools.cache
+def _encoded_task():
+    from mlx_whisper.decoding import DecodingTask
+
+    class EncodedDecodingTask(DecodingTask):
+        """mlx-whisper's decoding, given encoder output of any length (its check wants 1500 positions)."""
+
+        def _get_audio_features(self, features):
+            return features
+
+    return EncodedDecodingTask
