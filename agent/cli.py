@@ -116,6 +116,25 @@ def _config(args, overrides):
     return cfg
 
 
+def _writable_output(path: Path) -> None:
+    """Probe the -o file now: a synthesis must not be thrown away at the end for an unwritable path."""
+    from pipelines.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"-o {path}: is a folder; give a file name such as {path / 'tts.wav'}")
+    if path.suffix.lower() not in (".wav", ".flac"):
+        raise ConfigError(f"-o {path}: write .wav or .flac")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"-o {path}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        path.unlink()
+
+
 def _cmd_tts(args, overrides) -> int:
     import dataclasses
 
@@ -123,40 +142,57 @@ def _cmd_tts(args, overrides) -> int:
 
     from agent.build import build_tts
     from pipelines.audio import load_audio, save_audio
+    from pipelines.errors import ConfigError, TextInputError
+    from pipelines.llm.sentences import SentenceSplitter
     from pipelines.messages import Segment, VoiceReference
 
+    # everything a user can get wrong is checked before the model loads
     cfg = _config(args, overrides)
-    tts = build_tts(cfg, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
     changes = {"temperature": args.temperature, "top_k": args.topk, "max_audio_length_ms": args.max_ms}
     try:
         gen = dataclasses.replace(cfg.tts, **{k: v for k, v in changes.items() if v is not None})
     except ValueError as exc:
-        from pipelines.errors import ConfigError
-
         raise ConfigError(str(exc).replace("tts.top_k", "--topk").replace("tts.max_audio_length_ms", "--max-ms")) from None
+    if args.max_ms is not None and args.max_ms <= 0:
+        raise ConfigError(f"--max-ms must be > 0, got {args.max_ms}")
+    if args.speaker < 0:
+        raise TextInputError(f"--speaker must be a non-negative integer id, got {args.speaker}")
+    splitter = SentenceSplitter()
+    sentences = [s for s in splitter.push(args.text) + splitter.flush() if s.strip()]
+    if not sentences:
+        raise TextInputError("nothing to say: the text is empty")
+    if args.voice_match and not args.ref_text:
+        raise TextInputError("--voice-match needs --ref-text, the transcript of the reference clip")
     context = []
     for audio_path, text in args.context:
         m = re.match(r"^\[(\d+)\]\s*", text)
         speaker = int(m.group(1)) if m else args.speaker
         context.append(Segment(speaker, text[m.end():] if m else text, load_audio(audio_path, 24_000)))
-    voice = None
-    if args.voice_match:
-        if not args.ref_text:
-            from pipelines.errors import TextInputError
+    voice = VoiceReference(load_audio(args.voice_match, 24_000), args.ref_text) if args.voice_match else None
+    _writable_output(args.output)
 
-            raise TextInputError("--voice-match needs --ref-text, the transcript of the reference clip")
-        voice = VoiceReference(load_audio(args.voice_match, 24_000), args.ref_text)
-    if args.stream:
-        audio, codes = [], []
-        for chunk in tts.stream(args.text, args.speaker, context, voice, gen):
-            print(f"chunk: frames {chunk.first_frame}..{chunk.first_frame + chunk.num_frames - 1}", file=sys.stderr)
-            audio.append(chunk.audio)
-            codes.append(chunk.codes)
-        wave = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-        all_codes = np.concatenate(codes, axis=1) if codes else np.zeros((tts.num_codebooks, 0), np.int32)
-    else:
-        speech = tts.generate(args.text, args.speaker, context, voice, gen)
-        wave, all_codes = speech.audio, speech.codes
+    tts = build_tts(cfg, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
+    if len(sentences) > 1:
+        print(f"speaking {len(sentences)} sentences one after another, each with the earlier ones as context",
+              file=sys.stderr)
+    audio, codes = [], []
+    for sentence in sentences:  # like the agent: one utterance a sentence, the earlier ones as context
+        if args.stream:
+            parts = []
+            for chunk in tts.stream(sentence, args.speaker, context, voice, gen):
+                print(f"chunk: frames {chunk.first_frame}..{chunk.first_frame + chunk.num_frames - 1}", file=sys.stderr)
+                parts.append(chunk)
+            wave = np.concatenate([c.audio for c in parts]) if parts else np.zeros(0, np.float32)
+            sentence_codes = (np.concatenate([c.codes for c in parts], axis=1) if parts
+                              else np.zeros((tts.num_codebooks, 0), np.int32))
+        else:
+            speech = tts.generate(sentence, args.speaker, context, voice, gen)
+            wave, sentence_codes = speech.audio, speech.codes
+        audio.append(wave)
+        codes.append(sentence_codes)
+        if voice is None and len(wave):
+            context = [*context, Segment(args.speaker, sentence, wave, codes=sentence_codes)]
+    wave, all_codes = np.concatenate(audio), np.concatenate(codes, axis=1)
     save_audio(args.output, wave, tts.sample_rate)
     if args.codes_out:
         args.codes_out.parent.mkdir(parents=True, exist_ok=True)

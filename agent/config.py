@@ -7,11 +7,17 @@ config never silently does nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def knob(default, lo=None, hi=None):
+    """A field with its allowed range [lo, hi], checked when the config loads."""
+    return field(default=default, metadata={"range": (lo, hi)})
 
 from pipelines.errors import ConfigError
 from pipelines.tts.load import TTSConfig
@@ -34,19 +40,19 @@ class LLMSection:
     model: str = "checkpoints/smollm2-135m-instruct"
     # SmolLM2-135M answers well to its trained prompt; longer instructions made it drift (even into French)
     system_prompt: str = "You are a helpful assistant. Answer in one short sentence."
-    max_tokens: int = 48
-    max_history_turns: int = 8
-    temperature: float = 0.0
-    seed: int = 0
-    first_clause_words: int = 6  # a long first sentence goes to the TTS at its first clause break after this many words (0: off)
+    max_tokens: int = knob(48, 1, 4096)
+    max_history_turns: int = knob(8, 0, 1000)
+    temperature: float = knob(0.0, 0.0, 10.0)
+    seed: int = knob(0, 0, 2**32 - 1)
+    first_clause_words: int = knob(6, 0, 1000)  # a long first sentence goes to the TTS at its first clause break after this many words (0: off)
 
 
 @dataclass
 class AudioSection:
     input_device: str = ""  # "" = PortAudio default
     output_device: str = ""
-    block_ms: int = 30
-    jitter_ms: int = 120
+    block_ms: int = knob(30, 5, 1000)
+    jitter_ms: int = knob(120, 0, 10_000)
     half_duplex: bool = True  # ignore the mic while the agent speaks
     barge_in: bool = False  # user speech during playback stops the agent (needs echo-free audio)
     echo_cancellation: bool = False  # WebRTC AEC3 on the mic (agent/echo.py): barge-in on speakers
@@ -61,12 +67,12 @@ class SessionSection:
 @dataclass
 class ReplaySection:
     realtime: bool = False
-    chunk_ms: int = 30
+    chunk_ms: int = knob(30, 1, 10_000)
 
 
 @dataclass
 class AgentConfig:
-    mode: str = "hands-free"  # hands-free | push-to-talk | replay
+    mode: str = field(default="hands-free", metadata={"choices": ("hands-free", "push-to-talk", "replay")})
     vad: VADConfig = field(default_factory=VADConfig)  # the stage's own config: validated on load
     asr: ASRSection = field(default_factory=ASRSection)
     llm: LLMSection = field(default_factory=LLMSection)
@@ -96,16 +102,32 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             number = typ(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected {'an integer' if typ is int else 'a number'}, got {value!r}") from None
         if typ is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if typ is float and not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return number
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _check_ranges(obj: Any, prefix: str = "") -> None:
+    """Every `knob` of the mutable sections within its range (the stages' own frozen configs check themselves)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{prefix}{f.name}.")
+        elif "range" in f.metadata:
+            lo, hi = f.metadata["range"]
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise ConfigError(f"{prefix}{f.name}: must be in {lo}..{hi}, got {value!r}")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name}: must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
@@ -153,12 +175,16 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"{path}: `extends` loops back to itself")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
     parent = data.pop("extends", None)
     if parent is None:
         return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: `extends` must be a file name, got {parent!r}")
     base = _read_toml((path.parent / parent).resolve(), seen + (path,))
     return _merge(base, data)
 
@@ -202,4 +228,5 @@ def load_config(name: str | None = "default", overrides: list[tuple[str, str]] =
         _apply(cfg, _read_toml(config_path(name)))
     if overrides:
         _apply(cfg, parse_overrides(list(overrides)))
+    _check_ranges(cfg)
     return cfg
