@@ -14,6 +14,8 @@ a folder that already holds files. When the disk fills, recording stops with one
 from __future__ import annotations
 
 import json
+import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.metrics import draw_timeline, write_jsonl
-from pipelines.audio import float_to_pcm16, load_audio, pcm16_to_float, save_audio
+from pipelines.audio import float_to_pcm16, load_audio, save_audio
 from pipelines.errors import AudioInputError, ConfigError
 
 FORMAT = "voice-agent-session"
@@ -160,46 +162,92 @@ class SessionData:
     events: list[dict] = field(default_factory=list)
 
 
-def read_events(path: Path) -> list[dict]:
-    rows = []
+def _warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _event_time(e: dict) -> float | None:
+    t = e.get("t")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        return None
+    return float(t)
+
+
+def read_events(path: Path, warn=_warn_stderr) -> list[dict]:
+    """The JSON objects of events.jsonl whose `t` (if any) is a time; a damaged line is skipped with one warning."""
+    rows, damaged = [], []
     if not path.is_file():
         return rows
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a half-written last line after a crash
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            if n < len(lines):  # the last line may be half-written by a crash: expected, no warning
+                damaged.append(f"line {n}: not JSON")
+            continue
+        if not isinstance(row, dict):
+            damaged.append(f"line {n}: {type(row).__name__}, not an object")
+        elif "t" in row and _event_time(row) is None:
+            damaged.append(f"line {n}: t={row['t']!r} is not a time in seconds")
+        else:
+            rows.append(row)
+    if damaged:
+        warn(f"warning: {path}: skipped {len(damaged)} damaged line(s) ({'; '.join(damaged[:3])}"
+             f"{'; ...' if len(damaged) > 3 else ''})")
     return rows
 
 
-def read_session(folder: Path) -> SessionData:
+def _read_meta(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AudioInputError(f"{path}: damaged, not UTF-8 text; delete it to replay the mic audio at "
+                              f"{MIC_RATE} Hz") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise AudioInputError(f"{path}: damaged, not JSON; delete it to replay the mic audio at {MIC_RATE} Hz") from None
+    if not isinstance(meta, dict):
+        raise AudioInputError(f"{path}: damaged, a JSON {type(meta).__name__} instead of an object")
+    rate = meta.get("mic_rate", MIC_RATE)
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 8_000 <= rate <= 192_000:
+        raise AudioInputError(f"{path}: damaged, mic_rate {rate!r} is not a sample rate in 8000..192000 Hz")
+    return meta
+
+
+def read_session(folder: Path, warn=_warn_stderr) -> SessionData:
+    """Only the bundle's own fixed names are opened: nothing named inside its files is followed."""
     folder = Path(folder)
     mic_path = folder / "mic.pcm"
     if not mic_path.is_file():
         raise AudioInputError(f"{folder}: not a session bundle (no mic.pcm); pass audio files or a bundle folder")
-    meta = {}
-    if (folder / "session.json").is_file():
-        try:
-            meta = json.loads((folder / "session.json").read_text())
-        except json.JSONDecodeError:
-            meta = {}
-    raw = mic_path.read_bytes()
-    raw = raw[: len(raw) - len(raw) % 2]  # a block cut mid-sample by a crash
-    rate = int(meta.get("mic_rate", MIC_RATE))
-    events = read_events(folder / "events.jsonl")
+    meta = _read_meta(folder / "session.json")
+    rate = meta.get("mic_rate", MIC_RATE)
+    samples = mic_path.stat().st_size // 2  # a block cut mid-sample by a crash is dropped
+    if samples == 0:
+        raise AudioInputError(f"{mic_path}: empty, the session recorded no audio; nothing to replay")
+    mic = np.fromfile(mic_path, dtype="<i2", count=samples).astype(np.float32) / 32768.0
+    events = read_events(folder / "events.jsonl", warn)
     mutes, keys, start = [], [], None
     for e in events:
+        t = _event_time(e)
+        if e.get("type") in ("mute", "key") and t is None:
+            warn(f"warning: {folder / 'events.jsonl'}: a {e.get('type')} event without a time, skipped")
+            continue
         if e.get("type") == "mute":
             if e.get("on") and start is None:
-                start = float(e["t"])
+                start = t
             elif not e.get("on") and start is not None:
-                mutes.append((start, float(e["t"])))
+                mutes.append((start, t))
                 start = None
         elif e.get("type") == "key":
-            keys.append((float(e["t"]), str(e.get("action"))))
+            keys.append((t, str(e.get("action"))))
     if start is not None:
         mutes.append((start, float("inf")))
-    return SessionData(pcm16_to_float(raw), rate, mutes, keys, meta, events)
+    return SessionData(mic, rate, mutes, keys, meta, events)
 
 
 def audio_files_as_session(paths: list[Path], gap_s: float, rate: int = MIC_RATE) -> SessionData:
