@@ -37,6 +37,8 @@ _TORCHTUNE_RENAMES = [
 
 _TRANSFORMERS_RENAMES = [
     ("backbone_model.embed_tokens.embed_audio_tokens.weight", "audio_embeddings.weight"),
+    # tied with the backbone's; save_pretrained keeps only one of the two (this one, in transformers 5)
+    ("depth_decoder.model.embed_tokens.weight", "audio_embeddings.weight"),
     ("depth_decoder.model.inputs_embeds_projector.weight", "projection.weight"),
     ("depth_decoder.codebooks_head.weight", "audio_head"),
     ("embed_text_tokens.weight", "text_embeddings.weight"),
@@ -45,19 +47,22 @@ _TRANSFORMERS_RENAMES = [
     ("depth_decoder.model.", "decoder."),
 ]
 
-# The transformers port shares the decoder's codebook embedding with the backbone's (tied), and carries
-# its own codec; Mimi comes from moshi here.
-_TRANSFORMERS_DROPPED = ("depth_decoder.model.embed_tokens.", "codec_model.")
+# The transformers port carries its own codec (`codec_model.*`); the TTS network leaves it to codec.py.
+_TRANSFORMERS_DROPPED = ("codec_model.",)
 
 
-def detect_format(keys: list[str]) -> str:
+def detect_format(keys: list[str], where: str = "checkpoint") -> str:
     if any(k.startswith(("backbone_model.", "depth_decoder.")) for k in keys):
         return "transformers"
     if any(".sa_norm." in k or ".attn.q_proj" in k for k in keys):
         return "torchtune"
+    if any(k.startswith(("encoder.blocks.", "model.encoder.layers.", "decoder.blocks.")) for k in keys):
+        raise CheckpointError(f"{where}: this is a Whisper model, not Marvis; pass it as the ASR model, not --checkpoint")
+    if any(re.match(r"(model\.)?layers\.\d+\.self_attn\.", k) for k in keys):
+        raise CheckpointError(f"{where}: this is a text LLM, not Marvis; pass it as the reply LLM, not the TTS checkpoint")
     if any(".self_attn.q_proj" in k for k in keys):
         return "mlx"
-    raise CheckpointError("checkpoint has no Marvis/CSM tensors (expected backbone/decoder layers)")
+    raise CheckpointError(f"{where}: no Marvis/CSM tensors (expected backbone/decoder layers)")
 
 
 def _rotate_half_to_interleaved(w: mx.array, num_heads: int) -> mx.array:
@@ -185,6 +190,10 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict | None, Path | None]
         folder = path
         files = sorted(f for f in path.glob("*.safetensors"))
         if not files:
+            pickles = sorted(f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            if pickles:
+                raise CheckpointError(f"{path}: only pickle files ({', '.join(pickles)}), which are never loaded; "
+                                      "convert them to safetensors first")
             raise CheckpointError(f"{path}: no .safetensors files in this checkpoint directory")
         config_file = path / "config.json" if (path / "config.json").is_file() else None
     config = None
@@ -203,7 +212,7 @@ def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> LoadedCh
     raw, metadata = _read_safetensors(files)
     if config is None and "marvis_config" in metadata:  # our single files carry their config
         config = json.loads(metadata["marvis_config"])
-    fmt = detect_format(list(raw))
+    fmt = detect_format(list(raw), str(path))
     if config is not None:
         try:
             args = ModelArgs.from_dict(config)
