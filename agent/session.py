@@ -88,7 +88,7 @@ class SessionRecorder:
     def write_mic(self, block: np.ndarray) -> None:
         with self._lock:
             self.mic_samples += len(block)  # the mic clock runs on, recorded or not
-            if self.failed is None:
+            if self.failed is None and not self._mic.closed:
                 try:
                     self._mic.write(float_to_pcm16(block))
                     self._mic.flush()
@@ -97,7 +97,7 @@ class SessionRecorder:
 
     def event(self, kind: str, t: float | None = None, **data) -> None:
         with self._lock:
-            if self.failed is not None:
+            if self.failed is not None or self._events.closed:  # a late writer after close() is ignored
                 return
             row = {"type": kind, "t": round(self.mic_time if t is None else t, 4), "wall": round(time.time(), 4), **data}
             try:
@@ -107,7 +107,7 @@ class SessionRecorder:
                 self._failing(exc)
 
     def turn_audio(self, index: int, who: str, audio: np.ndarray, rate: int) -> Path | None:
-        if self.failed is not None:
+        if self.failed is not None or self._mic.closed:
             return None
         try:
             return save_audio(self.folder / "turns" / f"{index:04d}-{who}.wav", audio, rate)
