@@ -4,6 +4,7 @@ that nothing in the project can unpickle."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +16,62 @@ from pipelines.tts.weights import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_transformers_save_pretrained_loads_with_tied_embedding(reference, tmp_path):
-    from safetensors import safe_open
+@pytest.fixture(scope="module")
+def pretrained_dir(reference, tiny_tokenizer, tmp_path_factory):
+    """What `CsmForConditionalGeneration.save_pretrained` writes (codec included), plus the tokenizer."""
+    folder = tmp_path_factory.mktemp("csm_save_pretrained")
+    reference.save_pretrained(folder)
+    shutil.copy(tiny_tokenizer / "tokenizer.json", folder)
+    return folder
 
-    reference.save_pretrained(tmp_path)
-    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+
+def test_transformers_save_pretrained_loads_with_tied_embedding(reference, pretrained_dir, tiny_tokenizer, mimi):
+    from safetensors import safe_open
+    from test_tts_parity import _prompt, _reference_frames
+
+    from pipelines.tts.generator import GenerationConfig
+    from pipelines.tts.prompt import Prompt, TextTokenizer
+    from pipelines.tts.stage import MarvisTTS
+
+    with safe_open(str(pretrained_dir / "model.safetensors"), "np") as f:
         keys = set(f.keys())
     # transformers writes only one of the two tied audio embeddings; either must do
     tied = {"backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight"}
     assert len(keys & tied) == 1
-    ck = load_checkpoint(tmp_path)
-    assert ck.format == "transformers"
+    ck = load_checkpoint(pretrained_dir)
+    assert ck.format == "transformers" and not ck.random_weights
     ref = reference.backbone_model.embed_tokens.embed_audio_tokens.weight.detach().numpy()
     np.testing.assert_array_equal(np.array(ck.model.audio_embeddings.weight), ref)
+
+    tts = MarvisTTS(ck, TextTokenizer(tiny_tokenizer), mimi)
+    tokens, mask = _prompt(np.random.default_rng(3))
+    ref_frames, _ = _reference_frames(reference, tokens, mask, n_frames=8)
+    prompt = Prompt(tokens, mask, context_used=2, max_frames=8)
+    ours = np.array(list(tts.frames.frames(prompt, GenerationConfig(temperature=0.0, stop_on_eos=False))))
+    np.testing.assert_array_equal(ours, ref_frames)
+
+
+def test_tts_command_on_save_pretrained_and_mlx_8bit(pretrained_dir, tiny_args, tiny_tokenizer, tmp_path):
+    import json
+
+    import mlx.nn as nn
+    import soundfile as sf
+
+    from agent.cli import main
+    from pipelines.tts.weights import random_model, save_checkpoint
+
+    q8 = random_model(tiny_args, seed=1).model
+    nn.quantize(q8, group_size=32, bits=8)
+    q8_dir = save_checkpoint(q8, tmp_path / "q8")
+    cfg = json.loads((q8_dir / "config.json").read_text())
+    (q8_dir / "config.json").write_text(json.dumps({**cfg, "quantization": {"group_size": 32, "bits": 8}}))
+    shutil.copy(tiny_tokenizer / "tokenizer.json", q8_dir)
+    for ckpt in (pretrained_dir, q8_dir):
+        out = tmp_path / f"{ckpt.name}.wav"
+        assert main(["tts", "hello there", "-o", str(out), "--checkpoint", str(ckpt), "--seed", "2",
+                     "--max-ms", "400"]) == 0
+        audio, rate = sf.read(out)
+        assert rate == 24000 and len(audio) == 5 * 1920
 
 
 @pytest.mark.parametrize("name,what", [("whisper-tiny.en", "Whisper model"), ("smollm2-135m-instruct", "text LLM")])
