@@ -85,6 +85,22 @@ def test_other_models_are_named(name, what):
     assert f"this is a {what}, not Marvis" in msg and str(folder) in msg and "\n" not in msg
 
 
+def test_tokenizer_that_does_not_fit_is_refused(tiny_args, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from pipelines.tts.weights import random_model, save_checkpoint
+
+    folder = save_checkpoint(random_model(tiny_args, seed=1).model, tmp_path / "ck")
+    vocab = {f"w{i}": i for i in range(tiny_args.text_vocab_size + 5)}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(folder / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: the tokenizer has 133 tokens but the model's text "
+                                              r"embedding has 128; use the tokenizer that came with"):
+        load_checkpoint(folder)
+    vocab = {f"w{i}": i for i in range(tiny_args.text_vocab_size)}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(folder / "tokenizer.json"))
+    assert load_checkpoint(folder).tokenizer_dir == folder
+
+
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02never opened")
     (tmp_path / "config.json").write_text("{}")

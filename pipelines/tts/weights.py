@@ -155,6 +155,20 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) ->
         raise CheckpointError(f"{where}: checkpoint does not fit the model; " + "; ".join(problems))
 
 
+def check_tokenizer(tokenizer_dir: Path, args: ModelArgs) -> None:
+    """A tokenizer whose ids run past the text embedding would index out of it: refuse it by name."""
+    from tokenizers import Tokenizer
+
+    file = Path(tokenizer_dir) / "tokenizer.json"
+    try:
+        size = Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:
+        raise CheckpointError(f"{file}: cannot read the tokenizer ({exc})") from None
+    if size > args.text_vocab_size:
+        raise CheckpointError(f"{file}: the tokenizer has {size} tokens but the model's text embedding has "
+                              f"{args.text_vocab_size}; use the tokenizer that came with this checkpoint")
+
+
 @dataclass
 class LoadedCheckpoint:
     model: Model
@@ -242,6 +256,8 @@ def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> LoadedCh
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases")) else v for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
+    if tokenizer_dir is not None:
+        check_tokenizer(tokenizer_dir, args)
     mx.eval(model.parameters())
     return LoadedCheckpoint(model, args, str(path), fmt, tokenizer_dir)
 
