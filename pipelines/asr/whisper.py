@@ -8,8 +8,8 @@ Notable:
   so we read the dtype from the weights file instead of asking the user.
 - Each window is decoded on its own (`condition_on_previous_text=False`): a voice agent's utterances
   are short, and this keeps one bad window from dragging the next one into a repetition loop.
-- Trimmed window (default, `trim=True`): mlx-whisper always encodes a 30 s window (1500 encoder
-  positions), ~1.6 s of tiny.en on two CPU cores even for a 2 s utterance. We run the encoder's parts
+- Trimmed window (`trim=True`; off by default: on the shipped utterances it cost 3 WER points, see
+  tests/test_asr.py): mlx-whisper always encodes a 30 s window (1500 encoder positions), ~1.6 s of tiny.en on two CPU cores even for a 2 s utterance. We run the encoder's parts
   ourselves on the utterance's mel plus `margin_s` of the padded-silence mel (at least `floor_s`), with
   the positional embedding sliced to the frames fed (whisper.cpp's `audio_ctx`), then decode with
   mlx-whisper's own DecodingTask: same greedy-then-hotter temperature fallback and thresholds as its
@@ -79,7 +79,7 @@ class WhisperASR:
         model_dir: str | Path,
         language: str | None = None,
         initial_prompt: str | None = None,
-        trim: bool = True,
+        trim: bool = False,
         margin_s: float = 2.0,
         floor_s: float = 8.0,
     ):
