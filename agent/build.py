@@ -22,8 +22,16 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
 
     asr = WhisperASR(cfg.resolve(cfg.asr.model), language=cfg.asr.language or None,
                      initial_prompt=cfg.asr.initial_prompt or None)
-    llm = ReplyLLM(cfg.resolve(cfg.llm.model), cfg.llm.system_prompt, max_history_turns=cfg.llm.max_history_turns,
-                   max_tokens=cfg.llm.max_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed)
+    from pipelines.ortgraph import resolve, weights_key
+
+    model_dir = cfg.resolve(cfg.llm.model)
+    backend, bits = resolve(cfg.llm.backend, cfg.llm.quantization)
+    ort_cache = None
+    if backend == "onnx" and model_dir.is_dir():
+        ort_cache = cfg.resolve(cfg.llm.ort_cache) / f"llm-{weights_key(model_dir)}-{'fp32' if bits is None else f'q{bits}'}"
+    llm = ReplyLLM(model_dir, cfg.llm.system_prompt, max_history_turns=cfg.llm.max_history_turns,
+                   max_tokens=cfg.llm.max_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed,
+                   backend=backend, quantization=bits, ort_cache=ort_cache)
     return Stages(asr=asr, llm=llm, tts=build_tts(cfg, log=log), tts_config=cfg.tts,
                   first_clause_words=cfg.llm.first_clause_words)
 

@@ -45,6 +45,10 @@ class LLMSection:
     temperature: float = knob(0.0, 0.0, 10.0)
     seed: int = knob(0, 0, 2**32 - 1)
     first_clause_words: int = knob(6, 0, 1000)  # a long first sentence goes to the TTS at its first clause break after this many words (0: off)
+    # where the forward pass runs: auto (a CPU: onnx, a Mac GPU: mlx); auto bits: 8 on onnx, the checkpoint's on mlx
+    backend: str = field(default="auto", metadata={"choices": ("auto", "mlx", "onnx")})
+    quantization: str = field(default="auto", metadata={"choices": ("auto", "none", "8", "4")})
+    ort_cache: str = "checkpoints/.ort"
 
 
 @dataclass

@@ -13,6 +13,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -214,6 +215,52 @@ def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], pr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def weights_key(path: Path) -> str:
+    """A short hash of a checkpoint's weight files, remembered beside them by (size, mtime) so it is read once."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    memo = (path.parent if path.is_file() else path) / ".weights-hash.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved.get("stamp") == json.loads(json.dumps(stamp)):
+            return saved["hash"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    h = hashlib.blake2b(digest_size=8)
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    key = h.hexdigest()
+    try:
+        memo.write_text(json.dumps({"stamp": stamp, "hash": key}))
+    except OSError:
+        pass  # a read-only checkpoint folder: hash again next time
+    return key
+
+
+def prefer_onnx() -> bool:
+    """Should `auto` pick ONNX Runtime here? On a CPU, yes (MLX's CPU kernels are the slow part); where MLX has
+    Metal, no; and never without onnxruntime installed."""
+    import importlib.util
+    import platform
+
+    import mlx.core as mx
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return False
+    return not (mx.default_device() == mx.gpu and platform.system() == "Darwin")
+
+
+def resolve(backend: str, quantization: str) -> tuple[str, int | None]:
+    """Config strings (`auto|mlx|onnx`, `auto|none|8|4`) -> (backend, bits or None); auto bits: 8 on ONNX."""
+    if backend == "auto":
+        backend = "onnx" if prefer_onnx() else "mlx"
+    if quantization == "auto":
+        quantization = "8" if backend == "onnx" else "none"
+    return backend, None if quantization == "none" else int(quantization)
 
 
 def session(path: Path, threads: int, spin: bool = False):

@@ -29,6 +29,9 @@ class ReplyLLM:
         seed: int | None = None,
         max_prompt_tokens: int = 2048,
         dequantize: bool | None = None,
+        backend: str = "mlx",
+        quantization: int | None = None,
+        ort_cache: Path | None = None,
     ):
         model_dir = Path(model_dir)
         missing = [name for name in _NEEDED_FILES if not (model_dir / name).is_file()]
@@ -61,7 +64,21 @@ class ReplyLLM:
         self.max_tokens = max_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.seed = seed
+        self.temperature = temperature
         self._sampler = make_sampler(temp=temperature)
+        self._ort = None
+        if backend not in ("mlx", "onnx"):
+            raise ValueError(f"reply LLM backend must be mlx or onnx, not {backend!r}")
+        if backend == "onnx":
+            from pipelines.llm.ort import OrtLlama, supported
+
+            shape = supported(self.model)
+            if shape is None:
+                raise CheckpointError(f"reply LLM {model_dir}: the ONNX backend runs plain Llama models only; "
+                                      "use --llm.backend mlx")
+            self._ort = OrtLlama(self.model, shape, quantization, ort_cache, progress=True)
+        self.backend = backend
+        self.quantization = quantization if backend == "onnx" else None
         self._history: deque[tuple[str, str]] = deque(maxlen=max_history_turns)
 
     @property
@@ -91,6 +108,9 @@ class ReplyLLM:
         self._history.clear()
 
     def _generate(self, prompt: list[int], max_tokens: int) -> Iterator[str]:
+        if self._ort is not None:
+            yield from self._generate_ort(prompt, max_tokens)
+            return
         import mlx.core as mx
         from mlx_lm import stream_generate
 
@@ -101,6 +121,34 @@ class ReplyLLM:
         ):
             if response.text:
                 yield response.text
+
+    def _generate_ort(self, prompt: list[int], max_tokens: int) -> Iterator[str]:
+        """mlx-lm's `stream_generate` loop (EOS, max_tokens, streaming detokenizer) over the ONNX forward pass."""
+        import numpy as np
+
+        rng = np.random.default_rng(self.seed) if self.temperature > 0 else None
+        detokenizer = self.tokenizer.detokenizer
+        detokenizer.reset()
+        cache = self._ort.new_cache()
+        logits = self._ort.forward(prompt, cache)
+        for n in range(max_tokens):
+            if rng is None:
+                token = int(np.argmax(logits))
+            else:
+                z = logits.astype(np.float64) / self.temperature
+                p = np.exp(z - z.max())
+                token = int(rng.choice(len(p), p=p / p.sum()))
+            if token in self.tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+            if n + 1 == max_tokens:
+                break
+            if segment := detokenizer.last_segment:  # reading it takes it
+                yield segment
+            logits = self._ort.forward([token], cache)
+        detokenizer.finalize()
+        if segment := detokenizer.last_segment:
+            yield segment
 
     def _prompt(self, user_text: str) -> list[int]:
         # drop the oldest turns until the prompt fits; the user's own words come last and stay

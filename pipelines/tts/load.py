@@ -9,9 +9,6 @@ precision and cached under `ort_cache`, keyed by a hash of the weights.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,46 +56,9 @@ class TTSConfig(GenerationConfig):
 
 def resolve_backend(config: TTSConfig) -> tuple[str, int | None]:
     """(backend, quantization bits or None) for this machine."""
-    import mlx.core as mx
+    from pipelines.ortgraph import resolve
 
-    backend = config.backend
-    if backend == "auto":
-        on_gpu = mx.default_device() == mx.gpu and platform.system() == "Darwin"
-        backend = "mlx" if on_gpu or not _onnx_available() else "onnx"
-    q = config.quantization
-    if q == "auto":
-        q = "8" if backend == "onnx" else "none"
-    return backend, None if q == "none" else int(q)
-
-
-def _onnx_available() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "pipelines.tts.ort"))
-
-
-def weights_key(path: Path) -> str:
-    """A short hash of a checkpoint's weight files, remembered beside them by (size, mtime) so it is read once."""
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    memo = (path.parent if path.is_file() else path) / ".weights-hash.json"
-    try:
-        saved = json.loads(memo.read_text())
-        if saved.get("stamp") == json.loads(json.dumps(stamp)):
-            return saved["hash"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    h = hashlib.blake2b(digest_size=8)
-    for f in files:
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 24):
-                h.update(block)
-    key = h.hexdigest()
-    try:
-        memo.write_text(json.dumps({"stamp": stamp, "hash": key}))
-    except OSError:
-        pass  # a read-only checkpoint folder: hash again next time
-    return key
+    return resolve(config.backend, config.quantization)
 
 
 def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None = None,
@@ -140,6 +100,8 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
         from pipelines.tts.ort import OrtFrameModel
 
         if key is None:
+            from pipelines.ortgraph import weights_key
+
             key = weights_key(resolve(spec))
         else:  # a random model is its preset, seed and dtype
             key = f"{key.replace(':', '-')}-seed{config.seed}-{config.dtype}"

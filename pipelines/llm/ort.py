@@ -1,0 +1,99 @@
+"""The reply LLM's forward pass on ONNX Runtime: an mlx-lm Llama's own weights as one graph.
+
+SmolLM2-135M decodes one token by reading all of its weights: 540 MB in fp32, ~80 ms a token on these two
+cores with MLX (memory-bound; MLX's int8/int4 CPU kernels are slower still, DESIGN.md §5). The same network
+through ONNX Runtime's blockwise int8 `MatMulNBits` reads a quarter of that. The graph is emitted from the
+mlx-lm model's args and parameters by `pipelines.ortgraph.llama_blocks` (rotate-half RoPE, as mlx-lm's
+non-traditional RoPE), so greedy decoding in fp32 gives mlx-lm's tokens (tested).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.ortgraph import QUANT_BLOCK, Graph, build_cached, float_params, llama_blocks, session
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LlamaShape:
+    """mlx-lm's Llama args in the names `llama_blocks` reads."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    embed_dim: int
+    intermediate_dim: int
+    norm_eps: float
+    rope_base: float
+    rope_scaling: dict | None
+    max_seq_len: int
+    vocab_size: int
+    tied: bool
+
+
+def supported(model) -> LlamaShape | None:
+    """The shape of an mlx-lm model this module can run, or None (another architecture, biases, RoPE scaling)."""
+    args = getattr(model, "args", None)
+    if getattr(args, "model_type", None) != "llama" or getattr(args, "rope_traditional", False):
+        return None
+    if getattr(args, "attention_bias", False) or getattr(args, "mlp_bias", False) or getattr(args, "rope_scaling", None):
+        return None
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    return LlamaShape(args.num_hidden_layers, args.num_attention_heads, args.num_key_value_heads or
+                      args.num_attention_heads, head_dim, args.hidden_size, args.intermediate_size, args.rms_norm_eps,
+                      args.rope_theta, None, args.max_position_embeddings or 4096, args.vocab_size,
+                      args.tie_word_embeddings)
+
+
+def build_graph(model, shape: LlamaShape) -> dict:
+    from onnx import TensorProto as TP
+
+    params = float_params(model, ("model.layers", "model.norm", "model.embed_tokens", "lm_head"))
+    head = params["model.embed_tokens.weight"] if shape.tied else params["lm_head.weight"]
+    g = Graph("llm")
+    x = g.input("x", TP.FLOAT, [1, "T", shape.embed_dim])
+    pos = g.input("pos", TP.INT64, [1, "T"])
+    h = llama_blocks(g, "model", shape, params, x, pos, interleaved=False)
+    g.output("logits", g.op("MatMul", [h, g.init("lm_head", head.T)]), TP.FLOAT, [1, shape.vocab_size])
+    return {"llm": g.model()}
+
+
+class OrtLlama:
+    """Token ids in, next-token logits out, with a KV cache kept as numpy arrays."""
+
+    def __init__(self, model, shape: LlamaShape, quantization: int | None = None, cache_dir: Path | None = None,
+                 threads: int | None = None, progress: bool = False):
+        self.shape = shape
+        self.quantization = quantization
+        self.embeddings = float_params(model, ("model.embed_tokens",))["model.embed_tokens.weight"]
+        stamp = {"format": FORMAT_VERSION, "quantization": quantization, "block": QUANT_BLOCK}
+        what = "fp32" if quantization is None else f"{quantization}-bit"
+        folder, self.built = build_cached(cache_dir, stamp, lambda: build_graph(model, shape),
+                                          f"building the ONNX reply LLM ({what}, once)" if progress else None)
+        self.session = session(folder / "llm.onnx", threads or os.cpu_count() or 1, spin=True)
+        if cache_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._outputs = ["logits"] + [f"model.present_{kv}{i}" for i in range(shape.num_layers) for kv in "kv"]
+
+    def new_cache(self) -> list[np.ndarray]:
+        empty = np.zeros((1, self.shape.num_kv_heads, 0, self.shape.head_dim), np.float32)
+        return [empty] * (2 * self.shape.num_layers)
+
+    def forward(self, ids: list[int], cache: list[np.ndarray]) -> np.ndarray:
+        """Feed `ids` after what `cache` holds (updated in place); logits [V] of the next token."""
+        start = cache[0].shape[2]
+        feeds = {"x": self.embeddings[np.asarray(ids)][None],
+                 "pos": np.arange(start, start + len(ids), dtype=np.int64)[None]}
+        for i in range(self.shape.num_layers):
+            feeds[f"model.past_k{i}"], feeds[f"model.past_v{i}"] = cache[2 * i], cache[2 * i + 1]
+        out = self.session.run(self._outputs, feeds)
+        cache[:] = out[1:]
+        return out[0][0]
