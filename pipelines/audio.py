@@ -88,6 +88,7 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
             last = len(block) < BLOCK_FRAMES
             mono = to_mono_float32(block, what=f"{path} (at {read / f.samplerate:.1f} s)")
             read += len(block)
+            np.clip(mono, -1.0, 1.0, out=mono)  # float files may exceed full scale; stages assume [-1, 1]
             if stream is not None:
                 mono = stream.resample_chunk(mono, last=last)
             if n + len(mono) > len(out):  # a header that undercounts its frames
