@@ -133,6 +133,7 @@ def test_a_browser_conversation_is_heard_answered_played_and_recorded(tmp_path, 
     page has sent the whole recording, so the keys decide the turn."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -152,10 +153,13 @@ def test_a_browser_conversation_is_heard_answered_played_and_recorded(tmp_path, 
             ActionChains(driver).key_down(Keys.SPACE).perform()
             WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(lambda d: page("micSamples") >= wav_samples)
             ActionChains(driver).key_up(Keys.SPACE).perform()
-        WebDriverWait(driver, WAIT_S, poll_frequency=0.5).until(
-            lambda d: page("turns.length") >= 1 and page("playedSamples") > 0 or "closed" in page("status"))
+        try:
+            WebDriverWait(driver, WAIT_S, poll_frequency=0.5).until(
+                lambda d: page("turns.length") >= 1 and page("playedSamples") > 0 or "closed" in page("status"))
+        except TimeoutException:
+            pass
         turn = page("turns[0]")
-        assert turn is not None, (page("status"), "".join(served.lines))
+        assert turn is not None, (page("status"), page("transcripts"), "".join(served.lines))
         assert "capital" in turn["transcript"].lower() and "france" in turn["transcript"].lower(), turn
         assert turn["reply"].strip(), turn
         played = page("playedSamples")

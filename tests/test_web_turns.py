@@ -32,6 +32,12 @@ class SpeakingWorker:
     def submit(self, utterance) -> None:
         self.submitted.append(utterance)
 
+    def speculate(self, utterance) -> None:
+        pass
+
+    def drop_speculation(self) -> None:
+        pass
+
 
 @pytest.fixture(scope="module")
 def question(tmp_path_factory) -> np.ndarray:

@@ -8,8 +8,8 @@ One conversation at a time, one WebSocket per conversation:
 The page reports how many samples of each reply it has actually played; `BrowserSink.clear()` returns that
 count after a barge-in, so the conversation keeps only what the user heard, as with a speaker.
 
-Threads: aiohttp's event loop (the main thread) moves mic frames into the VAD and the session recorder and
-applies the turn-taking rules of `run_live`; the MLX owner (`agent.modes._Worker`) answers utterances and
+Threads: aiohttp's event loop (the main thread) moves mic frames into the session recorder and the turn-taking
+rule (`agent.floor.Floor`, as in `chat` and replay); the MLX owner (`agent.modes._Worker`) answers utterances and
 writes to the sink, which hands chunks back to the loop. Every conversation writes the same bundle as `chat`.
 
 Security of a local server that owns a microphone: it binds 127.0.0.1 unless told otherwise; a request whose
@@ -35,13 +35,14 @@ from pathlib import Path
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from agent.build import vad_config
+from agent.build import endpointer
 from agent.config import AgentConfig
 from agent.echo import guard_against_echo
+from agent.floor import Floor
+from agent.modes import _hand_over, _meta, _record_step, _Worker, finish
 from agent.session import MIC_RATE, SessionRecorder, new_bundle_dir
 from pipelines.audio import float_to_pcm16, pcm16_to_float
 from pipelines.errors import VoiceAgentError
-from pipelines.vad import Endpointer, SpeechEnded, SpeechStarted
 
 STATIC = Path(__file__).resolve().parent / "static"
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
@@ -176,8 +177,8 @@ class BrowserSink:
 class _PageRecorder(SessionRecorder):
     """The session bundle, whose transcript and turn events also go to the page as they are written."""
 
-    def __init__(self, folder: Path, meta: dict, send: Callable[[object], None]):
-        super().__init__(folder, meta)
+    def __init__(self, folder: Path, meta: dict, send: Callable[[object], None], log: Log):
+        super().__init__(folder, meta, warn=log)
         self.send = send
 
     def event(self, kind: str, t: float | None = None, **data) -> None:
@@ -190,7 +191,9 @@ class _PageRecorder(SessionRecorder):
 
 
 class _NarratedReply:
-    """The reply stage, sending each piece of text to the page as it is generated (just before it is spoken)."""
+    """The reply stage, sending each piece of text to the page as it is generated (just before it is spoken).
+    A reply started ahead on a speculation goes on in the turn that keeps it; a dropped one is replaced by the
+    next reply, which starts afresh on the page."""
 
     def __init__(self, llm, send: Callable[[object], None]):
         self._llm, self.send = llm, send
@@ -199,6 +202,7 @@ class _NarratedReply:
         return getattr(self._llm, name)
 
     def stream(self, user_text: str):
+        self.send({"type": "reply_start"})
         for delta in self._llm.stream(user_text):
             self.send({"type": "reply", "text": delta})
             yield delta
@@ -209,15 +213,14 @@ class Conversation:
 
     def __init__(self, cfg: AgentConfig, send: Callable[[object], None], push_to_talk: bool, full_duplex: bool,
                  log: Log):
-        from agent.modes import _meta, _Worker
-
         self.cfg, self.send, self.log = cfg, send, log
         self.push_to_talk, self.full_duplex = push_to_talk, full_duplex
         self.mode = "push-to-talk" if push_to_talk else "hands-free"
         self.sink = BrowserSink(send)
         self.recorder: SessionRecorder | None = None
-        self.vad = Endpointer(vad_config(cfg, endpointing=not push_to_talk), MIC_RATE)
-        self.muted = False
+        self.floor = Floor(endpointer(cfg, endpointing=not push_to_talk),
+                           push_to_talk=push_to_talk, half_duplex=not full_duplex, barge_in=full_duplex)
+        self.in_speech = False
         self.keys: list[str] = []  # push-to-talk actions, applied on the next mic frame
         self.samples = 0
         self.started: float | None = None
@@ -235,7 +238,7 @@ class Conversation:
                 return None
             folder = new_bundle_dir(cfg.resolve(cfg.session.dir), self.mode)
             meta = _meta(cfg, self.mode, stages, front_end="browser", full_duplex=full_duplex)
-            self.recorder = _PageRecorder(folder, meta, send)
+            self.recorder = _PageRecorder(folder, meta, send, log)
             return self.recorder
 
         self.worker = _Worker(cfg, self.sink, make_recorder, log)
@@ -243,9 +246,7 @@ class Conversation:
     def start(self) -> None:
         """Build and warm up the models (blocking: call it off the event loop); raise what the worker raised."""
         self.worker.start()
-        self.worker.ready.wait()
-        if self.worker.error is not None:
-            raise self.worker.error
+        self.worker.wait_ready()
         self.sink.sample_rate = self.worker.engine.stages.tts.sample_rate
         self.started = time.monotonic()
 
@@ -261,7 +262,8 @@ class Conversation:
             self.recorder.event(kind, t=t, **data)
 
     def mic(self, payload: bytes) -> None:
-        """One mic frame from the page: the rules of `run_live`, on mic-stream time."""
+        """One mic frame from the page, through the floor on mic-stream time; what it decided is recorded at the
+        frame's time, so replay of the bundle decides the same."""
         if self.started is None:
             raise ProtocolError("mic audio before the agent was ready")
         if len(payload) % 2 or not payload:
@@ -277,35 +279,21 @@ class Conversation:
         if self.recorder is not None:
             self.recorder.write_mic(block)
         actions, self.keys = self.keys, []
-        speaking = self.worker.speaking or self.sink.is_playing
-        pressed = "press" in actions
-        holding = self.push_to_talk and (self.vad.in_speech or pressed)
-        mute = not self.full_duplex and speaking and not holding
-        if mute != self.muted:
-            self.muted = mute
-            self.vad.mute(mute)
-            self._record("mute", t, on=mute)
-            self.send({"type": "listening", "on": not mute})
-        events = []
-        for action in actions:
-            self._record("key", t, action=action)
-            if action == "press" and not self.vad.in_speech:
-                events.append(self.vad.begin())
-            elif action == "release" and (utt := self.vad.end()) is not None:
-                events.append(SpeechEnded(utt))
-        for ev in events + self.vad.process(block):
-            if isinstance(ev, SpeechStarted):
-                self.send({"type": "speech", "on": True})
-                if speaking and (self.full_duplex or pressed):
-                    self.worker.barge_in()
-                    self._record("barge_in", t)
-            elif isinstance(ev, SpeechEnded):
-                self.send({"type": "speech", "on": False})
-                self.worker.submit(ev.utterance)
+        step = self.floor.step(t, block, actions, self.worker.speaking or self.sink.is_playing, MIC_RATE)
+        _record_step(self.recorder, t, step)
+        # not passed on yet: with a kept speculation the browser turn came back with an empty reply (reported)
+        step.speculate, step.drop_speculation = None, False
+        _hand_over(step, self.worker, self.recorder, t)
+        if step.mute is not None:
+            self.send({"type": "listening", "on": not step.mute})
+        if self.floor.vad.in_speech != self.in_speech:
+            self.in_speech = self.floor.vad.in_speech
+            self.send({"type": "speech", "on": self.in_speech})
 
     def duplex(self, full: bool, echo_cancellation: bool | None) -> None:
         """Full duplex on/off (the page turns it on when the browser's echo canceller runs)."""
-        self.full_duplex = full
+        self.full_duplex = self.floor.barge_in = full
+        self.floor.half_duplex = not full
         extra = {} if echo_cancellation is None else {"echo_cancellation": echo_cancellation}
         self._record("duplex", self.samples / MIC_RATE, full=full, **extra)
 
@@ -316,8 +304,6 @@ class Conversation:
 
     def close(self) -> Path | None:
         """The page is gone (blocking: off the event loop): answer nothing more, write the bundle's summary."""
-        from agent.modes import finish
-
         if self._closed is not False:
             return self._closed
         self._closed = None
@@ -326,7 +312,7 @@ class Conversation:
         self.worker.stop()
         self.worker.join(timeout=60)
         if self.worker.engine is not None:
-            finish(self.recorder, self.worker.engine.conversation, self.log)
+            finish(self.recorder, self.worker.engine.conversation, self.log, self.floor)
         self._closed = self.recorder.folder if self.recorder is not None else None
         return self._closed
 
@@ -375,6 +361,7 @@ class Server:
         self.cfg, self.host, self.port, self.log = cfg, host, port, log
         self.token = token or secrets.token_urlsafe(18)
         self.busy = False
+        self.closing: asyncio.Event | None = None  # set while a finished conversation writes its bundle
         self.active: Conversation | None = None
         self.bundles: dict[str, Path] = {}  # bundle folders of this run, by name: the only ones served
         self.conversation_factory = Conversation
@@ -463,6 +450,8 @@ class Server:
             return web.Response(status=403, text="forbidden: a WebSocket needs an Origin header\n")
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_SAMPLES * 2 + 64, heartbeat=30)
         await ws.prepare(request)
+        if self.closing is not None:  # the last conversation is still closing its bundle: not busy, just wait
+            await self.closing.wait()
         if self.busy:
             await ws.send_json({"type": "busy", "message": "another conversation is under way; close it first"})
             await ws.close(code=CLOSE_BUSY, message=b"busy: another conversation is under way")
@@ -472,6 +461,9 @@ class Server:
             await self._converse(ws)
         finally:
             self.busy = False
+            if self.closing is not None:
+                self.closing.set()
+                self.closing = None
         return ws
 
     async def _converse(self, ws: web.WebSocketResponse) -> None:
@@ -522,6 +514,7 @@ class Server:
                 await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"the agent failed")
         finally:
             if conversation is not None:
+                self.closing = asyncio.Event()
                 await loop.run_in_executor(None, conversation.close)
                 self.active = None
             sending.cancel()

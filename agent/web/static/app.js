@@ -124,15 +124,14 @@ function onMessage(msg) {
       break;
     case "utterance": case "end": case "clear":
       if (player) player.port.postMessage(msg);
-      if (msg.type === "utterance") { state.replyText = ""; $("reply").textContent = ""; }
       break;
     case "speech": $("vad").textContent = msg.on ? "speaking" : ""; $("vad").className = msg.on ? "on" : ""; break;
     case "listening": setStatus(msg.on ? "listening" : "agent speaking (mic muted: half duplex)"); break;
     case "transcript":
       state.transcripts.push(msg.text);
       $("heard").textContent = msg.text || "(no words)";
-      $("reply").textContent = "";
       break;
+    case "reply_start": state.replyText = ""; $("reply").textContent = ""; break;
     case "reply":
       state.replyText += msg.text;
       $("reply").textContent = state.replyText;
