@@ -39,3 +39,29 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
 def vad_config(cfg: AgentConfig, endpointing: bool = True):
     """The VAD settings with endpointing as the mode wants it (push-to-talk turns it off)."""
     return dataclasses.replace(cfg.vad, enabled_endpointing=endpointing)
+
+
+_turn_models: dict[str, object] = {}  # Smart Turn is loaded once per process and shared by every Endpointer
+
+
+def endpointer(cfg: AgentConfig, endpointing: bool = True, log: Callable[[str], None] = print):
+    """The VAD endpointer as the mode wants it, with Smart Turn's end-of-turn model when `vad.smart_turn`."""
+    from agent.session import MIC_RATE
+    from pipelines.errors import CheckpointError
+    from pipelines.vad import Endpointer
+
+    turn_model = None
+    if cfg.vad.smart_turn and endpointing:
+        if "smart_turn" not in _turn_models:
+            from pipelines.turn import SmartTurn
+
+            try:
+                model = SmartTurn(threshold=cfg.vad.smart_turn_threshold)
+                model.warmup()
+                _turn_models["smart_turn"] = model
+            except CheckpointError as exc:
+                log(f"warning: no semantic end of turn ({exc}); turns end after vad.silence_ms of silence")
+                _turn_models["smart_turn"] = None
+        model = _turn_models["smart_turn"]
+        turn_model = model.predict if model is not None else None
+    return Endpointer(vad_config(cfg, endpointing), MIC_RATE, turn_model=turn_model)

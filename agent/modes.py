@@ -21,9 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from agent.build import build_stages, vad_config
+from agent.build import build_stages, endpointer
 from agent.config import AgentConfig
 from agent.conversation import Conversation
 from agent.devices import ReplaySink
@@ -33,7 +31,7 @@ from agent.metrics import session_summary, summary_table
 from agent.session import (MIC_RATE, SessionData, SessionRecorder, check_new_bundle, load_replay_source,
                            new_bundle_dir)
 from pipelines.audio import resample
-from pipelines.vad import Endpointer, Utterance
+from pipelines.vad import Utterance
 
 Log = Callable[[str], None]
 
@@ -91,7 +89,7 @@ def _record_step(recorder: SessionRecorder | None, t: float, step: Step) -> None
 
 
 def _replay_floor(cfg: AgentConfig, data: SessionData) -> Floor:
-    vad = Endpointer(vad_config(cfg, endpointing=not data.keys), MIC_RATE)
+    vad = endpointer(cfg, endpointing=not data.keys)
     return Floor(vad, push_to_talk=bool(data.keys), half_duplex=cfg.audio.half_duplex,
                  barge_in=cfg.audio.barge_in, mutes=data.mutes)
 
@@ -381,7 +379,7 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
         sink.speaker.close()
         sink.use(make_speaker(tts_rate, device=a.output_device or None, jitter_ms=a.jitter_ms).start())
     recorder = worker.recorder
-    floor = Floor(Endpointer(vad_config(cfg, endpointing=not push_to_talk), MIC_RATE), push_to_talk=push_to_talk,
+    floor = Floor(endpointer(cfg, endpointing=not push_to_talk), push_to_talk=push_to_talk,
                   half_duplex=a.half_duplex, barge_in=a.barge_in)
     keys: queue.Queue = queue.Queue()
     if push_to_talk and script is None:

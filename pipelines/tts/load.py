@@ -70,7 +70,7 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
     from pipelines.tts.generator import MLXFrames, OrtFrames
     from pipelines.tts.prompt import TextTokenizer
     from pipelines.tts.stage import MarvisTTS
-    from pipelines.tts.weights import load_checkpoint, random_model
+    from pipelines.tts.weights import check_tokenizer, load_checkpoint, random_model
 
     def resolve(p: str) -> Path:
         path = Path(p).expanduser()
@@ -90,7 +90,9 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
     else:
         spec = config.fallback
         loaded, key = load_checkpoint(resolve(spec), dtype=dtype), None
-    tokenizer = TextTokenizer(loaded.tokenizer_dir or resolve(config.tokenizer))
+    tokenizer_dir = loaded.tokenizer_dir or resolve(config.tokenizer)
+    check_tokenizer(tokenizer_dir, loaded.args)
+    tokenizer = TextTokenizer(tokenizer_dir)
     mimi_path = resolve(config.mimi)
     codec = MimiCodec(mimi_path if mimi_path.is_file() else None, num_codebooks=loaded.args.audio_num_codebooks,
                       seed=config.seed)
