@@ -181,6 +181,8 @@ class TurnEngine:
                 spoken.append((text, np.concatenate(audio_parts), np.concatenate(code_parts, axis=1)))
 
         if speculation is not None:
+            if speculation.replies is None and not speculation.done:  # cancelled before the LLM started
+                speculation.replies = iter(st.llm.stream(transcript))
             deltas = itertools.chain(speculation.deltas, speculation.replies or ())
         else:
             deltas = st.llm.stream(transcript)

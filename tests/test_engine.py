@@ -207,3 +207,15 @@ def test_stalls_are_measured_against_real_time_playback():
     assert got["stalls"] == 3 and got["stall_ms"] == pytest.approx(300, abs=1)
     # audio ready faster than real time plays without a gap
     assert playback_stalls([(0.1 * i, 200) for i in range(4)], rate, 0.2) == {"stall_ms": 0.0, "stalls": 0}
+
+
+def test_speculation_cancelled_before_the_llm_still_answers(make_engine):
+    """A speculation stopped right after the ASR (the endpoint came at once) keeps the transcript, and the
+    turn runs the LLM itself: the reply is never lost."""
+    engine, log = make_engine(["hello there"], ["Hi. How are you?"])
+    utt = utterance()
+    spec = engine.speculate(paused(utt), cancelled=lambda: True)
+    assert spec.transcript == "hello there" and spec.replies is None and not spec.deltas
+    turn = engine.run_turn(utt, ReplaySink(), speculation=spec)
+    assert turn.reply == "Hi. How are you?"
+    assert engine.stages.asr.texts == []  # the ASR ran once
