@@ -20,9 +20,15 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
     from pipelines.asr.whisper import WhisperASR
     from pipelines.llm.reply import ReplyLLM
 
-    asr = WhisperASR(cfg.resolve(cfg.asr.model), language=cfg.asr.language or None,
-                     initial_prompt=cfg.asr.initial_prompt or None)
     from pipelines.ortgraph import resolve, weights_key
+
+    asr_dir = cfg.resolve(cfg.asr.model)
+    asr_backend, _ = resolve(cfg.asr.backend, "none")
+    asr_cache = None
+    if asr_backend == "onnx" and asr_dir.is_dir():
+        asr_cache = cfg.resolve(cfg.asr.ort_cache) / f"whisper-encoder-{weights_key(asr_dir)}"
+    asr = WhisperASR(asr_dir, language=cfg.asr.language or None, initial_prompt=cfg.asr.initial_prompt or None,
+                     backend=asr_backend, ort_cache=asr_cache)
 
     model_dir = cfg.resolve(cfg.llm.model)
     backend, bits = resolve(cfg.llm.backend, cfg.llm.quantization)

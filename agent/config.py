@@ -33,6 +33,9 @@ class ASRSection:
     model: str = "checkpoints/whisper-tiny.en"
     language: str = ""  # "" = detect (tiny.en is English only)
     initial_prompt: str = ""
+    # the encoder's 30 s window on: auto (a CPU: onnx, fp32, same numbers; a Mac GPU: mlx) | mlx | onnx
+    backend: str = field(default="auto", metadata={"choices": ("auto", "mlx", "onnx")})
+    ort_cache: str = "checkpoints/.ort"
 
 
 @dataclass

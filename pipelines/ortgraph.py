@@ -219,7 +219,7 @@ def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], pr
 
 def weights_key(path: Path) -> str:
     """A short hash of a checkpoint's weight files, remembered beside them by (size, mtime) so it is read once."""
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("*.npz")])
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     memo = (path.parent if path.is_file() else path) / ".weights-hash.json"
     try:

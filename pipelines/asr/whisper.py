@@ -82,6 +82,8 @@ class WhisperASR:
         trim: bool = False,
         margin_s: float = 2.0,
         floor_s: float = 8.0,
+        backend: str = "mlx",
+        ort_cache: Path | None = None,
     ):
         from mlx_whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
@@ -118,13 +120,30 @@ class WhisperASR:
             raise ConfigError(f"asr: margin_s must be >= 0 and floor_s in (0, 30], got {margin_s}, {floor_s}")
         self.trim, self.margin_s, self.floor_s = trim, margin_s, floor_s
         self._last: tuple[np.ndarray, Transcript] | None = None  # (16 kHz input, its transcript)
+        if backend not in ("mlx", "onnx"):
+            raise ConfigError(f"asr.backend must be mlx or onnx, got {backend!r}")
+        # the encoder (the full 30 s window) on ONNX Runtime; fp16 weights stay on MLX (its decoder wants fp16)
+        self.backend = "onnx" if backend == "onnx" and not self.fp16 else "mlx"
+        self.ort_cache = ort_cache
+        self._ort_encoder = None
 
     def _model(self):
         import mlx.core as mx
         from mlx_whisper.transcribe import ModelHolder
 
-        # the same cached model mlx_whisper.transcribe uses, so both paths share one copy
-        return ModelHolder.get_model(str(self.model_dir), mx.float16 if self.fp16 else mx.float32)
+        # the same cached model mlx_whisper.transcribe uses, so both paths share one copy; its encoder is swapped
+        # for this instance's backend (another instance may have set the other one)
+        model = ModelHolder.get_model(str(self.model_dir), mx.float16 if self.fp16 else mx.float32)
+        mlx_encoder = getattr(model.encoder, "mlx_encoder", model.encoder)
+        if self.backend == "onnx":
+            if self._ort_encoder is None:
+                from pipelines.asr.ort import OrtWhisperEncoder
+
+                self._ort_encoder = OrtWhisperEncoder(mlx_encoder, model.dims.n_audio_head, self.ort_cache)
+            model.encoder = self._ort_encoder
+        else:
+            model.encoder = mlx_encoder
+        return model
 
     def _run_trimmed(self, audio: np.ndarray) -> dict:
         """One window of the utterance's mel + margin: encoder on the sliced positions, then decode."""
@@ -142,7 +161,7 @@ class WhisperASR:
         frames = min(N_FRAMES, 2 * math.ceil(frames / 2))  # even: conv2 has stride 2
         mel = mel[None, :frames].astype(mx.float16 if self.fp16 else mx.float32)  # [1, frames, n_mels]
 
-        encoder = model.encoder
+        encoder = getattr(model.encoder, "mlx_encoder", model.encoder)  # the trimmed path runs MLX parts
         x = nn.gelu(encoder.conv1(mel))
         x = nn.gelu(encoder.conv2(x))  # [1, frames / 2, n_state]
         x = x + encoder._positional_embedding[: x.shape[1]]
@@ -169,6 +188,7 @@ class WhisperASR:
     def _run(self, audio: np.ndarray, temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> dict:
         import mlx_whisper
 
+        self._model()  # load it (mlx_whisper.transcribe takes the same cached copy) with this backend's encoder
         return mlx_whisper.transcribe(
             audio,
             path_or_hf_repo=str(self.model_dir),  # exists (checked), so never a hub lookup
