@@ -8,10 +8,10 @@ a turn with too little voiced audio (cough, click) is dropped without a word, an
 before the start is kept so first syllables survive. `SpeechStarted` is only sent once a turn has
 `min_speech_ms` of voiced audio, so a dropped burst never needs taking back.
 
-For speculative work while the endpoint is still undecided: `SpeechPaused` comes at the first silent
-frame after voiced audio of a started turn, carrying the utterance so far (pre-roll to the end of the
-last voiced frame; the final utterance's audio starts with exactly these samples), and
-`SpeechResumed` if a voiced frame comes back before the turn ends.
+For speculative work while the endpoint is still undecided: `SpeechPaused` comes once a started turn has
+been silent for the tail an utterance keeps (`pre_roll_ms`), carrying the utterance so far: exactly the
+samples the endpoint will give if no speech comes back (an earlier cut would lose quiet word endings, and
+Whisper hears the difference). `SpeechResumed` follows if a voiced frame comes back before the turn ends.
 
 Semantic end of turn (`smart_turn`, given a `turn_model`: any callable 16 kHz audio -> probability
 that the speaker has finished, e.g. pipelines.turn.SmartTurn): at that same first silent frame the
@@ -162,6 +162,7 @@ class Endpointer:
         self._start_needed = math.ceil(START_RATIO * self._start_frames)
         self._silence_frames = self.config.silence_ms // self.config.frame_ms
         self._complete_frames = min(self._silence_frames, self.config.complete_silence_ms // self.config.frame_ms)
+        self._tail_frames = max(1, self.config.pre_roll_ms // self.config.frame_ms)  # silence before SpeechPaused
         self._turn_model = turn_model if self.config.smart_turn else None
         self._min_voiced_frames = math.ceil(self.config.min_speech_ms / self.config.frame_ms)
         self._max_len = self.config.max_utterance_ms * ms
@@ -296,16 +297,18 @@ class Endpointer:
         if end - self._start >= self._max_len:
             return self._finish(end, "max_length")
         events = self._confirm()
-        if self._confirmed and voiced and self._paused:
-            self._paused = False
-            self._turn_probability = None
-            events.append(SpeechResumed(t=at / VAD_RATE))
-        elif self._confirmed and not voiced and self._silence == 1:
+        if self._confirmed and voiced:
+            self._turn_probability = None  # speech again: the next pause is asked afresh
+            if self._paused:
+                self._paused = False
+                events.append(SpeechResumed(t=at / VAD_RATE))
+        elif self._confirmed and not voiced and self._silence == 1 and self._turn_model is not None:
+            self._turn_probability = float(self._turn_model(self._so_far(end, tail=False).audio))
+        if self._confirmed and not voiced and self._silence == self._tail_frames and not self._paused:
+            # the tail a silence-ended utterance keeps is complete now: the utterance so far is, sample for
+            # sample, the one the endpoint will give if no speech comes back
             self._paused = True
-            so_far = self._so_far(end)
-            if self._turn_model is not None:
-                self._turn_probability = float(self._turn_model(so_far.audio))
-            events.append(SpeechPaused(so_far))
+            events.append(SpeechPaused(self._so_far(end, tail=True)))
         if self._complete and self._silence >= self._complete_frames:
             return events + self._finish(end, "complete")
         return events
@@ -314,10 +317,11 @@ class Endpointer:
     def _complete(self) -> bool:
         return self._turn_probability is not None and self._turn_probability > self.config.smart_turn_threshold
 
-    def _so_far(self, decided: int) -> Utterance:
+    def _so_far(self, decided: int, tail: bool) -> Utterance:
         first = max(self._start - self._pre_roll, self._history.floor)
+        stop = min(self._last_voiced_end + self._pre_roll, decided) if tail else self._last_voiced_end
         return Utterance(
-            audio=self._history.slice(first, self._last_voiced_end),
+            audio=self._history.slice(first, stop),
             start_s=self._start / VAD_RATE,
             end_s=self._last_voiced_end / VAD_RATE,
             decided_s=decided / VAD_RATE,

@@ -286,7 +286,7 @@ def test_pause_events_bracket_each_gap_and_prefix_the_final_utterance(jfk):
             assert turn and turn[0] is SpeechPaused and turn[-1] is SpeechPaused
             assert all(a is not b for a, b in zip(turn, turn[1:]))
     assert SpeechResumed in kinds  # words inside a turn are not one unbroken voiced run
-    # the last pause before each silence end carries exactly the start of the final audio
+    # the last pause before each silence end carries exactly the final audio (the kept tail included)
     last_pause = None
     for e in events:
         if isinstance(e, SpeechPaused):
@@ -295,20 +295,19 @@ def test_pause_events_bracket_each_gap_and_prefix_the_final_utterance(jfk):
         elif isinstance(e, SpeechEnded) and e.utterance.reason == "silence":
             u = e.utterance
             assert last_pause.end_s == u.end_s and last_pause.audio_start_s == u.audio_start_s
-            np.testing.assert_array_equal(u.audio[: last_pause.audio.size], last_pause.audio)
-            assert u.audio.size > last_pause.audio.size  # plus the quiet tail
+            np.testing.assert_array_equal(u.audio, last_pause.audio)
     assert len(ended) == 4
 
 
 def test_pause_then_resume_on_a_burst_gap():
     burst = np.random.default_rng(1).normal(0.0, 0.3, SR // 2).astype(np.float32)
-    audio = np.concatenate([hiss(0.5), burst, hiss(0.3, seed=2), burst, hiss(1.0, seed=3)])
+    audio = np.concatenate([hiss(0.5), burst, hiss(0.45, seed=2), burst, hiss(1.0, seed=3)])
     events = run(Endpointer(VADConfig(energy_margin_db=0)), audio)
     speech = [type(e) for e in events]
     assert SpeechStarted in speech and speech[-1] is SpeechEnded
-    assert speech.count(SpeechEnded) == 1  # the 300 ms gap is shorter than silence_ms
+    assert speech.count(SpeechEnded) == 1  # the 450 ms gap is longer than the 300 ms tail, shorter than silence_ms
     paused = [e for e in events if isinstance(e, SpeechPaused)]
     resumed = [e for e in events if isinstance(e, SpeechResumed)]
     assert len(paused) == len(resumed) + 1
-    gap = [e for e in resumed if 1.2 <= e.t <= 1.4]
+    gap = [e for e in resumed if 1.35 <= e.t <= 1.6]
     assert gap, [e.t for e in resumed]
