@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# runs/demo is this script's own output: replace the previous demo's bundle (a bundle is never written into twice)
+rm -rf runs/demo
 exec .venv/bin/voice-agent replay sessions/demo --config demo --out runs/demo "$@"
