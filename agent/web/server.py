@@ -281,8 +281,6 @@ class Conversation:
         actions, self.keys = self.keys, []
         step = self.floor.step(t, block, actions, self.worker.speaking or self.sink.is_playing, MIC_RATE)
         _record_step(self.recorder, t, step)
-        # not passed on yet: with a kept speculation the browser turn came back with an empty reply (reported)
-        step.speculate, step.drop_speculation = None, False
         _hand_over(step, self.worker, self.recorder, t)
         if step.mute is not None:
             self.send({"type": "listening", "on": not step.mute})
