@@ -302,6 +302,7 @@ def _cli(*args, timeout=120):
                           timeout=timeout, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.long
 def test_cli_fails_before_the_models_load(tmp_path):
     folder = tmp_path / "folder.wav"
     folder.mkdir()

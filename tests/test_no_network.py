@@ -36,6 +36,7 @@ socket.socket.connect, socket.socket.connect_ex = _refuse, _refuse_ex
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_replay_with_the_network_blocked(tmp_path):
     if not (ROOT / "checkpoints" / "whisper-tiny.en").is_dir():
         pytest.skip("checkpoints/whisper-tiny.en is missing: run scripts/bootstrap.sh")

@@ -209,6 +209,7 @@ def runs(tmp_path_factory, tiny_marvis) -> dict[str, Run]:
     return started
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("kind", ["replay", "live"])
 def test_sigterm_closes_the_session_like_ctrl_c(runs, kind):
     run = runs.get(f"{kind}-SIGTERM") or pytest.skip("PortAudio is not installed")
