@@ -5,7 +5,6 @@ Tiny random models of the real layout; the graphs are built from the same `Model
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -13,6 +12,7 @@ from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames,
 from pipelines.tts.ort import OrtFrameModel, rope_periods
 from pipelines.tts.prompt import Prompt
 from pipelines.tts.weights import random_model
+from test_tts_parity import _our_logits  # the MLX model's teacher-forced logits, as the parity test reads them
 
 K = 32
 
@@ -43,25 +43,6 @@ def tiny(tiny_args):
 @pytest.fixture(scope="module")
 def onnx_fp32(tiny, tmp_path_factory):
     return OrtFrameModel(tiny.model, cache_dir=tmp_path_factory.mktemp("ort") / "fp32")
-
-
-def mlx_step_logits(model, tokens, mask, forced):
-    """Per-frame [K, V] logits of the MLX model, teacher-forced with `forced` codes."""
-    cache = model.make_backbone_cache()
-    t, m = mx.array(tokens)[None], mx.array(mask)[None]
-    out = []
-    for codes in forced:
-        h = model.backbone_hidden(t, m, cache)
-        step = [model.codebook0_head(h)[0]]
-        dcache = model.make_decoder_cache()
-        x = mx.concatenate([h[:, None], model.embed_audio(0, mx.array([int(codes[0])]))], axis=1)
-        for k in range(1, K):
-            step.append(model.codebook_logits(model.decoder_hidden(x, dcache), k)[0])
-            x = model.embed_audio(k, mx.array([int(codes[k])]))
-        out.append(np.array(mx.stack(step)))
-        t = mx.array(np.r_[codes, 0].astype(np.int32))[None, None]
-        m = mx.array(np.r_[np.ones(K, bool), False])[None, None]
-    return out
 
 
 def ort_step_logits(ort, tokens, mask, forced):
@@ -99,7 +80,7 @@ def test_fp32_logits_match_the_mlx_model(tiny, onnx_fp32):
     tokens, mask = two_context_prompt(np.random.default_rng(1))
     forced = greedy(MLXFrames(tiny.model), tokens, mask, 3)
     ours = ort_step_logits(onnx_fp32, tokens, mask, forced)
-    ref = mlx_step_logits(tiny.model, tokens, mask, forced)
+    ref = _our_logits(tiny.model, tokens, mask, forced)
     for f, (a, b) in enumerate(zip(ours, ref)):
         assert a.shape == b.shape == (K, 2051)
         err = np.abs(a - b).max() / np.abs(b).max()
@@ -207,7 +188,7 @@ def test_mlx_quantised_checkpoint_runs_on_onnx(tiny_args, tmp_path):
     nn.quantize(ck.model, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
     tokens, mask = two_context_prompt(np.random.default_rng(8))
     forced = greedy(MLXFrames(ck.model), tokens, mask, 2)
-    ref = mlx_step_logits(ck.model, tokens, mask, forced)
+    ref = _our_logits(ck.model, tokens, mask, forced)
     got = ort_step_logits(OrtFrameModel(ck.model, cache_dir=tmp_path / "dq"), tokens, mask, forced)
     for a, b in zip(got, ref):
         assert np.abs(a - b).max() / np.abs(b).max() < 1e-3
