@@ -56,7 +56,7 @@ class VADConfig:
     max_utterance_ms: int = 30000
     enabled_endpointing: bool = True
     energy_margin_db: float = 10.0  # 0 turns the noise-floor gate off
-    smart_turn: bool = True  # only acts when the Endpointer is given a turn model
+    smart_turn: bool = False  # on: ask the Endpointer's turn model (off by default: see configs/default.toml)
     smart_turn_threshold: float = 0.5  # Smart Turn's own cut (pipecat's); its output is a probability
     complete_silence_ms: int = 200  # a "complete" turn still needs this much silence: a breath, not a word
 

@@ -98,7 +98,7 @@ def test_injected_turn_model_decides_the_silence_needed():
             return p
         return model
 
-    config = VADConfig(energy_margin_db=0)
+    config = VADConfig(energy_margin_db=0, smart_turn=True)
     (done,) = ended(Endpointer(config, turn_model=says(0.9)), audio)
     assert done.reason == "complete" and done.turn_probability == 0.9
     assert done.decided_s - done.end_s == pytest.approx(0.18)  # 200 ms in whole 30 ms frames
@@ -112,7 +112,7 @@ def test_injected_turn_model_decides_the_silence_needed():
 
 def test_question_ends_fast(smart_turn, say):
     audio = room(0.5, say("What is the capital of France?"), 1.5)
-    (turn,) = ended(Endpointer(turn_model=smart_turn), audio)
+    (turn,) = ended(Endpointer(VADConfig(smart_turn=True), turn_model=smart_turn), audio)
     assert turn.reason == "complete" and turn.turn_probability > 0.5
     assert turn.decided_s - turn.end_s <= 0.2 + 1e-9
     (plain,) = ended(Endpointer(), audio)
@@ -121,7 +121,7 @@ def test_question_ends_fast(smart_turn, say):
 
 def test_mid_sentence_pause_stays_one_turn(smart_turn, say):
     audio = room(0.5, say("I would like to"), 0.5, say("book a table for four people."), 1.5)
-    events = Endpointer(turn_model=smart_turn).process(audio)
+    events = Endpointer(VADConfig(smart_turn=True), turn_model=smart_turn).process(audio)
     turns = [e.utterance for e in events if isinstance(e, SpeechEnded)]
     assert len(turns) == 1, [(u.reason, u.turn_probability) for u in turns]
     assert SpeechPaused in map(type, events) and SpeechResumed in map(type, events)
@@ -129,5 +129,5 @@ def test_mid_sentence_pause_stays_one_turn(smart_turn, say):
     # the same pause under a plain 400 ms silence rule splits the sentence
     assert len(ended(Endpointer(VADConfig(silence_ms=400, smart_turn=False)), audio)) == 2
     # replay reproduces the decisions
-    again = [e.utterance for e in Endpointer(turn_model=smart_turn).process(audio) if isinstance(e, SpeechEnded)]
+    again = [e.utterance for e in Endpointer(VADConfig(smart_turn=True), turn_model=smart_turn).process(audio) if isinstance(e, SpeechEnded)]
     assert [(u.reason, u.turn_probability, u.end_s) for u in again] == [(u.reason, u.turn_probability, u.end_s) for u in turns]
