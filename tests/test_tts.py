@@ -295,3 +295,32 @@ def test_prefilled_context_gives_the_same_frames(backend, tiny_args, tiny_tokeni
     np.testing.assert_array_equal(got, expected)
     assert warm.frames.last_prefill_rows == len(warm.prompts.tokenizer.encode("[0]thanks"))
     assert cold.frames.last_prefill_rows == n_context + warm.frames.last_prefill_rows
+
+
+def test_mimi_transposed_convs_equal_pytorch_reference(mimi):
+    """The GEMM + col2im transposed convolutions in Mimi's decoder (codec.py, the speed path) equal
+    nn.ConvTranspose1d: per layer on streaming- and one-shot-sized inputs, and through a whole decode."""
+    import torch
+
+    from pipelines.tts.codec import _MatmulConvTranspose1d
+
+    swapped = [m for m in mimi.mimi.decoder.modules() if type(m) is _MatmulConvTranspose1d]
+    assert len(swapped) == 4  # SEANet's four upsampling layers; the grouped upsample keeps PyTorch's own
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for conv in swapped:
+            for steps in (1, 2, 37):
+                x = torch.randn(2, conv.in_channels, steps, generator=gen)
+                ref = torch.nn.functional.conv_transpose1d(x, conv.weight, conv.bias, conv.stride)
+                torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+        codes = np.random.default_rng(1).integers(0, 2048, (K, 6))
+        fast = mimi.decode(codes)
+        try:
+            for conv in swapped:
+                conv.__class__ = torch.nn.ConvTranspose1d
+            reference = mimi.decode(codes)
+        finally:
+            for conv in swapped:
+                conv.__class__ = _MatmulConvTranspose1d
+    np.testing.assert_allclose(fast, reference, atol=1e-5)
+    assert np.abs(reference).max() > 1e-3

@@ -3,6 +3,12 @@
 Streaming matters: decoding frame chunks independently restarts Mimi's convolutions and transformer at
 each chunk (clicks and reverb). `StreamDecoder` keeps one `mimi.streaming(1)` state for a whole
 utterance, so the concatenated chunks equal a one-shot decode.
+
+Speed: a streamed frame reaches the decoder's first transposed convolution (1024 -> 512 channels, kernel 16)
+as 2 time steps. PyTorch sends inputs that small down its reference path, whose GEMM reads the weight
+transposed: 40-70 ms of a ~110 ms frame here. `_MatmulConvTranspose1d` does the same arithmetic as one GEMM
+on a weight stored the other way round plus `F.fold` (PyTorch's col2im), ~7 ms; equal to
+`nn.ConvTranspose1d` to float rounding (tests/test_tts.py).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipelines.errors import AudioInputError, CheckpointError
 
@@ -36,6 +43,9 @@ class MimiCodec:
             _randomise_codebooks(self.mimi, seed)
         self.mimi.set_num_codebooks(num_codebooks)
         self.mimi.eval()
+        for module in self.mimi.decoder.modules():
+            if type(module) is torch.nn.ConvTranspose1d and _MatmulConvTranspose1d.fits(module):
+                module.__class__ = _MatmulConvTranspose1d
         self.num_codebooks = num_codebooks
         self.source = "random Mimi (untrained)" if self.random_weights else str(weights)
 
@@ -78,6 +88,33 @@ def _randomise_codebooks(mimi, seed: int) -> None:
     for module in mimi.modules():
         if hasattr(module, "_embedding") and hasattr(module, "embedding_sum"):
             module._embedding = None  # drop the cached centroids
+
+
+class _MatmulConvTranspose1d(torch.nn.ConvTranspose1d):
+    """`nn.ConvTranspose1d` (no groups, padding or dilation) as GEMM + col2im on a [out * kernel, in] weight copy.
+
+    y[o, t*s + j] = sum_i w[i, o, j] x[i, t]: the GEMM gives every (o, j, t) term, `F.fold` sums the overlaps.
+    """
+
+    @staticmethod
+    def fits(conv: torch.nn.ConvTranspose1d) -> bool:
+        return (conv.groups == 1 and conv.padding == (0,) and conv.dilation == (1,) and conv.output_padding == (0,)
+                and conv.padding_mode == "zeros")
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if output_size is not None or x.dim() != 3:
+            return super().forward(x, output_size)
+        w = self.weight  # [in, out, kernel]
+        key = (w.data_ptr(), w._version)
+        if getattr(self, "_folded_key", None) != key:  # the weight changed (loaded after construction): redo the copy
+            self._folded = w.detach().reshape(w.shape[0], -1).t().contiguous()  # [out * kernel, in]
+            self._folded_key = key
+        (k,), (s,) = self.kernel_size, self.stride
+        B, _, T = x.shape
+        cols = torch.matmul(self._folded, x)  # [B, out * kernel, T]
+        y = F.fold(cols[:, :, None, :].flatten(2), output_size=(1, (T - 1) * s + k), kernel_size=(1, k),
+                   stride=(1, s))[:, :, 0]  # [B, out, (T - 1) * s + k]
+        return y if self.bias is None else y + self.bias[:, None]
 
 
 class StreamDecoder:
