@@ -3,6 +3,7 @@ that nothing in the project can unpickle."""
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 from pathlib import Path
@@ -16,13 +17,40 @@ from pipelines.tts.weights import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _randomise_transformers_mimi(codec) -> None:
+    # The default init leaves codebooks empty, layer scales at 0.01 and norms at 1/0: random values everywhere,
+    # so that a swapped or mis-laid tensor changes the output.
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buf in codec.named_buffers():
+            if name.endswith("embed_sum"):
+                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.05)
+            elif name.endswith(("cluster_usage", "initialized")):
+                buf.fill_(1.0)
+        for name, p in codec.named_parameters():
+            if name.endswith("layer_scale.scale"):
+                p.uniform_(0.05, 0.3, generator=gen)
+            elif "layernorm" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
 @pytest.fixture(scope="module")
-def pretrained_dir(reference, tiny_tokenizer, tmp_path_factory):
-    """What `CsmForConditionalGeneration.save_pretrained` writes (codec included), plus the tokenizer."""
+def pretrained(reference, tiny_tokenizer, tmp_path_factory):
+    """What `CsmForConditionalGeneration.save_pretrained` writes (its Mimi codec included, randomised), plus the
+    tokenizer; and the model it saved."""
+    model = copy.deepcopy(reference)
+    _randomise_transformers_mimi(model.codec_model)
     folder = tmp_path_factory.mktemp("csm_save_pretrained")
-    reference.save_pretrained(folder)
+    model.save_pretrained(folder)
     shutil.copy(tiny_tokenizer / "tokenizer.json", folder)
-    return folder
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(pretrained):
+    return pretrained[0]
 
 
 def test_transformers_save_pretrained_loads_with_tied_embedding(reference, pretrained_dir, tiny_tokenizer, mimi):
@@ -51,7 +79,7 @@ def test_transformers_save_pretrained_loads_with_tied_embedding(reference, pretr
     np.testing.assert_array_equal(ours, ref_frames)
 
 
-def test_tts_command_on_save_pretrained_and_mlx_8bit(pretrained_dir, tiny_args, tiny_tokenizer, tmp_path):
+def test_tts_command_on_save_pretrained_and_mlx_8bit(pretrained_dir, tiny_args, tiny_tokenizer, tmp_path, capsys):
     import json
 
     import mlx.nn as nn
@@ -72,6 +100,66 @@ def test_tts_command_on_save_pretrained_and_mlx_8bit(pretrained_dir, tiny_args, 
                      "--max-ms", "400"]) == 0
         audio, rate = sf.read(out)
         assert rate == 24000 and len(audio) == 5 * 1920
+        log = capsys.readouterr().err
+        if ckpt == pretrained_dir:  # no moshi Mimi file in checkpoints/: the folder's own codec is used
+            assert "Mimi trained" in log and f"mimi={ckpt / 'model.safetensors'} (transformers Mimi codec_model.*)" in log
+        else:
+            assert "Mimi UNTRAINED random weights" in log
+
+
+def test_mimi_from_transformers_codec_model_equals_transformers(pretrained):
+    """The codec inside a transformers CSM folder, mapped onto moshi's Mimi: same codes, same audio as
+    transformers' own `MimiModel` on real speech."""
+    import torch
+    from conftest import SHARED_FIXTURES
+    from safetensors import safe_open
+
+    from pipelines.audio import load_audio
+    from pipelines.tts.codec import MimiCodec
+
+    folder, model = pretrained
+    speech = SHARED_FIXTURES / "jfk.flac"
+    if not speech.is_file():
+        pytest.skip(f"{speech} is missing")
+    with safe_open(str(folder / "model.safetensors"), "np") as f:
+        assert any(k.startswith("codec_model.encoder.layers.") for k in f.keys())  # the flat layout, as published
+    ck = load_checkpoint(folder)
+    assert ck.codec_files == (folder / "model.safetensors",) and ck.codec_config["num_quantizers"] == 32
+    codec = MimiCodec.from_transformers(ck.codec_files, config=ck.codec_config)
+    assert not codec.random_weights and codec.source == f"{folder / 'model.safetensors'} (transformers Mimi codec_model.*)"
+
+    audio = load_audio(speech, 24_000)[24_000: 3 * 24_000]  # 2 s of speech = 25 frames
+    ref = model.codec_model
+    with torch.no_grad():
+        ref_codes = ref.encode(torch.from_numpy(audio)[None, None], num_quantizers=32).audio_codes[0].numpy()
+        ref_audio = ref.decode(torch.from_numpy(ref_codes)[None]).audio_values[0, 0].numpy()
+    codes = codec.encode(audio)
+    assert codes.shape == (32, 25) and len(np.unique(codes[0])) > 5
+    np.testing.assert_array_equal(codes, ref_codes)
+    ours = codec.decode(ref_codes)
+    # measured: max |diff| 1.4e-5 with samples up to ~7 (float32 rounding)
+    np.testing.assert_allclose(ours, ref_audio, rtol=0, atol=1e-4 * np.abs(ref_audio).max())
+
+
+def test_transformers_mimi_that_does_not_fit_is_one_line(pretrained, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pipelines.tts.codec import MimiCodec
+
+    folder, model = pretrained
+    with pytest.raises(CheckpointError, match=r"x.safetensors: this transformers Mimi is not moshi's Mimi: "
+                                              r"sliding_window=100 \(moshi's: 250\)"):
+        MimiCodec.from_transformers([tmp_path / "x.safetensors"], config={**model.config.codec_config.to_dict(),
+                                                                            "sliding_window": 100})
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith("codec_model.")}
+    del state["codec_model.decoder_transformer.layers.3.mlp_layer_scale.scale"]
+    save_file(state, str(tmp_path / "codec.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        MimiCodec.from_transformers([tmp_path / "codec.safetensors"])
+    assert str(err.value) == (f"{tmp_path / 'codec.safetensors'}: the transformers Mimi does not fit moshi's Mimi; "
+                              "missing 1: decoder_transformer.transformer.layers.3.layer_scale_2.scale")
 
 
 @pytest.mark.parametrize("name,what", [("whisper-tiny.en", "Whisper model"), ("smollm2-135m-instruct", "text LLM")])

@@ -13,11 +13,14 @@ on a weight stored the other way round plus `F.fold` (PyTorch's col2im), ~7 ms; 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 import torch.nn.functional as F
 
 from pipelines.errors import AudioInputError, CheckpointError
@@ -76,6 +79,28 @@ class MimiCodec:
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
+    @classmethod
+    def from_transformers(cls, files: Sequence[str | Path], num_codebooks: int = 32, config: dict | None = None,
+                          prefix: str = "codec_model.") -> "MimiCodec":
+        """Moshi's Mimi from a transformers `MimiModel`'s tensors: the transformers CSM/Marvis repos carry the codec
+        as `codec_model.*` beside the TTS (`prefix=""` for a bare MimiModel). Every tensor must fit: nothing stays random."""
+        where = str(files[0]) if len(files) == 1 else str(Path(files[0]).parent)
+        _check_transformers_config(config or {}, where)
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), "pt") as fh:
+                    state.update({k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)})
+            except Exception as exc:
+                raise CheckpointError(f"{f}: cannot read safetensors ({exc}); the file may be truncated") from None
+        if not state:
+            raise CheckpointError(f"{where}: no {prefix}* tensors (a transformers Mimi codec)")
+        codec = cls(None, num_codebooks=num_codebooks)
+        _load_moshi_state(codec.mimi, transformers_to_moshi(state, codec.mimi), where)
+        codec.random_weights = False
+        codec.source = f"{where} (transformers Mimi{f' {prefix}*' if prefix else ''})"
+        return codec
+
 
 def _randomise_codebooks(mimi, seed: int) -> None:
     # An untrained Mimi starts with all-zero codebooks, so it would encode every input to code 0;
@@ -88,6 +113,102 @@ def _randomise_codebooks(mimi, seed: int) -> None:
     for module in mimi.modules():
         if hasattr(module, "_embedding") and hasattr(module, "embedding_sum"):
             module._embedding = None  # drop the cached centroids
+
+
+# transformers' Mimi -> moshi's. transformers 5 nests its halves in memory (`encoder.encoder_seanet.*`) but its
+# checkpoints, save_pretrained included, keep the original flat layout (`encoder.layers.*`, `encoder_transformer.*`).
+_TRANSFORMERS_NESTED = [
+    ("encoder.encoder_seanet.", "encoder."),
+    ("encoder.encoder_transformer.", "encoder_transformer."),
+    ("encoder.downsample.", "downsample."),
+    ("decoder.upsample.", "upsample."),
+    ("decoder.decoder_transformer.", "decoder_transformer."),
+    ("decoder.decoder_seanet.", "decoder."),
+]
+_TRANSFORMERS_RENAMES = [
+    (r"^(encoder|decoder)\.layers\.(\d+)\.", r"\1.model.\2."),
+    (r"^(encoder|decoder)_transformer\.layers\.", r"\1_transformer.transformer.layers."),
+    (r"\.self_attn\.o_proj\.", ".self_attn.out_projs.0."),
+    (r"\.mlp\.fc1\.", ".linear1."),
+    (r"\.mlp\.fc2\.", ".linear2."),
+    (r"\.input_layernorm\.", ".norm1."),
+    (r"\.post_attention_layernorm\.", ".norm2."),
+    (r"\.self_attn_layer_scale\.", ".layer_scale_1."),
+    (r"\.mlp_layer_scale\.", ".layer_scale_2."),
+    (r"^quantizer\.semantic_residual_vector_quantizer\.", "quantizer.rvq_first."),
+    (r"^quantizer\.acoustic_residual_vector_quantizer\.", "quantizer.rvq_rest."),
+    (r"\.layers\.(\d+)\.codebook\.", r".vq.layers.\1._codebook."),
+    (r"\.embed_sum$", ".embedding_sum"),
+    (r"\._codebook\.initialized$", "._codebook._initialized"),
+]
+# Not a shape, so load_state_dict cannot see it: what moshi's Mimi hard-codes.
+_MOSHI_MIMI = {"sampling_rate": 24_000, "sliding_window": 250, "rope_theta": 10_000.0, "use_causal_conv": True,
+               "pad_mode": "constant", "trim_right_ratio": 1.0, "hidden_act": "gelu", "norm_eps": 1e-5}
+
+
+def _check_transformers_config(config: dict, where: str) -> None:
+    config = {**config, "rope_theta": config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))}
+    wrong = [f"{k}={config[k]!r} (moshi's: {v!r})" for k, v in _MOSHI_MIMI.items()
+             if config.get(k) is not None and config[k] != v]
+    if wrong:
+        raise CheckpointError(f"{where}: this transformers Mimi is not moshi's Mimi: " + ", ".join(wrong))
+
+
+def transformers_to_moshi(state: dict[str, torch.Tensor], mimi) -> dict[str, torch.Tensor]:
+    """A transformers `MimiModel` state dict (flat or nested names) -> moshi `MimiModel` names and layouts."""
+    targets = set(mimi.state_dict())
+    num_heads = mimi.encoder_transformer.transformer.layers[0].self_attn.num_heads
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        for old, new in _TRANSFORMERS_NESTED:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        for pattern, repl in _TRANSFORMERS_RENAMES:
+            key = re.sub(pattern, repl, key)
+        if m := re.match(r"(.*\.self_attn)\.([qkv])_proj\.weight$", key):
+            qkv.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        if m := re.match(r"(.*)\.conv\.(weight|bias)$", key):
+            # moshi wraps each torch conv two or three modules deep (streaming, norm, resampling), `convtr` if transposed
+            wraps = ("conv.conv", "convtr.convtr", "conv.conv.conv", "convtr.convtr.convtr")
+            key = next((c for c in (f"{m.group(1)}.{w}.{m.group(2)}" for w in wraps) if c in targets), key)
+        out[key] = value
+    for attn, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            out.update({f"{attn}.{p}_proj.weight": v for p, v in parts.items()})  # left for the fit check to name
+            continue
+        # transformers stores q/k rows per head as [even dims..., odd dims...] (rotate-half RoPE); moshi pairs them
+        q, k = (_rotate_half_to_interleaved(parts[p], num_heads) for p in "qk")
+        out[f"{attn}.in_projs.0.weight"] = torch.cat([q, k, parts["v"]])  # [3 * dim, dim]
+    return out
+
+
+def _rotate_half_to_interleaved(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    out_dim, in_dim = w.shape
+    return w.reshape(num_heads, 2, out_dim // num_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _load_moshi_state(mimi, state: dict[str, torch.Tensor], where: str) -> None:
+    """`load_state_dict(strict=True)`, with one line naming every tensor that does not fit."""
+    expected = mimi.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
+              if k in expected and v.shape != expected[k].shape]
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
+    problems = [f"{what} {len(items)}: {few(items)}"
+                for what, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", shapes)) if items]
+    if problems:
+        raise CheckpointError(f"{where}: the transformers Mimi does not fit moshi's Mimi; " + "; ".join(problems))
+    mimi.load_state_dict(state, strict=True)
+    for module in mimi.modules():
+        if hasattr(module, "_embedding") and hasattr(module, "embedding_sum"):
+            module._embedding = None  # drop centroids cached from the random codebooks
 
 
 class _MatmulConvTranspose1d(torch.nn.ConvTranspose1d):

@@ -94,8 +94,12 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
     check_tokenizer(tokenizer_dir, loaded.args)
     tokenizer = TextTokenizer(tokenizer_dir)
     mimi_path = resolve(config.mimi)
-    codec = MimiCodec(mimi_path if mimi_path.is_file() else None, num_codebooks=loaded.args.audio_num_codebooks,
-                      seed=config.seed)
+    if not mimi_path.is_file() and loaded.codec_files:  # a transformers repo carries its own Mimi
+        codec = MimiCodec.from_transformers(loaded.codec_files, num_codebooks=loaded.args.audio_num_codebooks,
+                                            config=loaded.codec_config)
+    else:
+        codec = MimiCodec(mimi_path if mimi_path.is_file() else None, num_codebooks=loaded.args.audio_num_codebooks,
+                          seed=config.seed)
 
     backend, bits = resolve_backend(config)
     if backend == "onnx":

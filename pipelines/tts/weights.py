@@ -177,6 +177,8 @@ class LoadedCheckpoint:
     format: str
     tokenizer_dir: Path | None  # where tokenizer.json is, if the checkpoint carries one
     random_weights: bool = False
+    codec_files: tuple[Path, ...] = ()  # files holding a transformers Mimi (`codec_model.*`), for codec.py
+    codec_config: dict | None = None  # its config (config.json's `codec_config`)
 
 
 def _read_safetensors(files: list[Path]) -> tuple[dict[str, mx.array], dict[str, str]]:
@@ -259,7 +261,9 @@ def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> LoadedCh
     if tokenizer_dir is not None:
         check_tokenizer(tokenizer_dir, args)
     mx.eval(model.parameters())
-    return LoadedCheckpoint(model, args, str(path), fmt, tokenizer_dir)
+    codec_files = tuple(files) if any(k.startswith(_TRANSFORMERS_DROPPED) for k in raw) else ()
+    return LoadedCheckpoint(model, args, str(path), fmt, tokenizer_dir, codec_files=codec_files,
+                            codec_config=(config or {}).get("codec_config"))
 
 
 def random_model(preset: str | ModelArgs, seed: int = 0, dtype: mx.Dtype | None = None) -> LoadedCheckpoint:
