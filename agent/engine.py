@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,6 +83,11 @@ class TurnEngine:
         self.log = log
         self.clock = clock
         self.jitter_s = jitter_s  # audio buffered before playback starts, for the stall figures
+        self.stopping = threading.Event()  # the session is ending (Ctrl-C, SIGTERM): cut the turn, prepare nothing
+
+    def stop(self) -> None:
+        """End the running turn at its next LLM token or TTS frame (any thread); the engine takes no new work."""
+        self.stopping.set()
 
     def warmup(self) -> None:
         for stage in (self.stages.asr, self.stages.llm, self.stages.tts):
@@ -103,7 +109,7 @@ class TurnEngine:
             for delta in spec.replies:
                 spec.marks.setdefault("llm_first_token", self.clock())
                 spec.deltas.append(delta)
-                if splitter.push(delta) or cancelled():
+                if splitter.push(delta) or cancelled() or self.stopping.is_set():
                     break
             else:
                 spec.done = True
@@ -120,6 +126,8 @@ class TurnEngine:
         with the stream (as it does live): work finished by then costs nothing, the rest shows.
         """
         st = self.stages
+        barged_in = interrupted
+        interrupted = lambda: barged_in() or self.stopping.is_set()  # noqa: E731
         if speculation is not None and not speculation.matches(utterance):
             speculation.drop()
             self._event("speculation_dropped", start_s=speculation.utterance.start_s)
@@ -162,12 +170,12 @@ class TurnEngine:
         def speak(sentence: str) -> None:
             nonlocal stopped
             text = clean_for_speech(sentence)
-            if not text or stopped:
+            if not text or stopped or interrupted():
                 return
             wf.mark("first_sentence", clock())
             own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
             audio_parts, code_parts = [], []
-            for chunk in st.tts.stream(text, agent_speaker, context + own, config=cfg):
+            for chunk in st.tts.stream(text, agent_speaker, context + own, config=cfg, cancelled=interrupted):
                 ready = clock()
                 wf.mark("first_tts_chunk", ready)
                 if interrupted():
@@ -216,6 +224,8 @@ class TurnEngine:
             turn.waterfall.update(playback_stalls(timeline, st.tts.sample_rate, self.jitter_s))
         self.conversation.append(turn)
         self._finish(turn)
+        if self.stopping.is_set():
+            return turn
         # get the next turn's context ready now (Mimi-encode the user's audio, prefill the new rows), while
         # the reply plays and the user thinks, instead of inside the next turn's latency
         st.tts.prepare_context(self.conversation.context(st.tts_config.context_segments)[0])

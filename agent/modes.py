@@ -251,6 +251,8 @@ class _Worker(threading.Thread):
             except queue.Empty:
                 break
             self.outstanding -= kind == "turn"
+        if self.engine is not None:
+            self.engine.stop()  # at the next LLM token or TTS frame, and no context is prepared after it
         self.barge_in()
 
     def stop(self) -> None:

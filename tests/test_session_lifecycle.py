@@ -10,12 +10,14 @@ being answered. Nothing depends on how fast the machine is: the signal is sent o
 from __future__ import annotations
 
 import ctypes.util
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import numpy as np
 import pytest
 
 from agent.config import CHECKPOINTS, ROOT, load_config
+from agent.devices import ReplaySink
 from agent.floor import Floor
 from agent.session import SessionRecorder, read_session
 from pipelines.vad import Endpointer, VADConfig
@@ -125,6 +128,83 @@ print("written", rec.finish([], {{}}), "mic_s", rec.mic_time)
     assert proc.stdout.splitlines()[-1] == "written [] mic_s 8.0"
     data = read_session(tmp_path / "b")  # what was flushed before the disk filled still reads
     assert 0 < len(data.mic) <= 100_000 // 2
+
+
+# -- stopping: the running turn ends at its next TTS frame or LLM token ------------------------------------
+
+
+def test_a_cancelled_tts_stream_stops_at_the_next_frame(tiny_tts):
+    cfg = dataclasses.replace(tiny_tts.config, first_chunk_frames=2, chunk_frames=8, stop_on_eos=False,
+                              max_audio_length_ms=2000)
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(True)
+        return len(asked) > 5
+
+    chunks = list(tiny_tts.stream("hello there how are you", 0, config=cfg, cancelled=cancelled))
+    assert len(asked) == 6  # once a frame, and no frame after the answer was yes
+    assert [c.num_frames for c in chunks] == [2]  # frames 3..5 waited for an 8-frame chunk: never played
+    assert len(list(tiny_tts.stream("hello there how are you", 0, config=cfg))) > 1
+
+
+class _Words:
+    """An LLM stand-in (the LLM is not under test) that counts the tokens taken from it."""
+
+    def __init__(self, reply: str):
+        self.reply, self.taken, self.history = reply, 0, []
+
+    def warmup(self) -> None:
+        pass
+
+    def stream(self, text: str):
+        for word in self.reply.split(" "):
+            self.taken += 1
+            yield word + " "
+
+    def commit(self, user: str, reply: str) -> None:
+        self.history.append((user, reply))
+
+
+def test_stopping_the_engine_mid_reply_ends_the_turn_and_prepares_nothing(tiny_tts):
+    """What SIGTERM / Ctrl-C do to the worker: `engine.stop()` from another thread while a reply plays."""
+    from agent.conversation import Conversation
+    from agent.engine import Stages, TurnEngine
+    from pipelines.asr.whisper import Transcript
+    from pipelines.tts.load import TTSConfig
+    from pipelines.vad import Utterance
+
+    class Heard:
+        def warmup(self) -> None:
+            pass
+
+        def transcribe(self, audio, sample_rate=16000):
+            return Transcript("hello there", 0.0, "en")
+
+    llm = _Words("Hello there. How are you today? I am fine. Thanks, and you? The weather is sunny.")
+    stages = Stages(Heard(), llm, tiny_tts, TTSConfig(seed=0, max_audio_length_ms=2000, first_chunk_frames=2,
+                                                      chunk_frames=8, stop_on_eos=False))
+    engine = TurnEngine(stages, Conversation(), log=lambda m: None)
+    prepared = []
+    tiny_tts.prepare_context = lambda context: prepared.append(context) or 0
+
+    class StopsAfterTheFirstChunk(ReplaySink):
+        def write(self, audio):
+            super().write(audio)
+            stopper = threading.Thread(target=engine.stop)  # another thread, as the signal handler's is
+            stopper.start()
+            stopper.join()
+
+    sink = StopsAfterTheFirstChunk(tiny_tts.sample_rate)
+    audio = np.zeros(16000, np.float32)
+    utterance = Utterance(audio=audio, start_s=0.0, end_s=1.0, decided_s=1.6, reason="silence", audio_start_s=0.0)
+    turn = engine.run_turn(utterance, sink)
+    assert turn.interrupted and turn.transcript == "hello there"
+    assert len(sink.audio()) == 2 * tiny_tts.samples_per_frame  # the first chunk only: cut at the next frame
+    assert turn.agent.codes.shape[1] == 2 and turn.reply == "Hello there."
+    assert llm.taken == 3  # "How" ended the first sentence; the rest of the reply was never asked for
+    assert llm.history == [("hello there", "Hello there.")] and prepared == []
+    assert engine.run_turn(dataclasses.replace(utterance, start_s=2.0), sink).interrupted  # stays stopped
 
 
 # -- processes: SIGTERM and SIGKILL while a turn is answered ------------------------------------------------

@@ -8,7 +8,7 @@ of a conversation) prefill only the rows that are new. `load.py` builds it from 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -68,14 +68,18 @@ class MarvisTTS:
         return self.frames.prefill(tokens, mask, self.prefix)
 
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
-               voice: VoiceReference | None = None, config: GenerationConfig | None = None) -> Iterator[AudioChunk]:
-        """Audio chunks as frames are produced, decoded with one Mimi streaming state per utterance."""
+               voice: VoiceReference | None = None, config: GenerationConfig | None = None,
+               cancelled: Callable[[], bool] = lambda: False) -> Iterator[AudioChunk]:
+        """Audio chunks as frames are produced, decoded with one Mimi streaming state per utterance.
+        `cancelled()` is asked after every frame: a chunk takes seconds on a slow machine, a frame does not."""
         cfg = config or self.config
         prompt = self.build_prompt(text, speaker, context, voice, cfg)
         pending: list[np.ndarray] = []
         first, target = 0, cfg.first_chunk_frames
         with self.codec.stream_decoder() as decoder:
             for codes in self.frames.frames(prompt, cfg, self.prefix):
+                if cancelled():
+                    return
                 pending.append(codes)
                 if len(pending) >= target:
                     yield self._chunk(decoder, pending, first)
