@@ -248,12 +248,16 @@ def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> LoadedCh
     if quant or any(k.endswith(".scales") for k in weights):
         if not quant:
             raise CheckpointError(f"{path}: quantised tensors but no 'quantization' in config.json")
-        nn.quantize(
-            model,
-            group_size=quant["group_size"],
-            bits=quant["bits"],
-            class_predicate=lambda p, m: isinstance(m, (nn.Linear, nn.Embedding)) and f"{p}.scales" in weights,
-        )
+
+        def layer_quant(p: str, m: nn.Module) -> bool | dict:
+            # mlx-audio's mixed recipes (`mixed_4_6`...) give some layers their own settings, under its `model.` names
+            if not (isinstance(m, (nn.Linear, nn.Embedding)) and f"{p}.scales" in weights):
+                return False
+            own = quant.get(p, quant.get(f"model.{p}"))
+            return own if isinstance(own, dict) else True
+
+        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"], mode=quant.get("mode", "affine"),
+                    class_predicate=layer_quant)
     check_weights(model, weights, str(path))
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases")) else v for k, v in weights.items()}
