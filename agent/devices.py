@@ -120,6 +120,7 @@ class MicSource:
         self._blocks: queue.Queue[np.ndarray] = queue.Queue(maxsize=max_blocks)
         self._delivered = 0  # samples handed out by read()
         self.zeros_s = 0.0  # seconds of exact digital silence up to the last block read (a muted or denied mic)
+        self.name = "the default microphone" if device is None else repr(device)  # PortAudio's name once started
         self._stream = None
 
     def start(self) -> "MicSource":
@@ -127,6 +128,8 @@ class MicSource:
             return self
         sd = _sounddevice()
         check_devices(True, False, input_device=self.device)
+        info = sd.query_devices(self.device, kind="input")
+        self.name = f"{info['name']!r} (device {info['index']})"
         try:
             self._stream = sd.InputStream(samplerate=self.sample_rate, blocksize=self.block_size, device=self.device,
                                           channels=1, dtype="int16", latency=self.latency, callback=self._callback)

@@ -347,7 +347,7 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     """
     from functools import partial
 
-    from agent.devices import REPLAY_HINT, MicSource, PlaybackSink, SpeakerSink, check_devices
+    from agent.devices import MicSource, PlaybackSink, SpeakerSink, check_devices
     from agent.echo import EchoCanceller, EchoReferenceSpeaker, guard_against_echo
     from pipelines.errors import VoiceAgentError
 
@@ -401,12 +401,15 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
                 block = mic.read(timeout=0.5)
                 if block is None:
                     if not mic.active:
-                        raise VoiceAgentError(f"the microphone went away (its stream stopped after "
-                                              f"{mic.stream_time:.1f} s); the session is saved; {REPLAY_HINT}")
-                    if time.monotonic() - last_block > MIC_STALL_S:
-                        raise VoiceAgentError(f"the microphone stopped delivering audio ({MIC_STALL_S:.0f} s "
-                                              f"without a block); the session is saved; {REPLAY_HINT}")
-                    continue
+                        gone = "went away (PortAudio stopped its stream)"
+                    elif time.monotonic() - last_block > MIC_STALL_S:
+                        gone = f"stopped delivering audio ({MIC_STALL_S:.0f} s without a block)"
+                    else:
+                        continue
+                    worker.cancel()  # the device is gone (unplugged, or its driver failed): save what was heard
+                    kept = f"the session up to then is saved in {recorder.folder}" if recorder else "nothing recorded"
+                    raise VoiceAgentError(f"the microphone {mic.name} {gone} after {mic.stream_time:.1f} s; {kept}; "
+                                          f"plug it back in (or pick another with --audio.input_device) and start again")
                 last_block = time.monotonic()
                 if canceller is not None:
                     block = canceller.near_end(block)

@@ -44,6 +44,16 @@ def tiny_args():
 
 
 @pytest.fixture(scope="session")
+def tiny_marvis(tmp_path_factory, tiny_args, tiny_tokenizer) -> Path:
+    """A tiny random Marvis saved as a checkpoint folder (MLX format + tokenizer.json): `--tts.checkpoint` for CLI runs."""
+    from pipelines.tts.weights import random_model, save_checkpoint
+
+    folder = save_checkpoint(random_model(tiny_args, seed=0).model, tmp_path_factory.mktemp("tiny-marvis"))
+    shutil.copy(tiny_tokenizer / "tokenizer.json", folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def mimi():
     from pipelines.tts.codec import MimiCodec
 

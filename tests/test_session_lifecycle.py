@@ -210,15 +210,6 @@ def test_stopping_the_engine_mid_reply_ends_the_turn_and_prepares_nothing(tiny_t
 # -- processes: SIGTERM and SIGKILL while a turn is answered ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_marvis(tmp_path_factory, tiny_args, tiny_tokenizer) -> Path:
-    from pipelines.tts.weights import random_model, save_checkpoint
-
-    folder = save_checkpoint(random_model(tiny_args, seed=0).model, tmp_path_factory.mktemp("tiny-marvis"))
-    shutil.copy(tiny_tokenizer / "tokenizer.json", folder)
-    return folder
-
-
 class Run:
     """`voice-agent VERB ... --out BUNDLE`, signalled as soon as its stdout says a turn is being answered."""
 
@@ -365,3 +356,46 @@ def test_chat_warns_when_the_microphone_delivers_only_zeros(silent_card, tmp_pat
     assert sum(ln.startswith("warning: the microphone has delivered only zeros for 3 s") for ln in lines) == 1, lines
     assert any(ln.startswith("no turn taken: no speech found in 4.0 s") for ln in lines), lines
     assert len(read_session(tmp_path / "bundle").mic) >= 4 * RATE
+
+
+# -- the microphone goes away mid-session ----------------------------------------------------------------
+
+
+def test_a_microphone_that_goes_away_ends_the_session_in_one_line_and_keeps_it(tmp_path, tiny_marvis):
+    """The mic's stream fails for real inside PortAudio (`VirtualCard.unplug_mic`) while a turn is answered."""
+    from agent.modes import replay_utterances
+
+    if ctypes.util.find_library("portaudio") is None:
+        pytest.skip("PortAudio is not installed (Debian: apt install libportaudio2)")
+    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
+        if not (CHECKPOINTS / name).is_dir():
+            pytest.skip(f"checkpoints/{name} is missing")
+    bundle, out, err = tmp_path / "bundle", tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    mic = np.frombuffer((DEMO / "mic.pcm").read_bytes(), "<i2")
+    with VirtualCard(tmp_path, mic) as card, open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "chat", "--out", str(bundle), "--duration", "60",
+                                 "--audio.half_duplex", "false", "--tts.checkpoint", str(tiny_marvis)],
+                                cwd=ROOT, env=dict(card.env, PYTHONUNBUFFERED="1"), stdin=subprocess.DEVNULL,
+                                stdout=stdout, stderr=stderr)
+        try:
+            deadline = time.monotonic() + WAIT_S  # a hang guard only
+            while "you   >" not in out.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            delivered = card.unplug_mic()
+            rc = proc.wait(timeout=WAIT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stdout, stderr = out.read_text(), err.read_text()
+    assert "you   >" in stdout, f"no turn began:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    assert rc == 2 and "Traceback" not in stderr, stderr
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: the microphone 'default' (device "), stderr
+    assert "went away" in errors[0] and "session up to then is saved" in errors[0]
+    assert f"session bundle: {bundle}" in stdout
+    meta = json.loads((bundle / "session.json").read_text())
+    assert "closed" in meta and "summary" in meta and (bundle / "transcript.txt").is_file()
+    data = read_session(bundle)
+    print(f"mic delivered {delivered / RATE:.2f} s before it went away, mic.pcm keeps {len(data.mic) / data.rate:.2f} s")
+    assert len(data.mic) >= delivered - 480  # all of it, but a block PortAudio held back unfinished (block_ms 30)
+    assert len(list(replay_utterances(load_config("replay"), data))) >= 1

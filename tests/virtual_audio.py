@@ -17,6 +17,10 @@ Built from `tests/fixtures/virtual-audio.asoundrc`. What that card does (alsa-li
   subprocess with `env` (or call `sd._terminate(); sd._initialize()`, which re-reads it). `ALSA_CONFIG_PATH`
   replaces the system config, so the host's own cards stay out of the test. An empty config file makes
   PortAudio 19.6 abort the process on import (assertion `devIdx < numDeviceNames`): use `NO_DEVICES_CONFIG`.
+- The card cannot be unplugged, but its mic can fail for real: once its tap FIFO has no reader, the file plugin's
+  write gets EPIPE, `snd_pcm_mmap_commit` returns the error, and PortAudio ends the stream from its callback
+  thread (`stream.active` turns False, the finished callback runs): what a USB mic pulled out mid-stream does.
+  A read error on the mic's own file would not do: ALSA logs it and goes on. See `VirtualCard.unplug_mic`.
 """
 
 from __future__ import annotations
@@ -144,9 +148,16 @@ class VirtualCard:
         self._drains: list[PacedDrain] = []
 
     def __enter__(self) -> "VirtualCard":
-        self._drains = [PacedDrain(self.folder / "mic-tap.fifo", MIC_RATE * 2),
+        self._mic_tap = PacedDrain(self.folder / "mic-tap.fifo", MIC_RATE * 2)
+        self._drains = [self._mic_tap,
                         PacedDrain(self.folder / "speaker.fifo", self.speaker_rate * 2, keep_to=self.played_raw)]
         return self
+
+    def unplug_mic(self) -> int:
+        """Make the mic fail mid-stream (see the module docstring); returns the samples it delivered until then."""
+        self._drains.remove(self._mic_tap)
+        self._mic_tap.close()
+        return self.mic_samples_read
 
     def __exit__(self, *exc) -> None:
         for drain in self._drains:
@@ -155,7 +166,7 @@ class VirtualCard:
     @property
     def mic_samples_read(self) -> int:
         """Samples the mic has delivered so far (its tap is paced like the speaker)."""
-        return self._drains[0].total // 2
+        return self._mic_tap.total // 2
 
     def played(self) -> np.ndarray:
         """[T] int16: everything the speaker played, PortAudio's leading zeros included."""
