@@ -81,6 +81,30 @@ def test_tts_command_on_every_format(fmt, transformers_dir, torchtune_file, tiny
     assert np.load(codes).shape == (32, 5)
 
 
+def test_tts_speaks_every_sentence_and_splits_one_too_long_for_the_cap(tiny_marvis, tmp_path, capsys):
+    from agent.config import load_config
+    from pipelines.tts.prompt import frame_cap
+
+    gen = load_config("default").tts
+    out = tmp_path / "three.wav"
+    assert main(["tts", "First sentence. Second one. And a third.", "-o", str(out), "--checkpoint", str(tiny_marvis),
+                 "--seed", "2"]) == 0
+    assert "speaking 3 sentences one after another" in capsys.readouterr().err
+    caps = [frame_cap(s, gen.max_audio_length_ms, gen.frames_per_char, gen.min_text_frames)
+            for s in ("First sentence.", "Second one.", "And a third.")]
+    audio, rate = sf.read(out)
+    assert rate == 24000 and len(audio) == sum(caps) * 1920  # each to its own cap: random weights never stop early
+
+    # 41 characters, no full stop, 2 s a sentence at most: cut at 25 frames unless it is split
+    out, codes = tmp_path / "long.wav", tmp_path / "long.npy"
+    assert main(["tts", "hello there how are you i am fine thanks", "-o", str(out), "--checkpoint", str(tiny_marvis),
+                 "--max-ms", "2000", "--stream", "--codes-out", str(codes)]) == 0
+    err = capsys.readouterr().err
+    assert "sentence 1 is longer than one utterance may be (2000 ms): spoken in 5 parts" in err, err
+    assert "speaking 5 sentences" in err
+    assert np.load(codes).shape[1] > 25 and len(sf.read(out)[0]) == np.load(codes).shape[1] * 1920
+
+
 def test_tts_offline_default_is_labelled_untrained(tmp_path):
     if not (ROOT / "checkpoints" / "smollm2-135m-instruct" / "tokenizer.json").is_file():
         pytest.skip("checkpoints/smollm2-135m-instruct is missing: run scripts/bootstrap.sh")
