@@ -9,6 +9,10 @@ as 2 time steps. PyTorch sends inputs that small down its reference path, whose 
 transposed: 40-70 ms of a ~110 ms frame here. `_MatmulConvTranspose1d` does the same arithmetic as one GEMM
 on a weight stored the other way round plus `F.fold` (PyTorch's col2im), ~7 ms; equal to
 `nn.ConvTranspose1d` to float rounding (tests/test_tts.py).
+
+The transformers CSM/Marvis repos carry Mimi as a transformers `MimiModel` (`codec_model.*`):
+`MimiCodec.from_transformers` maps its names and layouts (split q/k/v, q/k in rotate-half order) onto moshi's
+Mimi and loads them strictly, so those repos need no separate Mimi file.
 """
 
 from __future__ import annotations
