@@ -246,3 +246,33 @@ def test_stale_stamp_is_reconverted(smollm2_gguf, smollm2_dir, tmp_path):
     (copy / gguf_module.STAMP_NAME).write_text(json.dumps(stamp))
     convert_gguf_llm(smollm2_gguf, copy)
     assert (copy / "model.safetensors").stat().st_size == (smollm2_dir / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("backend", ["mlx", "onnx"])
+def test_prompt_cache_gives_the_same_replies_and_runs_only_new_tokens(smollm2_dir, backend):
+    """Turn after turn the KV cache of the last generation is reused: the replies are token for token the ones a
+    fresh prefill gives (greedy; on ONNX with the agent's default 8-bit weights), also after a speculation that was
+    dropped mid-reply, while each later prompt runs only the tokens after the shared prefix."""
+    from agent.config import ROOT
+    from pipelines.ortgraph import weights_key
+
+    cache = ROOT / "checkpoints" / ".ort" / f"llm-{weights_key(smollm2_dir)}-q8" if backend == "onnx" else None
+    kwargs = dict(max_history_turns=4, max_tokens=16, backend=backend, quantization=8 if backend == "onnx" else None,
+                  ort_cache=cache)
+    cached, fresh = ReplyLLM(smollm2_dir, SYSTEM, **kwargs), ReplyLLM(smollm2_dir, SYSTEM, **kwargs)
+    questions = ["What is the capital of France?", "And of Italy?", "What color is the sky?", "Thanks, goodbye!"]
+    runs = []
+    for i, q in enumerate(questions):
+        if i == 2:  # a speculation on a partial utterance, dropped after two deltas
+            partial = cached.stream("What color")
+            next(partial), next(partial)
+            partial.close()
+        fresh.prompt_cache.clear()
+        reply = "".join(cached.stream(q))
+        assert reply == "".join(fresh.stream(q)) and reply.strip()
+        runs.append((cached.last_prompt_run, fresh.last_prompt_run))
+        cached.commit(q, reply)
+        fresh.commit(q, reply)
+    assert runs[0][0] == runs[0][1]  # the first turn has nothing to reuse
+    for run_cached, run_fresh in runs[1:]:
+        assert run_cached < run_fresh / 2, runs

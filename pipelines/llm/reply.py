@@ -3,6 +3,10 @@
 A plain object: the agent calls `stream(user_text)`, speaks what it gets, and then `commit`s the
 turn with the reply text that was actually spoken (shorter than generated after a barge-in), so the
 history matches what the user heard. History is bounded by turns and the prompt by tokens.
+
+Each turn's prompt is the last one's (system prompt, history) plus a turn, so the KV cache a generation
+ends with is kept with the tokens it holds (`PromptCache`): the next prompt runs only the tokens after the
+longest shared prefix. Content-addressed, so a dropped speculation or a trimmed history just shares less.
 """
 
 from __future__ import annotations
@@ -16,6 +20,32 @@ from mlx.utils import tree_flatten
 from pipelines.errors import CheckpointError
 
 _NEEDED_FILES = ("config.json", "tokenizer.json")
+
+
+class PromptCache:
+    """The KV cache of the last generation and the token ids it holds."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.cache = None
+
+    def take(self, prompt: list[int]) -> tuple[object, int]:
+        """(the kept cache or None, how many leading tokens of `prompt` it already holds); at least the last
+        prompt token is left to run, for its logits. The cache leaves this object: one generation owns it."""
+        tokens, cache = self.tokens, self.cache
+        self.tokens, self.cache = [], None
+        shared = 0
+        for a, b in zip(tokens, prompt[: len(prompt) - 1]):
+            if a != b:
+                break
+            shared += 1
+        return (cache, shared) if cache is not None and shared else (None, 0)
+
+    def keep(self, tokens: list[int], cache) -> None:
+        self.tokens, self.cache = list(tokens), cache
+
+    def clear(self) -> None:
+        self.tokens, self.cache = [], None
 
 
 class ReplyLLM:
@@ -80,6 +110,8 @@ class ReplyLLM:
         self.backend = backend
         self.quantization = quantization if backend == "onnx" else None
         self._history: deque[tuple[str, str]] = deque(maxlen=max_history_turns)
+        self.prompt_cache = PromptCache()
+        self.last_prompt_run = 0  # prompt tokens the last generation ran (the rest came from the prompt cache)
 
     @property
     def history(self) -> tuple[tuple[str, str], ...]:
@@ -106,6 +138,7 @@ class ReplyLLM:
 
     def reset(self) -> None:
         self._history.clear()
+        self.prompt_cache.clear()
 
     def _generate(self, prompt: list[int], max_tokens: int) -> Iterator[str]:
         if self._ort is not None:
@@ -113,14 +146,29 @@ class ReplyLLM:
             return
         import mlx.core as mx
         from mlx_lm import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
         if self.seed is not None:
             mx.random.seed(self.seed)  # per turn, so a replayed turn samples the same reply
-        for response in stream_generate(
-            self.model, self.tokenizer, prompt, max_tokens=max_tokens, sampler=self._sampler
-        ):
-            if response.text:
-                yield response.text
+        cache, shared = self.prompt_cache.take(prompt)
+        if cache is None:
+            cache = make_prompt_cache(self.model)
+        else:
+            trim_prompt_cache(cache, cache[0].offset - shared)
+        self.last_prompt_run = len(prompt) - shared
+        held = list(prompt)
+        try:
+            for response in stream_generate(self.model, self.tokenizer, prompt[shared:], max_tokens=max_tokens,
+                                             sampler=self._sampler, prompt_cache=cache):
+                held.append(int(response.token))
+                if response.text:
+                    yield response.text
+        finally:
+            # the cache holds a prefix of `held`, or one token more that mlx-lm fed ahead: keep what we know
+            offset = cache[0].offset
+            if offset > len(held):
+                trim_prompt_cache(cache, offset - len(held))
+            self.prompt_cache.keep(held[: cache[0].offset], cache)
 
     def _generate_ort(self, prompt: list[int], max_tokens: int) -> Iterator[str]:
         """mlx-lm's `stream_generate` loop (EOS, max_tokens, streaming detokenizer) over the ONNX forward pass."""
@@ -129,26 +177,38 @@ class ReplyLLM:
         rng = np.random.default_rng(self.seed) if self.temperature > 0 else None
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
-        cache = self._ort.new_cache()
-        logits = self._ort.forward(prompt, cache)
-        for n in range(max_tokens):
-            if rng is None:
-                token = int(np.argmax(logits))
-            else:
-                z = logits.astype(np.float64) / self.temperature
-                p = np.exp(z - z.max())
-                token = int(rng.choice(len(p), p=p / p.sum()))
-            if token in self.tokenizer.eos_token_ids:
-                break
-            detokenizer.add_token(token)
-            if n + 1 == max_tokens:
-                break
-            if segment := detokenizer.last_segment:  # reading it takes it
+        cache, shared = self.prompt_cache.take(prompt)
+        if cache is None:
+            cache = self._ort.new_cache()
+        else:
+            cache[:] = [a[:, :, :shared] for a in cache]
+        self.last_prompt_run = len(prompt) - shared
+        held = list(prompt[:shared])
+        try:
+            logits = self._ort.forward(prompt[shared:], cache)
+            held = list(prompt)
+            for n in range(max_tokens):
+                if rng is None:
+                    token = int(np.argmax(logits))
+                else:
+                    z = logits.astype(np.float64) / self.temperature
+                    p = np.exp(z - z.max())
+                    token = int(rng.choice(len(p), p=p / p.sum()))
+                if token in self.tokenizer.eos_token_ids:
+                    break
+                detokenizer.add_token(token)
+                if n + 1 == max_tokens:
+                    break
+                if segment := detokenizer.last_segment:  # reading it takes it
+                    yield segment
+                logits = self._ort.forward([token], cache)
+                held.append(token)
+            detokenizer.finalize()
+            if segment := detokenizer.last_segment:
                 yield segment
-            logits = self._ort.forward([token], cache)
-        detokenizer.finalize()
-        if segment := detokenizer.last_segment:
-            yield segment
+        finally:
+            if cache[0].shape[2] == len(held):  # only a cache whose tokens we know is reused
+                self.prompt_cache.keep(held, cache)
 
     def _prompt(self, user_text: str) -> list[int]:
         # drop the oldest turns until the prompt fits; the user's own words come last and stay
