@@ -113,6 +113,7 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
             key = f"{key.replace(':', '-')}-seed{config.seed}-{config.dtype}"
         folder = resolve(config.ort_cache) / f"{key}-{'fp32' if bits is None else f'q{bits}'}"
         frames = OrtFrames(OrtFrameModel(loaded.model, quantization=bits, cache_dir=folder, progress=progress))
+        loaded.model = None  # the graphs hold every weight now: free the MLX copy (~1 GB for Marvis-250M in fp32)
     else:
         if bits is not None and not any(k.endswith(".scales") for k in _param_names(loaded.model)):
             import mlx.nn as nn

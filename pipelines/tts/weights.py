@@ -171,7 +171,7 @@ def check_tokenizer(tokenizer_dir: Path, args: ModelArgs) -> None:
 
 @dataclass
 class LoadedCheckpoint:
-    model: Model
+    model: Model | None  # None once another backend holds the weights (load.py, ONNX)
     args: ModelArgs
     source: str  # what was loaded, for logs and labels
     format: str
