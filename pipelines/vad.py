@@ -59,6 +59,7 @@ class VADConfig:
     smart_turn: bool = False  # on: ask the Endpointer's turn model (off by default: see configs/default.toml)
     smart_turn_threshold: float = 0.5  # Smart Turn's own cut (pipecat's); its output is a probability
     complete_silence_ms: int = 200  # a "complete" turn still needs this much silence: a breath, not a word
+    speculate: bool = True  # SpeechPaused/SpeechResumed at a pause, so the agent can start the turn ahead
 
     def __post_init__(self):
         if self.frame_ms not in (10, 20, 30):
@@ -304,7 +305,8 @@ class Endpointer:
                 events.append(SpeechResumed(t=at / VAD_RATE))
         elif self._confirmed and not voiced and self._silence == 1 and self._turn_model is not None:
             self._turn_probability = float(self._turn_model(self._so_far(end, tail=False).audio))
-        if self._confirmed and not voiced and self._silence == self._tail_frames and not self._paused:
+        if (self.config.speculate and self._confirmed and not voiced and self._silence == self._tail_frames
+                and not self._paused):
             # the tail a silence-ended utterance keeps is complete now: the utterance so far is, sample for
             # sample, the one the endpoint will give if no speech comes back
             self._paused = True

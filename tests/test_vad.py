@@ -311,3 +311,11 @@ def test_pause_then_resume_on_a_burst_gap():
     assert len(paused) == len(resumed) + 1
     gap = [e for e in resumed if 1.35 <= e.t <= 1.6]
     assert gap, [e.t for e in resumed]
+
+
+def test_speculation_switched_off_gives_no_pause_events_and_the_same_turns(jfk):
+    on = run(Endpointer(), jfk)
+    off = run(Endpointer(VADConfig(speculate=False)), jfk)
+    assert any(isinstance(e, SpeechPaused) for e in on)
+    assert not any(isinstance(e, (SpeechPaused, SpeechResumed)) for e in off)
+    assert [(u.start_s, u.end_s, u.reason) for u in utterances(off)] == [(u.start_s, u.end_s, u.reason) for u in utterances(on)]
