@@ -1,4 +1,4 @@
-"""Whisper's encoder on ONNX Runtime gives mlx-whisper's features and, so, its transcripts."""
+"""Whisper's encoder and text decoder on ONNX Runtime give mlx-whisper's numbers and, so, its transcripts."""
 
 from __future__ import annotations
 
@@ -22,20 +22,57 @@ def tiny_dir():
     return TINY
 
 
-def test_encoder_features_match_mlx(tiny_dir, jfk_path, tmp_path):
+@pytest.fixture(scope="module")
+def parts(tiny_dir, jfk_path, tmp_path_factory):
+    """(MLX model, ORT encoder, ORT decoder, jfk mel [1, 3000, 80]), built into a cache folder."""
     import mlx.core as mx
     from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram
     from mlx_whisper.transcribe import ModelHolder
 
-    from pipelines.asr.ort import OrtWhisperEncoder
+    from pipelines.asr.ort import load
 
     model = ModelHolder.get_model(str(tiny_dir), mx.float32)
-    encoder = getattr(model.encoder, "mlx_encoder", model.encoder)
+    mlx_encoder = getattr(model.encoder, "mlx_encoder", model.encoder)
+    mlx_decoder = getattr(model.decoder, "mlx_decoder", model.decoder)
+    encoder, decoder = load(mlx_encoder, mlx_decoder, model.dims, tmp_path_factory.mktemp("asr") / "cache")
     mel = log_mel_spectrogram(load_audio(jfk_path, 16000), padding=N_SAMPLES)[:3000][None]
-    ref = np.array(encoder(mel))
-    got = np.array(OrtWhisperEncoder(encoder, model.dims.n_audio_head, tmp_path / "enc")(mel))
-    assert got.shape == ref.shape == (1, 1500, 384)
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    return mlx_encoder, mlx_decoder, encoder, decoder, mel
+
+
+def _relative(got, ref) -> float:
+    got, ref = np.array(got), np.array(ref)
+    assert got.shape == ref.shape
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def test_encoder_features_match_mlx(parts):
+    mlx_encoder, _, encoder, _, mel = parts
+    ref = mlx_encoder(mel)
+    assert ref.shape == (1, 1500, 384)
+    assert _relative(encoder(mel), ref) < 1e-4
+
+
+@pytest.mark.parametrize("audio_positions", [1500, 400])  # the full window and a trimmed one
+def test_decoder_logits_match_mlx_over_cached_steps(parts, audio_positions):
+    import mlx.core as mx
+
+    mlx_encoder, mlx_decoder, _, decoder, mel = parts
+    features = mlx_encoder(mel)[:, :audio_positions]
+    tokens = mx.array([[50257, 50362]])  # <|startoftranscript|> <|notimestamps|>
+    ref, ref_cache, _ = mlx_decoder(tokens, features)
+    got, cache, cross_qk = decoder(tokens, features)
+    assert len(cross_qk) == len(mlx_decoder.blocks)
+    assert _relative(got, ref) < 1e-4
+    for _ in range(6):  # greedy: the same token into both, each with its own cache
+        tokens = mx.argmax(ref[:, -1:], axis=-1)
+        ref, ref_cache, _ = mlx_decoder(tokens, features, kv_cache=ref_cache)
+        got, cache, _ = decoder(tokens, features, kv_cache=cache)
+        assert got.shape == (1, 1, 51864)
+        assert _relative(got, ref) < 1e-4
+    assert cache["past_k0"].shape[2] == 2 + 6
+    # no cache: a new run (mlx-whisper's Inference.reset), whatever ran before
+    again, _, _ = decoder(mx.array([[50257, 50362]]), features)
+    assert _relative(again, mlx_decoder(mx.array([[50257, 50362]]), features)[0]) < 1e-4
 
 
 def test_transcripts_are_the_same(tiny_dir, jfk_path, tmp_path):
@@ -52,4 +89,9 @@ def test_transcripts_are_the_same(tiny_dir, jfk_path, tmp_path):
     for clip in clips:
         a, b = mlx_asr.transcribe(clip).text, ort_asr.transcribe(clip).text
         assert a == b and a
+    assert type(ort_asr._model().decoder).__name__ == "OrtWhisperDecoder"
     assert "my fellow americans" in ort_asr.transcribe(clips[0]).text.lower()
+    # the trimmed window: MLX's encoder parts, then the ORT decoder over fewer audio positions
+    mlx_trim = WhisperASR(tiny_dir, backend="mlx", trim=True)
+    ort_trim = WhisperASR(tiny_dir, backend="onnx", trim=True, ort_cache=tmp_path / "asr")
+    assert mlx_trim.transcribe(clips[0]).text == ort_trim.transcribe(clips[0]).text

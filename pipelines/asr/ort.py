@@ -1,11 +1,19 @@
-"""Whisper's audio encoder on ONNX Runtime: the mlx-whisper model's own weights as one graph.
+"""Whisper on ONNX Runtime: the mlx-whisper model's own weights as graphs, behind its `encoder` and `decoder`.
 
-The encoder is most of an utterance's ASR time here: it always runs Whisper's whole 30 s window (1500
-positions), ~1.6 s for tiny.en with MLX on two CPU cores, whatever the utterance's length. Encoding fewer
-positions costs accuracy (measured: tests/test_asr.py), so instead the same full window runs through ONNX
-Runtime's fp32 kernels. The graph is emitted from the mlx-whisper `AudioEncoder`'s parameters (convolutions,
-exact GELU, pre-norm blocks, LayerNorm), fp32, so its features equal MLX's to float rounding and the decoder
-(still mlx-whisper's) sees the same numbers: transcripts are unchanged (tested).
+An utterance's ASR here is the encoder over Whisper's whole 30 s window (1500 positions; encoding fewer costs
+accuracy, measured in tests/test_asr.py) and then the text decoder, one token at a time; on MLX's CPU path
+both are slow (~1.6 s encoder, ~46 ms a token). Both run through ONNX Runtime's kernels instead, emitted from
+the mlx-whisper `AudioEncoder` / `TextDecoder` parameters, so mlx-whisper's own `DecodingTask` (logit filters,
+temperature fallback, no-speech and compression checks) stays in charge. Notable:
+- Encoder fp32: its features equal MLX's to float rounding.
+- The decoder is two graphs: `cross` projects the audio features to every block's cross-attention K/V once per
+  decoding run (the first call, when mlx-whisper's `Inference` passes no cache); `decoder` takes tokens, their
+  positions, the self-attention cache and those K/V and returns logits for every token plus the grown cache.
+  The cache mlx-whisper holds between calls is that graph's feed dict. The token embedding is stored once,
+  transposed [n_state, n_vocab]: a Gather on axis 1 embeds, a MatMul projects to logits.
+- `cross_qk` (word timestamps only) is not computed: a list of None.
+- All graphs are one cached build (folder + stamp); `decoder_bits` 8 quantises the two decoder graphs with
+  ORT's MatMulNBits.
 """
 
 from __future__ import annotations
@@ -16,17 +24,34 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.ortgraph import Graph, build_cached, float_params, session
+from pipelines.ortgraph import Graph, build_cached, float_params, quantize, session
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: encoder + decoder graphs in one folder
+DECODER_BITS = None
 
 
-def build_encoder(encoder, n_head: int) -> dict:
+def _linear(g: Graph, p: dict, name: str, h: str) -> str:
+    out = g.op("MatMul", [h, g.init(f"{name}.w", p[f"{name}.weight"].T)])
+    return g.op("Add", [out, g.init(f"{name}.b", p[f"{name}.bias"])]) if f"{name}.bias" in p else out
+
+
+def _norm(g: Graph, p: dict, name: str, h: str) -> str:
+    return g.op("LayerNormalization", [h, g.init(f"{name}.s", p[f"{name}.weight"]),
+                                       g.init(f"{name}.o", p[f"{name}.bias"])], axis=-1, epsilon=1e-5)
+
+
+def _mlp(g: Graph, p: dict, b: str, x: str) -> str:
+    h = g.op("Gelu", [_linear(g, p, f"{b}.mlp1", _norm(g, p, f"{b}.mlp_ln", x))], approximate="none")
+    return g.op("Add", [x, _linear(g, p, f"{b}.mlp2", h)])
+
+
+def build_encoder(encoder, n_head: int):
     """The fp32 ONNX graph of an mlx-whisper AudioEncoder: mel [1, 2 * n_ctx, n_mels] -> [1, n_ctx, n_state]."""
+    import mlx.core as mx
     from onnx import TensorProto as TP
 
     p = float_params(encoder)
-    positions = np.array(encoder._positional_embedding.astype(_f32()))  # [n_ctx, n_state], not a parameter
+    positions = np.array(encoder._positional_embedding.astype(mx.float32))  # [n_ctx, n_state], not a parameter
     n_ctx, n_state = positions.shape
     n_mels = p["conv1.weight"].shape[2]
     g = Graph("whisper_encoder")
@@ -37,46 +62,130 @@ def build_encoder(encoder, n_head: int) -> dict:
         x = g.op("Conv", [x, w, g.init(f"{name}.b", p[f"{name}.bias"])], pads=[1, 1], strides=[stride])
         x = g.op("Gelu", [x], approximate="none")
     x = g.op("Add", [g.op("Transpose", [x], perm=[0, 2, 1]), g.init("positions", positions[None])])
-
-    def linear(name: str, h: str) -> str:
-        out = g.op("MatMul", [h, g.init(f"{name}.w", p[f"{name}.weight"].T)])
-        return g.op("Add", [out, g.init(f"{name}.b", p[f"{name}.bias"])]) if f"{name}.bias" in p else out
-
-    def norm(name: str, h: str) -> str:
-        return g.op("LayerNormalization", [h, g.init(f"{name}.s", p[f"{name}.weight"]),
-                                           g.init(f"{name}.o", p[f"{name}.bias"])], axis=-1, epsilon=1e-5)
-
     for i in range(len(encoder.blocks)):
         b = f"blocks.{i}"
-        h = norm(f"{b}.attn_ln", x)
-        q, k, v = (linear(f"{b}.attn.{n}", h) for n in ("query", "key", "value"))
+        h = _norm(g, p, f"{b}.attn_ln", x)
+        q, k, v = (_linear(g, p, f"{b}.attn.{n}", h) for n in ("query", "key", "value"))
         attn = g.op("Attention", [q, k, v], q_num_heads=n_head, kv_num_heads=n_head)
-        x = g.op("Add", [x, linear(f"{b}.attn.out", attn)])
-        h = g.op("Gelu", [linear(f"{b}.mlp1", norm(f"{b}.mlp_ln", x))], approximate="none")
-        x = g.op("Add", [x, linear(f"{b}.mlp2", h)])
-    g.output("features", norm("ln_post", x), TP.FLOAT, [1, n_ctx, n_state])
-    return {"encoder": g.model()}
+        x = _mlp(g, p, b, g.op("Add", [x, _linear(g, p, f"{b}.attn.out", attn)]))
+    g.output("features", _norm(g, p, "ln_post", x), TP.FLOAT, [1, n_ctx, n_state])
+    return g.model()
 
 
-def _f32():
-    import mlx.core as mx
+def build_cross(decoder):
+    """Audio features [B, n_audio, n_state] -> every block's cross-attention K and V, [B, n_audio, n_state] each."""
+    from onnx import TensorProto as TP
 
-    return mx.float32
+    p = float_params(decoder, ("blocks.",))
+    n_state = p["blocks.0.cross_attn.key.weight"].shape[0]
+    g = Graph("whisper_cross_kv")
+    features = g.input("features", TP.FLOAT, ["batch", "audio", n_state])
+    split = g.init("split", np.array([n_state, n_state], np.int64))
+    for i in range(len(decoder.blocks)):
+        a = f"blocks.{i}.cross_attn"
+        kv_w = np.concatenate([p[f"{a}.key.weight"].T, p[f"{a}.value.weight"].T], axis=1)  # [D, 2D]
+        kv_b = np.concatenate([np.zeros(n_state, np.float32), p[f"{a}.value.bias"]])  # the key has no bias
+        kv = g.op("Add", [g.op("MatMul", [features, g.init(f"{a}.kv.w", kv_w)]), g.init(f"{a}.kv.b", kv_b)])
+        k, v = g.op("Split", [kv, split], n_out=2, axis=-1)
+        g.output(f"cross_k{i}", k, TP.FLOAT, ["batch", "audio", n_state])
+        g.output(f"cross_v{i}", v, TP.FLOAT, ["batch", "audio", n_state])
+    return g.model()
+
+
+def build_decoder(decoder, n_head: int):
+    """tokens [B, T], positions [T], self-attention past, cross K/V -> logits [B, T, n_vocab], present."""
+    from onnx import TensorProto as TP
+
+    p = float_params(decoder)
+    n_vocab, n_state = p["token_embedding.weight"].shape
+    head_dim = n_state // n_head
+    g = Graph("whisper_decoder")
+    tokens = g.input("tokens", TP.INT64, ["batch", "tokens"])
+    positions = g.input("positions", TP.INT64, ["tokens"])
+    embedding_t = g.init("token_embedding_t", p["token_embedding.weight"].T)  # [D, V]: embeds and projects
+    x = g.op("Transpose", [g.op("Gather", [embedding_t, tokens], axis=1)], perm=[1, 2, 0])  # [D, B, T] -> [B, T, D]
+    x = g.op("Add", [x, g.op("Gather", [g.init("positional_embedding", p["positional_embedding"]), positions])])
+    split = g.init("split_qkv", np.array([n_state] * 3, np.int64))
+    for i in range(len(decoder.blocks)):
+        b = f"blocks.{i}"
+        past_k = g.input(f"past_k{i}", TP.FLOAT, ["batch", n_head, "past", head_dim])
+        past_v = g.input(f"past_v{i}", TP.FLOAT, ["batch", n_head, "past", head_dim])
+        cross_k = g.input(f"cross_k{i}", TP.FLOAT, ["batch", "audio", n_state])
+        cross_v = g.input(f"cross_v{i}", TP.FLOAT, ["batch", "audio", n_state])
+        h = _norm(g, p, f"{b}.attn_ln", x)
+        qkv_w = np.concatenate([p[f"{b}.attn.{n}.weight"].T for n in ("query", "key", "value")], axis=1)
+        qkv_b = np.concatenate([p[f"{b}.attn.query.bias"], np.zeros(n_state, np.float32), p[f"{b}.attn.value.bias"]])
+        qkv = g.op("Add", [g.op("MatMul", [h, g.init(f"{b}.attn.qkv.w", qkv_w)]), g.init(f"{b}.attn.qkv.b", qkv_b)])
+        q, k, v = g.op("Split", [qkv, split], n_out=3, axis=-1)
+        attn, present_k, present_v = g.op("Attention", [q, k, v, "", past_k, past_v], n_out=3,
+                                          q_num_heads=n_head, kv_num_heads=n_head, is_causal=1)
+        g.output(f"present_k{i}", present_k, TP.FLOAT, ["batch", n_head, "total", head_dim])
+        g.output(f"present_v{i}", present_v, TP.FLOAT, ["batch", n_head, "total", head_dim])
+        x = g.op("Add", [x, _linear(g, p, f"{b}.attn.out", attn)])
+        q = _linear(g, p, f"{b}.cross_attn.query", _norm(g, p, f"{b}.cross_attn_ln", x))
+        attn = g.op("Attention", [q, cross_k, cross_v], q_num_heads=n_head, kv_num_heads=n_head)
+        x = _mlp(g, p, b, g.op("Add", [x, _linear(g, p, f"{b}.cross_attn.out", attn)]))
+    logits = g.op("MatMul", [_norm(g, p, "ln", x), embedding_t])
+    g.output("logits", logits, TP.FLOAT, ["batch", "tokens", n_vocab])
+    return g.model()
+
+
+def load(encoder, decoder, dims, cache_dir: Path | None = None, decoder_bits: int | None = DECODER_BITS,
+         threads: int | None = None) -> tuple[OrtWhisperEncoder, OrtWhisperDecoder]:
+    """Drop-ins for an mlx-whisper model's (MLX) `encoder` and `decoder`, built into `cache_dir` once."""
+
+    def build() -> dict:
+        graphs = {"encoder": build_encoder(encoder, dims.n_audio_head), "cross": build_cross(decoder),
+                  "decoder": build_decoder(decoder, dims.n_text_head)}
+        if decoder_bits:
+            graphs["cross"], graphs["decoder"] = (quantize(graphs[n], decoder_bits) for n in ("cross", "decoder"))
+        return graphs
+
+    stamp = {"format": FORMAT_VERSION, "decoder_bits": decoder_bits}
+    folder, _ = build_cached(cache_dir, stamp, build, None)
+    threads = threads or os.cpu_count() or 1
+    sessions = {name: session(folder / f"{name}.onnx", threads) for name in ("encoder", "cross", "decoder")}
+    if cache_dir is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return (OrtWhisperEncoder(encoder, sessions["encoder"]),
+            OrtWhisperDecoder(decoder, sessions["cross"], sessions["decoder"], dims.n_text_head))
 
 
 class OrtWhisperEncoder:
-    """Drop-in for an mlx-whisper model's `encoder`: mx mel [1, 3000, n_mels] -> mx features, via ONNX Runtime."""
+    """Drop-in for an mlx-whisper model's `encoder`: mx mel [1, 3000, n_mels] -> mx features."""
 
-    def __init__(self, encoder, n_head: int, cache_dir: Path | None = None, threads: int | None = None):
-        self.mlx_encoder = encoder
-        folder, self.built = build_cached(cache_dir, {"format": FORMAT_VERSION}, lambda: build_encoder(encoder, n_head),
-                                          None)
-        self.session = session(folder / "encoder.onnx", threads or os.cpu_count() or 1)
-        if cache_dir is None:
-            shutil.rmtree(folder, ignore_errors=True)
+    def __init__(self, mlx_encoder, encoder_session):
+        self.mlx_encoder, self.session = mlx_encoder, encoder_session
 
     def __call__(self, mel):
         import mlx.core as mx
 
         features = self.session.run(["features"], {"mel": np.asarray(mel.astype(mx.float32))})[0]
         return mx.array(features)
+
+
+class OrtWhisperDecoder:
+    """Drop-in for an mlx-whisper model's `decoder`: (tokens [B, T], features [B, n_audio, D], kv_cache) ->
+    (logits [B, T, n_vocab], kv_cache, cross_qk), mx arrays; `kv_cache` None starts a new run."""
+
+    def __init__(self, mlx_decoder, cross_session, decoder_session, n_head: int):
+        self.mlx_decoder, self.cross, self.session = mlx_decoder, cross_session, decoder_session
+        self.n_layer, self.n_head = len(mlx_decoder.blocks), n_head
+        self._outputs = [o.name for o in decoder_session.get_outputs()]  # logits, present_k0, present_v0, ...
+
+    def __call__(self, tokens, audio_features, kv_cache: dict | None = None):
+        import mlx.core as mx
+
+        tokens = np.array(tokens, dtype=np.int64)
+        if kv_cache is None:
+            features = np.asarray(audio_features.astype(mx.float32))
+            names = [o.name for o in self.cross.get_outputs()]
+            kv_cache = dict(zip(names, self.cross.run(names, {"features": features})))
+            n_state = features.shape[-1]
+            empty = np.zeros((tokens.shape[0], self.n_head, 0, n_state // self.n_head), np.float32)
+            kv_cache.update({f"past_{kv}{i}": empty for i in range(self.n_layer) for kv in "kv"})
+        offset = kv_cache["past_k0"].shape[2]
+        feeds = {**kv_cache, "tokens": tokens, "positions": np.arange(offset, offset + tokens.shape[1], dtype=np.int64)}
+        out = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
+        kv_cache = {**kv_cache, **{f"past_{kv}{i}": out[f"present_{kv}{i}"] for i in range(self.n_layer) for kv in "kv"}}
+        return mx.array(out["logits"]), kv_cache, [None] * self.n_layer

@@ -122,27 +122,28 @@ class WhisperASR:
         self._last: tuple[np.ndarray, Transcript] | None = None  # (16 kHz input, its transcript)
         if backend not in ("mlx", "onnx"):
             raise ConfigError(f"asr.backend must be mlx or onnx, got {backend!r}")
-        # the encoder (the full 30 s window) on ONNX Runtime; fp16 weights stay on MLX (its decoder wants fp16)
+        # encoder and text decoder on ONNX Runtime (pipelines/asr/ort.py); fp16 weights stay on MLX
         self.backend = "onnx" if backend == "onnx" and not self.fp16 else "mlx"
         self.ort_cache = ort_cache
-        self._ort_encoder = None
+        self._ort = None  # (encoder, decoder) drop-ins
 
     def _model(self):
         import mlx.core as mx
         from mlx_whisper.transcribe import ModelHolder
 
-        # the same cached model mlx_whisper.transcribe uses, so both paths share one copy; its encoder is swapped
-        # for this instance's backend (another instance may have set the other one)
+        # the same cached model mlx_whisper.transcribe uses, so both paths share one copy; its encoder and decoder
+        # are swapped for this instance's backend (another instance may have set the other one)
         model = ModelHolder.get_model(str(self.model_dir), mx.float16 if self.fp16 else mx.float32)
         mlx_encoder = getattr(model.encoder, "mlx_encoder", model.encoder)
+        mlx_decoder = getattr(model.decoder, "mlx_decoder", model.decoder)
         if self.backend == "onnx":
-            if self._ort_encoder is None:
-                from pipelines.asr.ort import OrtWhisperEncoder
+            if self._ort is None:
+                from pipelines.asr.ort import load
 
-                self._ort_encoder = OrtWhisperEncoder(mlx_encoder, model.dims.n_audio_head, self.ort_cache)
-            model.encoder = self._ort_encoder
+                self._ort = load(mlx_encoder, mlx_decoder, model.dims, self.ort_cache)
+            model.encoder, model.decoder = self._ort
         else:
-            model.encoder = mlx_encoder
+            model.encoder, model.decoder = mlx_encoder, mlx_decoder
         return model
 
     def _run_trimmed(self, audio: np.ndarray) -> dict:
