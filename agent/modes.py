@@ -213,6 +213,9 @@ class _Worker(threading.Thread):
         self.outstanding = 0  # turns submitted and not yet played out
         self.unheard = 0  # utterances the ASR found no words in
         self.ready = threading.Event()
+        # set when run() ends: waited on instead of join(), which a Ctrl-C/SIGTERM interrupting it on Python 3.11
+        # leaves reporting the thread as stopped while it still runs (the session would close under its turn)
+        self.finished = threading.Event()
         self.generation = 0  # bumped by barge-in / cancel: the running turn sees it changed and stops
         self.error: BaseException | None = None
         self.engine: TurnEngine | None = None
@@ -260,6 +263,12 @@ class _Worker(threading.Thread):
         self.work.put(("stop", None))
 
     def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.finished.set()
+
+    def _serve(self) -> None:
         try:
             stages = build_stages(self.cfg, log=self.log)
             self.engine = TurnEngine(stages, Conversation(), log=self.log)
@@ -315,14 +324,14 @@ def _close(worker: _Worker, floor: Floor, log: Log, stopped: bool) -> tuple[dict
     Returns the summary and whether the session was stopped by the user."""
     worker.stop()
     try:
-        while worker.is_alive():
-            worker.join(timeout=0.5)
+        worker.finished.wait()
     except KeyboardInterrupt:
         if not stopped:
             log("stopping...")
         stopped = True
         worker.cancel()
-        worker.join(timeout=10)
+        worker.stop()  # the cancel dropped the stop queued above
+        worker.finished.wait(timeout=10)
     if worker.engine is None:
         return {}, stopped
     why = STOPPED if stopped else floor.why_silent(worker.unheard)

@@ -291,6 +291,11 @@ def test_sigterm_closes_the_session_like_ctrl_c(runs, kind):
     assert "closed" in meta and "summary" in meta
     for name in ("transcript.txt", "summary.json", "waterfall.jsonl"):
         assert (run.bundle / name).is_file(), name
+    # the turn being answered was cut where the stop found it (its long reply unfinished) and is in the bundle
+    heard = run.stdout.split("you   > ", 1)[1].splitlines()[0]
+    turns = [e for e in read_session(run.bundle).events if e["type"] == "turn"]
+    assert turns and turns[-1]["transcript"] == heard and turns[-1]["interrupted"], turns
+    assert f"you:   {heard}" in (run.bundle / "transcript.txt").read_text()
     print(f"{kind}: SIGTERM to exit {run.ended - run.signalled_at:.1f} s")
 
 
