@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes.util
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -106,15 +105,6 @@ def speech(tmp_path_factory) -> Speech:
     if question is None:
         pytest.skip("espeak-ng is not installed (Debian: apt install espeak-ng); it makes the test speech")
     return Speech(question, espeak_pcm16(THANKS, folder))
-
-
-@pytest.fixture(scope="module")
-def tiny_marvis(tmp_path_factory, tiny_args, tiny_tokenizer) -> Path:
-    from pipelines.tts.weights import random_model, save_checkpoint
-
-    folder = save_checkpoint(random_model(tiny_args, seed=0).model, tmp_path_factory.mktemp("tiny-marvis"))
-    shutil.copy(tiny_tokenizer / "tokenizer.json", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -36,15 +35,6 @@ pytestmark = [
     pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                        reason="chromium / chromium-driver are not installed (scripts/bootstrap.sh installs them)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_marvis(tmp_path_factory, tiny_args, tiny_tokenizer) -> Path:
-    from pipelines.tts.weights import random_model, save_checkpoint
-
-    folder = save_checkpoint(random_model(tiny_args, seed=0).model, tmp_path_factory.mktemp("tiny-marvis"))
-    shutil.copy(tiny_tokenizer / "tokenizer.json", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
