@@ -138,30 +138,19 @@ def _writable_output(path: Path) -> None:
 def _fit_to_cap(sentences: list[str], gen, log) -> list[str]:
     """Split a sentence whose text may need more frames than one utterance is allowed (`max_audio_length_ms`)
     after its last clause mark or word that fits, so the cap never cuts words off; say so."""
-    from pipelines.tts.prompt import FRAME_MS
+    from pipelines.llm.sentences import split_to_fit
+    from pipelines.tts.prompt import chars_that_fit
 
-    room = int((gen.max_audio_length_ms // FRAME_MS - gen.min_text_frames) / gen.frames_per_char)  # characters
+    room = chars_that_fit(gen.max_audio_length_ms, gen.frames_per_char, gen.min_text_frames)
     out = []
     for n, sentence in enumerate(sentences, 1):
-        if len(sentence) <= room:
-            out.append(sentence)
-            continue
-        if room < 1:
+        if room < 1 and sentence:
             log(f"warning: sentence {n} ({len(sentence)} characters) may need more than the "
                 f"{gen.max_audio_length_ms:.0f} ms cap: its audio stops there")
-            out.append(sentence)
-            continue
-        pieces, piece = [], ""
-        for word in sentence.split():
-            if piece and len(piece) + 1 + len(word) > room:
-                clause = max(piece.rfind(c + " ") for c in ",;:")
-                cut = clause + 1 if clause >= room // 2 else len(piece)  # a clause break, unless it leaves a stub
-                pieces.append(piece[:cut])
-                piece = piece[cut:].strip()
-            piece = f"{piece} {word}".strip()
-        pieces.append(piece)
-        log(f"sentence {n} is longer than one utterance may be ({gen.max_audio_length_ms:.0f} ms): spoken in "
-            f"{len(pieces)} parts")
+        pieces = split_to_fit(sentence, room)
+        if len(pieces) > 1:
+            log(f"sentence {n} is longer than one utterance may be ({gen.max_audio_length_ms:.0f} ms): spoken in "
+                f"{len(pieces)} parts")
         out.extend(pieces)
     return out
 

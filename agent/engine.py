@@ -20,9 +20,10 @@ import numpy as np
 
 from agent.conversation import Conversation, Turn
 from agent.metrics import Waterfall, playback_stalls, summary_line
-from pipelines.llm.sentences import SentenceSplitter, clean_for_speech
+from pipelines.llm.sentences import SentenceSplitter, clean_for_speech, split_to_fit
 from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage
 from pipelines.tts.load import TTSConfig
+from pipelines.tts.prompt import chars_that_fit
 from pipelines.vad import Utterance
 
 
@@ -167,11 +168,16 @@ class TurnEngine:
         agent_speaker, user_speaker = cfg.speaker, cfg.user_speaker
         stopped = False
 
+        room = chars_that_fit(cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
+
         def speak(sentence: str) -> None:
+            # a sentence longer than one utterance's frame cap is spoken in pieces, never cut off by the cap
+            for text in split_to_fit(clean_for_speech(sentence), room):
+                if text and not stopped and not interrupted():
+                    say(text)
+
+        def say(text: str) -> None:
             nonlocal stopped
-            text = clean_for_speech(sentence)
-            if not text or stopped or interrupted():
-                return
             wf.mark("first_sentence", clock())
             own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
             audio_parts, code_parts = [], []

@@ -51,7 +51,7 @@ def utterance(seconds=1.0, seed=0):
 
 @pytest.fixture()
 def make_engine(tiny_tts):
-    def make(asr_texts, replies, keep_audio_turns=16):
+    def make(asr_texts, replies, keep_audio_turns=16, tts_config=None):
         log = []
         real_stream = tiny_tts.stream
 
@@ -61,7 +61,7 @@ def make_engine(tiny_tts):
 
         tiny_tts.stream = stream
         stages = Stages(ScriptedASR(asr_texts), ScriptedLLM(replies, log), tiny_tts,
-                        TTSConfig(seed=0, max_audio_length_ms=480, chunk_frames=2, first_chunk_frames=1))
+                        tts_config or TTSConfig(seed=0, max_audio_length_ms=480, chunk_frames=2, first_chunk_frames=1))
         engine = TurnEngine(stages, Conversation(keep_audio_turns), log=lambda m: None)
         return engine, log
 
@@ -219,3 +219,17 @@ def test_speculation_cancelled_before_the_llm_still_answers(make_engine):
     turn = engine.run_turn(utt, ReplaySink(), speculation=spec)
     assert turn.reply == "Hi. How are you?"
     assert engine.stages.asr.texts == []  # the ASR ran once
+
+
+def test_a_sentence_longer_than_the_frame_cap_is_spoken_in_pieces(make_engine):
+    # 20 frames at most, 1 frame a character + 2: a piece may have 18 characters
+    cfg = TTSConfig(seed=0, max_audio_length_ms=1600, frames_per_char=1.0, min_text_frames=2, chunk_frames=4,
+                    stop_on_eos=False)
+    sentence = "The quick brown fox, who was very tired, jumped over the lazy dog."
+    engine, log = make_engine(["hello"], [sentence], tts_config=cfg)
+    turn = engine.run_turn(utterance(), ReplaySink())
+    spoken = [e[1] for e in log if e[0] == "tts"]
+    assert len(spoken) > 1 and all(len(p) <= 18 for p in spoken), spoken
+    assert " ".join(spoken) == sentence  # every word, in order
+    assert spoken[0] == "The quick brown"
+    assert turn.reply == sentence

@@ -138,3 +138,14 @@ def test_first_clause_of_a_long_first_sentence_goes_early():
     assert short.push("Yes, it is blue. It") == ["Yes, it is blue."]  # too few words before the comma
     assert SentenceSplitter(first_clause_words=2).push("It costs 1,000 dollars") == []  # a digit comma is no break
     assert SentenceSplitter().push("The sky on a clear day, as you know ") == []  # off by default
+
+
+def test_split_to_fit_keeps_every_word_and_prefers_clause_breaks():
+    from pipelines.llm.sentences import split_to_fit
+
+    text = "Well, I think that the answer, which is long, is forty two."
+    pieces = split_to_fit(text, 20)
+    assert " ".join(pieces) == text and all(len(p) <= 20 for p in pieces), pieces
+    assert pieces[1].endswith(",")  # "I think that the answer," breaks at its comma... if it fits
+    assert split_to_fit(text, 200) == [text] and split_to_fit(text, 0) == [text]
+    assert split_to_fit("Supercalifragilistic word", 5) == ["Supercalifragilistic", "word"]  # a long word stays whole

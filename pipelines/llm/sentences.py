@@ -156,6 +156,23 @@ _TIMES = re.compile(r"(?<=\d)\s*\*\s*(?=\d)")
 _LEFTOVER = re.compile(r"[*_`#|~]+")
 
 
+def split_to_fit(sentence: str, room: int) -> list[str]:
+    """`sentence` in pieces of at most `room` characters, cut after the last clause mark (, ; :) that leaves no
+    stub, else between words; a single word longer than `room` stays whole. room < 1: the sentence as it is."""
+    if room < 1 or len(sentence) <= room:
+        return [sentence]
+    pieces, piece = [], ""
+    for word in sentence.split():
+        if piece and len(piece) + 1 + len(word) > room:
+            clause = max(piece.rfind(c + " ") for c in ",;:")
+            cut = clause + 1 if clause >= room // 2 else len(piece)
+            pieces.append(piece[:cut])
+            piece = piece[cut:].strip()
+        piece = f"{piece} {word}".strip()
+    pieces.append(piece)
+    return pieces
+
+
 def clean_for_speech(text: str) -> str:
     """Markdown and emoji out, words in: what TTS should say for `text`, on one line."""
     text = _EMOJI.sub("", text)

@@ -72,6 +72,11 @@ def frame_cap(text: str, max_audio_length_ms: float, frames_per_char: float, min
     return max(1, min(by_time, by_text))
 
 
+def chars_that_fit(max_audio_length_ms: float, frames_per_char: float, min_text_frames: int) -> int:
+    """The longest text whose `frame_cap` is set by its length, not by `max_audio_length_ms` (0: none)."""
+    return max(0, int((max_audio_length_ms // FRAME_MS - min_text_frames) / frames_per_char))
+
+
 class PromptBuilder:
     """Turns text, context Segments and an optional voice reference into the backbone's prompt rows."""
 
