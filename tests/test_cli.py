@@ -136,3 +136,20 @@ def test_fetch_command_fails_fast_without_network():
     proc = run_cli("fetch", "mimi", timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: cannot reach") and "Traceback" not in proc.stderr
+
+
+def test_openblas_is_preloaded_only_when_a_stage_runs_on_mlx():
+    """OpenBLAS speeds up MLX's CPU matmuls but its threads take cores from ONNX Runtime: the agent's verbs
+    re-exec with it only when their config puts a network on MLX."""
+    from agent.cli import _runs_mlx
+    from pipelines.ortgraph import prefer_onnx
+
+    if not prefer_onnx():
+        pytest.skip("MLX has Metal here: every stage runs on MLX")
+    assert not _runs_mlx(["replay", "sessions/demo", "--config", "demo"])
+    assert not _runs_mlx(["bench", "agent", "sessions/demo", "--config", "demo"])
+    assert not _runs_mlx(["tts", "hello"])
+    for stage in ("tts", "llm", "asr"):
+        assert _runs_mlx(["replay", "sessions/demo", f"--{stage}.backend", "mlx"])
+        assert _runs_mlx(["bench", "agent", "sessions/demo", f"--{stage}.backend=mlx"])
+    assert _runs_mlx(["bench", "tts"]) and _runs_mlx(["doctor"])  # bench tts preloads per worker itself

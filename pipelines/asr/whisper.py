@@ -71,6 +71,12 @@ def _weights_dtype(weights: Path) -> str:
         raise CheckpointError(f"{weights}: not an mlx-whisper weights.npz file; re-convert the model") from None
 
 
+def weights_fp16(model_dir: Path) -> bool:
+    """Does this converted model store float16 weights (which stay on MLX whatever asr.backend says)?"""
+    weights = next((p for p in (model_dir / "weights.safetensors", model_dir / "weights.npz") if p.is_file()), None)
+    return weights is not None and _weights_dtype(weights) == "F16"
+
+
 class WhisperASR:
     """Speech to text with mlx-whisper. Plain object: `warmup()`, `transcribe(audio)`."""
 
