@@ -19,8 +19,9 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 def _maybe_preload_openblas(argv: list[str]) -> None:
     """MLX's Linux CPU wheel ships a reference BLAS (~6 GFLOP/s); Debian's OpenBLAS is ~30x faster.
     It has to be loaded before MLX, so re-exec once with LD_PRELOAD when it is installed and a network of
-    this command runs on MLX. Not otherwise: with every stage on ONNX Runtime, OpenBLAS's threads only take
-    cores from it (measured on the demo: first audio p50 1718 ms with the preload, 1143 ms without)."""
+    this command runs on MLX. Not otherwise: with every stage on ONNX Runtime it has nothing to speed up, and
+    its idle threads can take cores from ONNX Runtime and PyTorch (measured here: a TTS frame 0.25 s without,
+    0.32 s with it; on the whole demo the difference was within run-to-run noise)."""
     if platform.system() != "Linux" or not os.path.exists(OPENBLAS) or os.environ.get("VOICE_AGENT_NO_PRELOAD"):
         return
     if "openblas" in os.environ.get("LD_PRELOAD", "") or not _runs_mlx(argv):
