@@ -28,7 +28,7 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
     if asr_backend == "onnx" and asr_dir.is_dir():
         asr_cache = cfg.resolve(cfg.asr.ort_cache) / f"whisper-{weights_key(asr_dir)}"  # encoder + decoder graphs
     asr = WhisperASR(asr_dir, language=cfg.asr.language or None, initial_prompt=cfg.asr.initial_prompt or None,
-                     backend=asr_backend, ort_cache=asr_cache)
+                     backend=asr_backend, ort_cache=asr_cache, fallback=cfg.asr.temperature_fallback)
 
     model_dir = cfg.resolve(cfg.llm.model)
     backend, bits = resolve(cfg.llm.backend, cfg.llm.quantization)

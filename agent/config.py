@@ -36,6 +36,7 @@ class ASRSection:
     # the encoder's 30 s window on: auto (a CPU: onnx, fp32, same numbers; a Mac GPU: mlx) | mlx | onnx
     backend: str = field(default="auto", metadata={"choices": ("auto", "mlx", "onnx")})
     ort_cache: str = "checkpoints/.ort"
+    temperature_fallback: bool = False  # mlx-whisper's hotter retries after a failed greedy decode: up to 6 decodes
 
 
 @dataclass

@@ -405,10 +405,13 @@ def worker_main(opts) -> None:
 # ---- the parent: runs the workers, prints the table ---------------------------------------------------------
 
 
-def worker_env(impl: str, use_openblas: bool) -> tuple[dict, str]:
+def worker_env(impl: str, variant: str, use_openblas: bool) -> tuple[dict, str]:
+    """OpenBLAS for workers that run MLX, as the agent preloads it (agent/cli.py): not for torch (its own BLAS)
+    nor for ours on ONNX Runtime, whose Mimi (torch) its idle threads slow down."""
     env = dict(os.environ)
     preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-    if impl == "transformers" or not use_openblas:  # torch brings its own BLAS
+    runs_mlx = impl == "mlx-audio" or (impl == "ours" and variant.startswith("mlx"))
+    if not runs_mlx or not use_openblas:
         preload = [p for p in preload if "openblas" not in p]
     elif os.path.exists(OPENBLAS) and not any("openblas" in p for p in preload):
         preload.append(OPENBLAS)
@@ -426,7 +429,7 @@ def run_worker(impl: str, variant: str, context: bool, opts, export: str) -> dic
     cmd = [sys.executable, __file__, "--worker", impl, "--backend", backend or "mlx", "--dtype", dtype,
            "--quant-bits", str(quant), "--frames", str(opts.frames), "--greedy-frames", str(opts.greedy_frames),
            "--seed", str(opts.seed), "--export", export, "--result", result_file] + (["--context"] if context else [])
-    env, preload = worker_env(impl, not opts.no_openblas)
+    env, preload = worker_env(impl, variant, not opts.no_openblas)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -425,3 +425,20 @@ def test_trimmed_window_wer_within_one_point_of_full(tiny_dir):
     print(f"WER over {len(items)} utterances, {total} words: full window {full:.1f} %, trimmed {trimmed:.1f} %; "
           f"median ASR s/utterance: full {seconds[False]:.2f}, trimmed {seconds[True]:.2f}")
     assert trimmed <= full + 1.0
+
+
+def test_hotter_retries_only_when_switched_on(tiny_dir, monkeypatch):
+    """By default one greedy decode per utterance, even when it looks like a failure (the ten-turns turn Whisper
+    tiny.en cannot read: mlx-whisper's retries ran 6 decodes there for a worse transcript); `fallback=True`
+    restores mlx-whisper's schedule."""
+    import mlx_whisper.decoding as decoding
+
+    temperatures = []
+    real_run = decoding.DecodingTask.run
+    monkeypatch.setattr(decoding.DecodingTask, "run",
+                        lambda self, mel: temperatures.append(self.options.temperature) or real_run(self, mel))
+    audio, text = next((a, t) for a, t in shipped_utterances() if t.startswith("Thanks, that is all"))
+    for fallback, expected in ((False, [0.0]), (True, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])):
+        temperatures.clear()
+        transcript = WhisperASR(tiny_dir, fallback=fallback, backend="onnx").transcribe(audio).text
+        assert temperatures == expected, (fallback, temperatures, transcript)

@@ -2,7 +2,7 @@
 
 A plain object: the agent calls `stream(user_text)`, speaks what it gets, and then `commit`s the
 turn with the reply text that was actually spoken (shorter than generated after a barge-in), so the
-history matches what the user heard. History is bounded by turns and the prompt by tokens.
+history matches what the user heard. History is bounded by turns (trimmed to half when full) and the prompt by tokens.
 
 Each turn's prompt is the last one's (system prompt, history) plus a turn, so the KV cache a generation
 ends with is kept with the tokens it holds (`PromptCache`): the next prompt runs only the tokens after the
@@ -11,7 +11,6 @@ longest shared prefix. Content-addressed, so a dropped speculation or a trimmed 
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -109,7 +108,8 @@ class ReplyLLM:
             self._ort = OrtLlama(self.model, shape, quantization, ort_cache, progress=True)
         self.backend = backend
         self.quantization = quantization if backend == "onnx" else None
-        self._history: deque[tuple[str, str]] = deque(maxlen=max_history_turns)
+        self.max_history_turns = max_history_turns
+        self._history: list[tuple[str, str]] = []
         self.prompt_cache = PromptCache()
         self.last_prompt_run = 0  # prompt tokens the last generation ran (the rest came from the prompt cache)
 
@@ -131,10 +131,14 @@ class ReplyLLM:
         yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens)
 
     def commit(self, user_text: str, reply_text: str) -> None:
-        """Append a finished turn; the oldest turn drops out beyond `max_history_turns`."""
+        """Append a finished turn. Beyond `max_history_turns` the older half drops out at once: dropping one turn
+        a turn would change the prompt right after the system prompt every time, and the prompt cache with it."""
         user_text, reply_text = user_text.strip(), reply_text.strip()
         if user_text or reply_text:
             self._history.append((user_text, reply_text))
+        if len(self._history) > self.max_history_turns:
+            keep = min(self.max_history_turns, max(1, self.max_history_turns // 2))
+            del self._history[: len(self._history) - keep]
 
     def reset(self) -> None:
         self._history.clear()
