@@ -164,13 +164,13 @@ def _writable_output(path: Path) -> None:
 def _fit_to_cap(sentences: list[str], gen, log) -> list[str]:
     """Split a sentence whose text may need more frames than one utterance is allowed (`max_audio_length_ms`)
     after its last clause mark or word that fits, so the cap never cuts words off; say so."""
-    from pipelines.llm.sentences import split_to_fit
+    from pipelines.llm.sentences import MIN_PIECE_CHARS, split_to_fit
     from pipelines.tts.prompt import chars_that_fit
 
     room = chars_that_fit(gen.max_audio_length_ms, gen.frames_per_char, gen.min_text_frames)
     out = []
     for n, sentence in enumerate(sentences, 1):
-        if room < 1 and sentence:
+        if room < MIN_PIECE_CHARS and len(sentence) > room:
             log(f"warning: sentence {n} ({len(sentence)} characters) may need more than the "
                 f"{gen.max_audio_length_ms:.0f} ms cap: its audio stops there")
         pieces = split_to_fit(sentence, room)

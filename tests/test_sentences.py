@@ -148,4 +148,5 @@ def test_split_to_fit_keeps_every_word_and_prefers_clause_breaks():
     assert " ".join(pieces) == text and all(len(p) <= 20 for p in pieces), pieces
     assert pieces[1].endswith(",")  # "I think that the answer," breaks at its comma... if it fits
     assert split_to_fit(text, 200) == [text] and split_to_fit(text, 0) == [text]
-    assert split_to_fit("Supercalifragilistic word", 5) == ["Supercalifragilistic", "word"]  # a long word stays whole
+    assert split_to_fit("Supercalifragilisticexpialidocious word", 12) == ["Supercalifragilisticexpialidocious", "word"]
+    assert split_to_fit(text, 11) == [text]  # a cap too small to split for is the caller's to report

@@ -156,10 +156,14 @@ _TIMES = re.compile(r"(?<=\d)\s*\*\s*(?=\d)")
 _LEFTOVER = re.compile(r"[*_`#|~]+")
 
 
+MIN_PIECE_CHARS = 12  # a cap with room for less than a short clause is a deliberate limit, not worth splitting for
+
+
 def split_to_fit(sentence: str, room: int) -> list[str]:
     """`sentence` in pieces of at most `room` characters, cut after the last clause mark (, ; :) that leaves no
-    stub, else between words; a single word longer than `room` stays whole. room < 1: the sentence as it is."""
-    if room < 1 or len(sentence) <= room:
+    stub, else between words; a single word longer than `room` stays whole. A room under MIN_PIECE_CHARS: the
+    sentence as it is (the caller says that its cap may cut it)."""
+    if room < MIN_PIECE_CHARS or len(sentence) <= room:
         return [sentence]
     pieces, piece = [], ""
     for word in sentence.split():

@@ -73,8 +73,9 @@ def frame_cap(text: str, max_audio_length_ms: float, frames_per_char: float, min
 
 
 def chars_that_fit(max_audio_length_ms: float, frames_per_char: float, min_text_frames: int) -> int:
-    """The longest text whose `frame_cap` is set by its length, not by `max_audio_length_ms` (0: none)."""
-    return max(0, int((max_audio_length_ms // FRAME_MS - min_text_frames) / frames_per_char))
+    """The longest text that, spoken at `frames_per_char` (slow speech), ends within `max_audio_length_ms`
+    (`min_text_frames` is a floor for short texts, not speech: it does not count)."""
+    return max(0, int((max_audio_length_ms // FRAME_MS) / frames_per_char))
 
 
 class PromptBuilder:
