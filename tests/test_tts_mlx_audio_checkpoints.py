@@ -20,8 +20,7 @@ from mlx.utils import tree_flatten
 from conftest import tiny_tokenizer_dir
 from pipelines.tts.generator import MLXFrames
 from pipelines.tts.weights import load_checkpoint, random_model
-from test_tts_ort import greedy, ort_step_logits, two_context_prompt
-from test_tts_parity import _our_logits
+from test_tts_ort import assert_dequantised_on_onnx, greedy, two_context_prompt
 
 pytest.importorskip("mlx_audio")
 
@@ -115,15 +114,7 @@ def test_mlx_audio_quantised_checkpoint_loads_and_runs(bits, converted, source, 
 @pytest.mark.parametrize("bits", [4, 6])
 def test_mlx_audio_quantised_checkpoint_runs_on_onnx(bits, converted, tmp_path):
     """ONNX Runtime runs the dequantised weights: the same numbers as the MLX quantised model."""
-    from pipelines.tts.ort import OrtFrameModel
-
-    ck = load_checkpoint(converted[str(bits)])
-    tokens, mask = two_context_prompt(np.random.default_rng(8))
-    forced = greedy(MLXFrames(ck.model), tokens, mask, 2)
-    ref = _our_logits(ck.model, tokens, mask, forced)
-    got = ort_step_logits(OrtFrameModel(ck.model, cache_dir=tmp_path / "dq"), tokens, mask, forced)
-    for a, b in zip(got, ref):
-        assert np.abs(a - b).max() / np.abs(b).max() < 1e-3
+    assert_dequantised_on_onnx(load_checkpoint(converted[str(bits)]).model, tmp_path / "dq")
 
 
 def test_mlx_audio_mixed_recipe_keeps_each_layers_bits(converted, source):

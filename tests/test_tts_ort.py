@@ -186,9 +186,14 @@ def test_mlx_quantised_checkpoint_runs_on_onnx(tiny_args, tmp_path):
 
     ck = random_model(tiny_args, seed=1)
     nn.quantize(ck.model, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+    assert_dequantised_on_onnx(ck.model, tmp_path / "dq")
+
+
+def assert_dequantised_on_onnx(model, cache_dir) -> None:
+    """The ONNX graphs built from an MLX-quantised model give its logits (rel 1e-3) over 2 forced frames."""
     tokens, mask = two_context_prompt(np.random.default_rng(8))
-    forced = greedy(MLXFrames(ck.model), tokens, mask, 2)
-    ref = _our_logits(ck.model, tokens, mask, forced)
-    got = ort_step_logits(OrtFrameModel(ck.model, cache_dir=tmp_path / "dq"), tokens, mask, forced)
+    forced = greedy(MLXFrames(model), tokens, mask, 2)
+    ref = _our_logits(model, tokens, mask, forced)
+    got = ort_step_logits(OrtFrameModel(model, cache_dir=cache_dir), tokens, mask, forced)
     for a, b in zip(got, ref):
         assert np.abs(a - b).max() / np.abs(b).max() < 1e-3
