@@ -60,7 +60,7 @@ class AudioSection:
     input_device: str = ""  # "" = PortAudio default
     output_device: str = ""
     block_ms: int = knob(30, 5, 1000)
-    jitter_ms: int = knob(120, 0, 10_000)
+    jitter_ms: int = knob(80, 0, 10_000)  # least audio buffered before a reply plays (more when the TTS is slower than real time)
     half_duplex: bool = True  # ignore the mic while the agent speaks
     barge_in: bool = False  # user speech during playback stops the agent (needs echo-free audio)
     echo_cancellation: bool = False  # WebRTC AEC3 on the mic (agent/echo.py): barge-in on speakers

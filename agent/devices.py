@@ -217,6 +217,7 @@ class SpeakerSink:
         self._eos = False
         self._first_pending = False
         self._played = 0
+        self._prebuffer = self.jitter_samples  # samples buffered before this utterance starts playing
         self._stream = None
 
     # -- caller side ------------------------------------------------------------------------------------
@@ -251,8 +252,16 @@ class SpeakerSink:
                 self._start_utterance()
             self._chunks.append(pcm)
             self._queued += pcm.size
-            if self._queued >= self.jitter_samples:
+            if self._queued >= (self._prebuffer if self._played == 0 else self.jitter_samples):
                 self._flowing = True
+
+    def set_prebuffer(self, seconds: float) -> None:
+        """This utterance starts playing once `seconds` of it are buffered (the engine sizes it from the TTS's
+        measured rate); a re-buffer after an underrun waits for `jitter_ms` as usual."""
+        with self._lock:
+            self._prebuffer = max(1, round(self.sample_rate * seconds))
+            if self._played == 0:
+                self._flowing = self._queued >= self._prebuffer
 
     def end_of_stream(self) -> None:
         """No more audio for this utterance: play what is buffered even if it is shorter than the jitter buffer."""
@@ -308,6 +317,7 @@ class SpeakerSink:
 
     def _start_utterance(self) -> None:
         self._in_utterance, self._eos, self._first_pending = True, False, True
+        self._prebuffer = self.jitter_samples
         self._flowing = self._queued >= self.jitter_samples
         self._played = 0
 
@@ -366,6 +376,8 @@ class ReplaySink:
         self._written: list[np.ndarray] = []
         self._in_utterance = False
         self._played = 0
+        self._prebuffer = 1
+        self._started = False
 
     def start(self) -> "ReplaySink":
         return self
@@ -373,6 +385,12 @@ class ReplaySink:
     def begin_utterance(self) -> None:
         self._in_utterance = True
         self._played = 0
+        self._prebuffer = 1
+        self._started = False
+
+    def set_prebuffer(self, seconds: float) -> None:
+        """Playback (the first sample's time) starts once `seconds` of the utterance are written, as on a speaker."""
+        self._prebuffer = max(1, round(self.sample_rate * seconds))
 
     def write(self, audio: np.ndarray) -> None:
         audio = to_mono_float32(audio, what="speaker audio")
@@ -380,13 +398,20 @@ class ReplaySink:
             return
         if not self._in_utterance:
             self.begin_utterance()
-        if self._played == 0 and self.on_first_sample is not None:
-            self.on_first_sample(time.monotonic())
         if self.keep:
             self._written.append(audio.copy())
         self._played += audio.size
+        if self._played >= self._prebuffer:
+            self._start()
+
+    def _start(self) -> None:
+        if not self._started and self._played:
+            self._started = True
+            if self.on_first_sample is not None:
+                self.on_first_sample(time.monotonic())
 
     def end_of_stream(self) -> None:
+        self._start()  # a reply shorter than the buffer plays once it is all there
         self._in_utterance = False
 
     def clear(self) -> int:
@@ -464,6 +489,10 @@ class PlaybackSink:
             self._cut = None
             self._first.clear()
             self.speaker.begin_utterance()
+
+    def set_prebuffer(self, seconds: float) -> None:
+        if hasattr(self.speaker, "set_prebuffer"):
+            self.speaker.set_prebuffer(seconds)
 
     def write(self, audio: np.ndarray) -> None:
         with self._lock:

@@ -23,7 +23,7 @@ from agent.metrics import Waterfall, playback_stalls, summary_line
 from pipelines.llm.sentences import SentenceSplitter, clean_for_speech, split_to_fit
 from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage
 from pipelines.tts.load import TTSConfig
-from pipelines.tts.prompt import chars_that_fit
+from pipelines.tts.prompt import FRAME_MS, chars_that_fit, frame_cap
 from pipelines.vad import Utterance
 
 
@@ -77,18 +77,30 @@ class Speculation:
 class TurnEngine:
     def __init__(self, stages: Stages, conversation: Conversation | None = None, recorder=None,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-                 jitter_s: float = 0.12):
+                 jitter_s: float = 0.08):
         self.stages = stages
         self.conversation = conversation or Conversation()
         self.recorder = recorder
         self.log = log
         self.clock = clock
-        self.jitter_s = jitter_s  # audio buffered before playback starts, for the stall figures
+        self.jitter_s = jitter_s  # the least audio buffered before playback starts (one frame: the first chunk)
         self.stopping = threading.Event()  # the session is ending (Ctrl-C, SIGTERM): cut the turn, prepare nothing
 
     def stop(self) -> None:
         """End the running turn at its next LLM token or TTS frame (any thread); the engine takes no new work."""
         self.stopping.set()
+
+    def prebuffer_s(self, text: str, cfg: TTSConfig) -> float:
+        """Audio to buffer before playback starts, from the TTS's measured frame rate and how long this first
+        sentence may run: nothing beyond `jitter_s` when the TTS is faster than real time; otherwise the time
+        it falls behind over the sentence, so that a sentence that can be spoken without a gap is."""
+        tts = self.stages.tts
+        if getattr(tts, "frame_seconds", None) is None:
+            return self.jitter_s
+        per_frame = tts.frame_seconds + tts.decode_seconds / cfg.chunk_frames
+        frame_s = FRAME_MS / 1000
+        frames = frame_cap(clean_for_speech(text), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
+        return max(self.jitter_s, (per_frame / frame_s - 1.0) * frames * frame_s)
 
     def warmup(self) -> None:
         for stage in (self.stages.asr, self.stages.llm, self.stages.tts):
@@ -164,6 +176,8 @@ class TurnEngine:
         splitter = SentenceSplitter(st.first_clause_words)
         spoken: list[tuple[str, np.ndarray, np.ndarray]] = []  # sentence, audio, codes
         timeline: list[tuple[float, int]] = []  # (wall time a chunk was ready, its samples)
+        tts_wall = [0.0]  # seconds spent in the TTS stream, for the RTF the reply achieved
+        prebuffer: list[float] = []  # the playback buffer chosen at the reply's first chunk
         cfg = dataclasses.replace(st.tts_config, seed=st.tts_config.seed + turn.index)
         agent_speaker, user_speaker = cfg.speaker, cfg.user_speaker
         stopped = False
@@ -181,16 +195,22 @@ class TurnEngine:
             wf.mark("first_sentence", clock())
             own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
             audio_parts, code_parts = [], []
+            began = self.clock()
             for chunk in st.tts.stream(text, agent_speaker, context + own, config=cfg, cancelled=interrupted):
                 ready = clock()
                 wf.mark("first_tts_chunk", ready)
                 if interrupted():
                     stopped = True
                     break
+                if not prebuffer:
+                    prebuffer.append(self.prebuffer_s(text, cfg))
+                    if hasattr(sink, "set_prebuffer"):
+                        sink.set_prebuffer(prebuffer[0])
                 timeline.append((ready, chunk.audio.size))
                 sink.write(chunk.audio)
                 audio_parts.append(chunk.audio)
                 code_parts.append(chunk.codes)
+            tts_wall[0] += self.clock() - began
             if audio_parts:
                 spoken.append((text, np.concatenate(audio_parts), np.concatenate(code_parts, axis=1)))
 
@@ -227,7 +247,10 @@ class TurnEngine:
         st.llm.commit(transcript, turn.reply)
         turn.waterfall = wf.offsets()
         if timeline and not turn.interrupted:
-            turn.waterfall.update(playback_stalls(timeline, st.tts.sample_rate, self.jitter_s))
+            turn.waterfall.update(playback_stalls(timeline, st.tts.sample_rate, prebuffer[0]))
+            turn.waterfall["prebuffer_ms"] = round(prebuffer[0] * 1000.0, 1)
+            audio_s = sum(n for _, n in timeline) / st.tts.sample_rate
+            turn.waterfall["tts_rtf"] = round(tts_wall[0] / audio_s, 3)
         self.conversation.append(turn)
         self._finish(turn)
         if self.stopping.is_set():

@@ -140,7 +140,7 @@ def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, l
     if cfg.replay.realtime:
         return _run_replay_on_stream_clock(cfg, data, out, log, progress)
     stages = build_stages(cfg, log=log)
-    engine = TurnEngine(stages, Conversation(), log=log)
+    engine = TurnEngine(stages, Conversation(), log=log, jitter_s=cfg.audio.jitter_ms / 1000)
     engine.warmup()
     recorder = _open_recorder(cfg, "replay", out, stages, log)
     engine.recorder = recorder
@@ -271,7 +271,7 @@ class _Worker(threading.Thread):
     def _serve(self) -> None:
         try:
             stages = build_stages(self.cfg, log=self.log)
-            self.engine = TurnEngine(stages, Conversation(), log=self.log)
+            self.engine = TurnEngine(stages, Conversation(), log=self.log, jitter_s=self.cfg.audio.jitter_ms / 1000)
             self.engine.warmup()
             self.engine.recorder = self.recorder = self.recorder_factory(stages)
         except BaseException as exc:  # reported by the main thread as one line

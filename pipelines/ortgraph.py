@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 OPSET = 23
-QUANT_BLOCK = 32
+QUANT_BLOCK = 32  # weights per scale in blockwise int8/int4, unless a stamp says otherwise
+QUANT_BLOCKS = (32, 64, 128)
+MS_OPS = {"GroupQueryAttention", "MatMulNBits"}  # ONNX Runtime's own operators (domain com.microsoft)
 
 
 def rope_periods(args) -> np.ndarray:
@@ -49,20 +51,24 @@ class Graph:
     def __init__(self, name: str):
         self.name, self.nodes, self.inits, self.inputs, self.outputs = name, [], [], [], []
         self._n = 0
+        self._consts: set[str] = set()
 
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.asarray(array)  # (np.ascontiguousarray would turn a scalar into shape [1])
+        self.inits.append(numpy_helper.from_array(array if array.flags.c_contiguous else np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs):
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, outs: list[str] | None = None, **attrs):
+        """One node; its outputs get fresh names unless `outs` names them (a graph output written in place)."""
         from onnx import helper
 
         self._n += 1
-        outs = [f"{op_type.lower()}_{self._n}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self._n}", **attrs))
-        return outs[0] if n_out == 1 else outs
+        outs = outs or [f"{op_type.lower()}_{self._n}_{i}" for i in range(n_out)]
+        domain = "com.microsoft" if op_type in MS_OPS else None
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self._n}", domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
 
     def input(self, name: str, elem, shape) -> str:
         from onnx import helper
@@ -70,11 +76,52 @@ class Graph:
         self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
         return name
 
-    def output(self, name: str, source: str, elem, shape=None) -> None:
+    def output(self, name: str, source: str | None, elem, shape=None) -> None:
+        """A graph output: `source` copied under `name`, or (source None) a tensor a node already writes as `name`."""
         from onnx import helper
 
-        self.nodes.append(helper.make_node("Identity", [source], [name], name=f"out_{name}"))
+        if source is not None:
+            self.nodes.append(helper.make_node("Identity", [source], [name], name=f"out_{name}"))
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def fresh(self, stem: str) -> str:
+        self._n += 1
+        return f"{stem}_{self._n}"
+
+    def const(self, name: str, value) -> str:
+        """A small constant initializer, added once however often it is asked for."""
+        if name not in self._consts:
+            self._consts.add(name)
+            self.init(name, np.asarray(value))
+        return name
+
+    def inline(self, piece, prefix: str, inputs: dict[str, str], outputs: dict[str, str] | None = None) -> dict[str, str]:
+        """Copy the graph of ONNX model `piece` into this one, as a call: its inputs read `inputs[name]`, its
+        outputs are written as `outputs[name]` (or a name under `prefix`), every other tensor is renamed under
+        `prefix`, initializers are shared by name (each added once). Returns piece output -> tensor here."""
+        import copy
+
+        g, outputs = piece.graph, outputs or {}
+        weights = {t.name for t in g.initializer}
+        for t in g.initializer:
+            if t.name not in self._consts:
+                self._consts.add(t.name)
+                self.inits.append(t)
+        names = {**{i.name: inputs[i.name] for i in g.input if i.name not in weights}, **{w: w for w in weights}}
+        names[""] = ""
+        for o in g.output:
+            names[o.name] = outputs.get(o.name, f"{prefix}/{o.name}")
+
+        def rename(n: str) -> str:
+            return names.setdefault(n, f"{prefix}/{n}")
+
+        for node in g.node:
+            node = copy.deepcopy(node)
+            node.name = f"{prefix}/{node.name}"
+            node.input[:] = [rename(n) for n in node.input]
+            node.output[:] = [rename(n) for n in node.output]
+            self.nodes.append(node)
+        return {o.name: names[o.name] for o in g.output}
 
     def model(self):
         from onnx import helper
@@ -86,40 +133,65 @@ class Graph:
         return model
 
 
-def llama_blocks(g: Graph, prefix: str, args, params: dict[str, np.ndarray], x: str, pos: str,
-                 interleaved: bool = True) -> str:
+def llama_blocks(g: Graph, prefix: str, args, params: dict[str, np.ndarray], x: str, pos: str | None = None,
+                 interleaved: bool = True, cache: str = "concat") -> str:
     """Llama blocks + final norm of the LAST position: x [1, T, D] -> [1, D]; caches as graph inputs/outputs.
 
     `args`: num_layers, num_heads, num_kv_heads, head_dim, embed_dim, intermediate_dim, norm_eps, rope_base,
     rope_scaling, max_seq_len; parameters under `{prefix}.layers.N.*` and `{prefix}.norm.weight` (mlx-lm names).
+
+    Three kinds of cache:
+    - "concat": positions `pos` [1, T], the standard RotaryEmbedding + Attention ops; past [1, KVH, P, hd] in,
+      past + new out (a new array every call).
+    - "gqa": ONNX Runtime's GroupQueryAttention on the packed q|k|v projection (rotary inside: one node for
+      four); past and present as with "concat"; the positions follow from inputs `{prefix}.seqlens_k` [1]
+      (valid positions after this call, minus one) and `{prefix}.total_len` (scalar).
+    - "shared": as "gqa", over a buffer of max_seq_len positions that the caller binds as both past and present:
+      the new rows are written in place, so a step costs the same at any context length.
     """
     from onnx import TensorProto as TP
 
+    if cache not in ("concat", "gqa", "shared") or (pos is None) != (cache != "concat"):
+        raise ValueError(f"cache {cache!r}: 'concat' takes positions, 'gqa' and 'shared' do not")
     H, KVH, hd, D = args.num_heads, args.num_kv_heads, args.head_dim, args.embed_dim
     periods = rope_periods(args)
     angles = np.arange(args.max_seq_len, dtype=np.float64)[:, None] / periods[None, :]  # [positions, hd/2]
     cos = g.init(f"{prefix}.rope_cos", np.cos(angles).astype(np.float32))
     sin = g.init(f"{prefix}.rope_sin", np.sin(angles).astype(np.float32))
-    split_qkv = g.init(f"{prefix}.split_qkv", np.array([H * hd, KVH * hd, KVH * hd], np.int64))
     split_mlp = g.init(f"{prefix}.split_mlp", np.array([args.intermediate_dim] * 2, np.int64))
+    if cache == "concat":
+        split_qkv = g.init(f"{prefix}.split_qkv", np.array([H * hd, KVH * hd, KVH * hd], np.int64))
+    else:
+        seqlens = g.input(f"{prefix}.seqlens_k", TP.INT32, [1])
+        total = g.input(f"{prefix}.total_len", TP.INT32, [])
+    past = args.max_seq_len if cache == "shared" else "past"
 
     def w(name: str) -> np.ndarray:
         return params[f"{prefix}.{name}"]
 
     for i in range(args.num_layers):
         p = f"layers.{i}"
-        past_k = g.input(f"{prefix}.past_k{i}", TP.FLOAT, [1, KVH, "past", hd])
-        past_v = g.input(f"{prefix}.past_v{i}", TP.FLOAT, [1, KVH, "past", hd])
+        past_k = g.input(f"{prefix}.past_k{i}", TP.FLOAT, [1, KVH, past, hd])
+        past_v = g.input(f"{prefix}.past_v{i}", TP.FLOAT, [1, KVH, past, hd])
         h = g.op("RMSNormalization", [x, g.init(f"{prefix}.{p}.norm1", w(f"{p}.input_layernorm.weight"))],
                  epsilon=args.norm_eps, axis=-1)
         qkv_w = np.concatenate([w(f"{p}.self_attn.{n}_proj.weight").T for n in "qkv"], axis=1)  # [D, (H+2KVH)hd]
-        q, k, v = g.op("Split", [g.op("MatMul", [h, g.init(f"{prefix}.{p}.qkv", qkv_w)]), split_qkv], n_out=3, axis=-1)
-        q = g.op("RotaryEmbedding", [q, cos, sin, pos], interleaved=int(interleaved), num_heads=H)
-        k = g.op("RotaryEmbedding", [k, cos, sin, pos], interleaved=int(interleaved), num_heads=KVH)
-        attn, present_k, present_v = g.op("Attention", [q, k, v, "", past_k, past_v], n_out=3,
-                                          q_num_heads=H, kv_num_heads=KVH, is_causal=1)
-        g.output(f"{prefix}.present_k{i}", present_k, TP.FLOAT)
-        g.output(f"{prefix}.present_v{i}", present_v, TP.FLOAT)
+        qkv = g.op("MatMul", [h, g.init(f"{prefix}.{p}.qkv", qkv_w)])
+        if cache != "concat":
+            present = [f"{prefix}.present_k{i}", f"{prefix}.present_v{i}"]
+            attn = g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens, total, cos, sin],
+                        outs=[g.fresh("gqa"), *present], num_heads=H, kv_num_heads=KVH, do_rotary=1,
+                        rotary_interleaved=int(interleaved))[0]
+            for name in present:
+                g.output(name, None, TP.FLOAT, [1, KVH, past if cache == "shared" else "present", hd])
+        else:
+            q, k, v = g.op("Split", [qkv, split_qkv], n_out=3, axis=-1)
+            q = g.op("RotaryEmbedding", [q, cos, sin, pos], interleaved=int(interleaved), num_heads=H)
+            k = g.op("RotaryEmbedding", [k, cos, sin, pos], interleaved=int(interleaved), num_heads=KVH)
+            attn, present_k, present_v = g.op("Attention", [q, k, v, "", past_k, past_v], n_out=3,
+                                              q_num_heads=H, kv_num_heads=KVH, is_causal=1)
+            g.output(f"{prefix}.present_k{i}", present_k, TP.FLOAT)
+            g.output(f"{prefix}.present_v{i}", present_v, TP.FLOAT)
         o = g.op("MatMul", [attn, g.init(f"{prefix}.{p}.o", w(f"{p}.self_attn.o_proj.weight").T)])
         x = g.op("Add", [x, o])
         h = g.op("RMSNormalization", [x, g.init(f"{prefix}.{p}.norm2", w(f"{p}.post_attention_layernorm.weight"))],
@@ -157,14 +229,14 @@ def float_params(model, names: tuple[str, ...] | None = None) -> dict[str, np.nd
     return out
 
 
-def quantize(onnx_model, bits: int):
+def quantize(onnx_model, bits: int, block: int = QUANT_BLOCK):
     """fp32 MatMuls with constant weights -> ONNX Runtime's blockwise `MatMulNBits` (its own quantiser)."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node it visits
-    quantizer = MatMulNBitsQuantizer(onnx_model, bits=bits, block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(onnx_model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
     quantizer.process()
     return quantizer.model.model
 
@@ -176,10 +248,13 @@ def save(onnx_model, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], progress: str | None) -> tuple[Path, bool]:
+def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], progress: str | None,
+                 compose: Callable[[dict], dict] | None = None) -> tuple[Path, bool]:
     """The folder holding the built graphs: `folder` if a build with this `stamp` is complete there, else a new
     build (into a temporary folder, renamed into place). `build()` returns name -> fp32 ONNX model; a stamp
-    with `quantization` bits quantises each. Returns (folder, whether it was built now)."""
+    with `quantization` bits quantises each; `compose` then turns the (quantised) pieces into the models that
+    are saved (pieces that share weights are quantised once, before they are put together).
+    Returns (folder, whether it was built now)."""
     from tqdm import tqdm
 
     if folder is not None:
@@ -194,13 +269,16 @@ def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], pr
     try:
         models = build()
         bar = tqdm(total=len(models), desc=progress, unit="graph", disable=None if progress else True, leave=False)
+        if stamp.get("quantization"):
+            for name in list(models):
+                models[name] = quantize(models[name], stamp["quantization"], stamp.get("block", QUANT_BLOCK))
+                bar.update()
+        if compose is not None:
+            models = compose(models)
         for name in list(models):
-            m = models.pop(name)
-            if stamp.get("quantization"):
-                m = quantize(m, stamp["quantization"])
-            save(m, tmp / f"{name}.onnx")
-            del m
-            bar.update()
+            save(models.pop(name), tmp / f"{name}.onnx")
+            if not stamp.get("quantization"):
+                bar.update()
         bar.close()
         (tmp / "ready.json").write_text(json.dumps(stamp))
         if folder is None:
@@ -254,20 +332,24 @@ def prefer_onnx() -> bool:
     return not (mx.default_device() == mx.gpu and platform.system() == "Darwin")
 
 
-def resolve(backend: str, quantization: str) -> tuple[str, int | None]:
-    """Config strings (`auto|mlx|onnx`, `auto|none|8|4`) -> (backend, bits or None); auto bits: 8 on ONNX."""
+def resolve(backend: str, quantization: str, auto_bits: str = "8") -> tuple[str, int | None]:
+    """Config strings (`auto|mlx|onnx`, `auto|none|8|4`) -> (backend, bits or None); auto bits on ONNX: `auto_bits`."""
     if backend == "auto":
         backend = "onnx" if prefer_onnx() else "mlx"
     if quantization == "auto":
-        quantization = "8" if backend == "onnx" else "none"
+        quantization = auto_bits if backend == "onnx" else "none"
     return backend, None if quantization == "none" else int(quantization)
 
 
-def session(path: Path, threads: int, spin: bool = False):
-    """A CPU session; `spin`: may its idle workers busy-wait (fast for back-to-back runs, costly beside others)."""
+def session(path: Path, threads: int, spin: bool = False, profile: bool = False):
+    """A CPU session; `spin`: may its idle workers busy-wait (fast for back-to-back runs, costly beside others);
+    `profile`: record every node's time (`end_profiling()` writes the trace)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "voice-agent-ort-profile")
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import mlx.core as mx
+import time
+
 import numpy as np
 import pytest
 
@@ -61,7 +63,11 @@ def test_cache_equivalence(tiny_tts):
 def test_streaming_equals_one_shot_decode(backend, tiny_args, tiny_tokenizer, mimi, tmp_path_factory):
     tiny_tts = make_tts(tiny_args, tiny_tokenizer, mimi, backend, tmp_path_factory)
     cfg = GenerationConfig(seed=3, max_audio_length_ms=1600, first_chunk_frames=2, chunk_frames=8)
-    chunks = list(tiny_tts.stream("hello there how are you", 0, config=cfg))
+    tiny_tts.clock = lambda: 0.0  # a TTS infinitely faster than real time: chunks grow to chunk_frames at once
+    try:
+        chunks = list(tiny_tts.stream("hello there how are you", 0, config=cfg))
+    finally:
+        tiny_tts.clock = time.monotonic
     assert [c.num_frames for c in chunks] == [2, 8, 8, 2]
     assert [c.first_frame for c in chunks] == [0, 2, 10, 18]
     codes = np.concatenate([c.codes for c in chunks], axis=1)
@@ -324,3 +330,47 @@ def test_mimi_transposed_convs_equal_pytorch_reference(mimi):
                 conv.__class__ = _MatmulConvTranspose1d
     np.testing.assert_allclose(fast, reference, atol=1e-5)
     assert np.abs(reference).max() > 1e-3
+
+
+@pytest.mark.parametrize("frame_ms", [40, 60, 100])
+def test_chunks_grow_with_the_audio_ahead_of_the_listener(frame_ms, tiny_args, tiny_tokenizer, mimi, tmp_path_factory):
+    """Chunk sizes follow the measured frame rate (on a simulated clock: each frame takes frame_ms, each Mimi
+    call 10 ms): a chunk is as many frames as can be made before the audio already out has played, so a
+    listener who started at the first chunk never waits while the TTS is faster than real time, and chunks
+    grow to chunk_frames; slower than real time, every frame goes out as soon as it is made."""
+    tiny_tts = make_tts(tiny_args, tiny_tokenizer, mimi, "mlx", tmp_path_factory)
+    cfg = GenerationConfig(seed=3, max_audio_length_ms=3200, first_chunk_frames=1, chunk_frames=8, stop_on_eos=False)
+    now = [0.0]
+    frames, decode = tiny_tts.frames.frames, tiny_tts._chunk
+
+    def timed_frames(*a, **k):
+        for codes in frames(*a, **k):
+            now[0] += frame_ms / 1000
+            yield codes
+
+    def timed_decode(*a):
+        now[0] += 0.010
+        return decode(*a)
+
+    tiny_tts.clock, tiny_tts.frames.frames, tiny_tts._chunk = (lambda: now[0]), timed_frames, timed_decode
+    saved = tiny_tts.frame_seconds, tiny_tts.decode_seconds
+    try:
+        tiny_tts.frame_seconds = None
+        ready, sizes = [], []
+        for chunk in tiny_tts.stream("hello there how are you", 0, config=cfg):
+            ready.append(now[0])
+            sizes.append(chunk.num_frames)
+    finally:
+        del tiny_tts.frames.frames, tiny_tts._chunk  # the methods again
+        tiny_tts.clock = time.monotonic
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved
+    assert sum(sizes) == 35  # the text's cap: 12 + 23 characters
+    if frame_ms > 80:
+        assert sizes == [1] * 35
+        return
+    played_until = ready[0]
+    for t, n in zip(ready, sizes):
+        assert t <= played_until + 1e-9, f"chunk ready at {t:.3f} s, audio ran out at {played_until:.3f} s ({sizes})"
+        played_until = max(played_until, t) + n * 0.08
+    assert sizes[:2] == [1, 1] and sizes[:-1] == sorted(sizes[:-1])  # they only grow
+    assert max(sizes) == (8 if frame_ms == 40 else max(sizes)) and max(sizes) >= 4

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, OrtFrames, PrefixCache
+from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, OrtFrames, PrefixCache, sample_sorted
 from pipelines.tts.ort import OrtFrameModel, rope_periods
 from pipelines.tts.prompt import Prompt
 from pipelines.tts.weights import random_model
@@ -46,17 +46,13 @@ def onnx_fp32(tiny, tmp_path_factory):
 
 
 def ort_step_logits(ort, tokens, mask, forced):
+    """The frame graph's per-codebook logits [K, V] for each frame, teacher-forced with `forced` codes."""
     cache = ort.make_cache()
     out = []
     for codes in forced:
-        h, logits0 = ort.backbone(tokens, mask, cache)
-        step = [logits0]
-        dcache = ort.new_decoder_cache()
-        x = np.stack([h, ort.audio_embeddings[codes[0]]])
-        for k in range(1, K):
-            step.append(ort.decoder_step(x, dcache, k))
-            x = ort.audio_embeddings[codes[k] + k * ort.vocab][None]
-        out.append(np.stack(step))
+        got, logits = ort.run(tokens, mask, cache, forced=codes)
+        np.testing.assert_array_equal(got, codes)  # forcing really forces
+        out.append(logits.copy())
         tokens = np.r_[codes, 0][None].astype(np.int32)
         mask = np.r_[np.ones(K, bool), False][None]
     return out
@@ -104,7 +100,8 @@ def test_fp32_greedy_codes_match_mlx_and_transformers(reference, transformers_di
 
 
 def test_cache_equivalence_and_trim(onnx_fp32):
-    """Prefill + one-row steps == the whole rows at once; trim() then the same rows == a fresh prefill."""
+    """Prefill + one-row steps == the whole rows at once; trim() then the same rows == a fresh prefill. The cache
+    is written in place: its buffers never change size, only the offset moves."""
     rng = np.random.default_rng(3)
     tokens, mask = two_context_prompt(rng)
     extra = np.c_[rng.integers(0, 2048, (4, K)), np.zeros(4)].astype(np.int32)
@@ -112,15 +109,59 @@ def test_cache_equivalence_and_trim(onnx_fp32):
     all_mask = np.concatenate([mask, np.tile(np.r_[np.ones(K, bool), False], (4, 1))])
     n = len(tokens)
     cache = onnx_fp32.make_cache()
-    onnx_fp32.backbone(tokens, mask, cache)
+    buffers = [id(a) for a in cache._arrays]
+    onnx_fp32.prefill(tokens, mask, cache)
     for i in range(n, len(all_tokens)):
-        h_step, _ = onnx_fp32.backbone(all_tokens[i:i + 1], all_mask[i:i + 1], cache)
-    h_full, _ = onnx_fp32.backbone(all_tokens, all_mask, onnx_fp32.make_cache())
-    np.testing.assert_allclose(h_step, h_full, atol=2e-5, rtol=1e-4)
-    assert cache.offset == len(all_tokens)
+        _, step = onnx_fp32.run(all_tokens[i:i + 1], all_mask[i:i + 1], cache)
+    step = step.copy()
+    fresh = onnx_fp32.make_cache()
+    _, full = onnx_fp32.run(all_tokens, all_mask, fresh)
+    np.testing.assert_allclose(step, full, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(cache.keys(0), fresh.keys(0), atol=2e-5, rtol=1e-4)
+    assert cache.offset == len(all_tokens) and [id(a) for a in cache._arrays] == buffers
     assert cache.trim(3) == 3 and cache.offset == len(all_tokens) - 3
-    h_again, _ = onnx_fp32.backbone(all_tokens[-3:], all_mask[-3:], cache)
-    np.testing.assert_allclose(h_again, h_full, atol=2e-5, rtol=1e-4)
+    _, again = onnx_fp32.run(all_tokens[-3:], all_mask[-3:], cache)
+    np.testing.assert_allclose(again, full, atol=2e-5, rtol=1e-4)
+
+
+def test_cache_overflow_is_a_clear_error(onnx_fp32):
+    cache = onnx_fp32.make_cache()
+    cache.offset = cache.max_len - 1
+    tokens, mask = two_context_prompt(np.random.default_rng(3))
+    with pytest.raises(ValueError, match="cache holds"):
+        onnx_fp32.run(tokens, mask, cache)
+
+
+def test_in_graph_sampler_follows_the_host_rule(onnx_fp32):
+    """The frame graph's sampler == `sample_sorted` on its own logits with the same uniforms, at several
+    temperatures and top-k (0 = no cut); temperature 0 is argmax."""
+    rng = np.random.default_rng(11)
+    tokens, mask = two_context_prompt(rng)
+    checked = 0
+    for temperature, top_k in ((0.9, 50), (1.5, 0), (0.3, 5), (0.0, 50)):
+        cache = onnx_fp32.make_cache()
+        rows, rmask = tokens, mask
+        for _ in range(3):
+            u = rng.random(K, dtype=np.float32)
+            codes, logits = onnx_fp32.run(rows, rmask, cache, u, temperature, top_k)
+            want = [sample_sorted(logits[k], temperature, top_k, u[k]) for k in range(K)]
+            np.testing.assert_array_equal(codes, want)
+            checked += K
+            rows = np.r_[codes, 0][None].astype(np.int32)
+            rmask = np.r_[np.ones(K, bool), False][None]
+    assert checked == 4 * 3 * K
+
+
+def test_host_sampler_rule():
+    logits = np.array([0.0, 3.0, 1.0, 2.0], np.float32)
+    assert sample_sorted(logits, 0.0, 0, 0.99) == 1  # greedy
+    assert sample_sorted(logits, 1.0, 1, 0.99) == 1  # top-1 is greedy at any temperature
+    assert sample_sorted(logits, 1.0, 0, 0.0) == 1  # u = 0: the most likely
+    assert sample_sorted(logits, 1.0, 0, 0.9999) == 0  # u near 1: the least likely survives with no cut
+    assert sample_sorted(logits, 1.0, 2, 0.9999) == 3  # ... and is cut by top-2
+    draws = [sample_sorted(logits, 1.0, 0, u) for u in np.linspace(0, 1, 10000, endpoint=False)]
+    p = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), p, atol=1e-3)
 
 
 def test_built_graphs_are_cached(tiny, onnx_fp32, tmp_path):
@@ -197,3 +238,20 @@ def assert_dequantised_on_onnx(model, cache_dir) -> None:
     got = ort_step_logits(OrtFrameModel(model, cache_dir=cache_dir), tokens, mask, forced)
     for a, b in zip(got, ref):
         assert np.abs(a - b).max() / np.abs(b).max() < 1e-3
+
+
+def test_depth_decoder_on_group_query_attention_matches_mlx(tiny_args, tmp_path):
+    """Real flavours' heads (multiples of 16) run the depth steps on GroupQueryAttention, not the standard
+    Attention op the tiny model falls back to: the same logits as the MLX model."""
+    import dataclasses
+
+    from pipelines.tts.ort import gqa_fits
+
+    args = dataclasses.replace(tiny_args, decoder=dataclasses.replace(tiny_args.decoder, embed_dim=64, head_dim=16))
+    assert gqa_fits(args.decoder) and not gqa_fits(tiny_args.decoder)
+    ck = random_model(args, seed=3)
+    tokens, mask = two_context_prompt(np.random.default_rng(9))
+    forced = greedy(MLXFrames(ck.model), tokens, mask, 3)
+    ours = ort_step_logits(OrtFrameModel(ck.model, cache_dir=tmp_path / "gqa"), tokens, mask, forced)
+    for a, b in zip(ours, _our_logits(ck.model, tokens, mask, forced)):
+        assert np.abs(a - b).max() / np.abs(b).max() <= 1e-4

@@ -4,8 +4,10 @@ What is notable here:
 - The network runs on a backend: `MLXFrames` (the model of record, `model.py`; lazy, one host sync per frame)
   or `OrtFrames` (the same network as ONNX Runtime graphs built from the same weights, `ort.py`: fast
   matmuls on CPUs where MLX is slow). Both are driven by the one loop in `FrameGenerator`.
-- Sampling is top-k + temperature for every codebook, without a full sort; temperature 0 is greedy. Keys are
-  explicit (`seed`), so a run is reproducible whatever else uses the global RNG.
+- Sampling is top-k + temperature for every codebook; temperature 0 is greedy. On MLX it is a lazy
+  categorical draw; on ONNX Runtime it runs inside the frame graph by `sample_sorted`'s rule (one host-drawn
+  uniform per codebook). Keys and seeds are explicit (`seed`), so a run is reproducible whatever else uses the
+  global RNG.
 - The backbone cache outlives a generation in an explicit `PrefixCache`: consecutive prompts share a long
   prefix (the same context; the previous sentence's text and frames are the next one's context), so only
   the new rows are prefilled.
@@ -29,7 +31,7 @@ class GenerationConfig:
     top_k: int = 50
     seed: int | None = None  # None: a fresh random seed per call
     max_audio_length_ms: float = 10_000
-    frames_per_char: float = 1.25  # text-length cap: ~10 characters a second, slow speech
+    frames_per_char: float = 1.0  # text-length cap: 12.5 characters a second, slower than people speak (14-15)
     min_text_frames: int = 12
     stop_on_eos: bool = True
     chunk_frames: int = 8
@@ -68,18 +70,20 @@ def sample_mlx(logits, temperature: float, top_k: int, key):
     return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
 
 
-def sample_numpy(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator | None) -> int:
-    """logits [V] -> one token: the same rule as `sample_mlx`, on the host."""
-    if temperature <= 0 or rng is None:
-        return int(np.argmax(logits))
+def sample_sorted(logits: np.ndarray, temperature: float, top_k: int, u: float) -> int:
+    """logits [V] -> one token, given one uniform u in [0, 1): the k largest logits sorted high to low, softmax
+    at `temperature`, the first whose cumulative probability passes u. The ONNX frame graph samples by this
+    same rule in float32 (`ort._sample`), so a seeded run gives the same codes on the host and in the graph.
+    temperature 0 is argmax."""
     V = logits.shape[-1]
-    if 0 < top_k < V:
-        top = np.argpartition(logits, V - top_k)[V - top_k:]
-    else:
-        top = np.arange(V)
-    z = logits[top].astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    return int(top[np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right").clip(max=len(top) - 1)])
+    k = top_k if 0 < top_k < V else V
+    top = np.argsort(-logits, kind="stable")[:k]
+    if temperature <= 0:
+        return int(top[0])
+    vals = logits[top].astype(np.float32)
+    cdf = np.cumsum(np.exp((vals - vals[0]) / np.float32(max(temperature, 1e-5))), dtype=np.float32)
+    j = int(np.count_nonzero(cdf <= np.float32(u) * cdf[-1]))
+    return int(top[min(j, k - 1)])
 
 
 # ---- backends ------------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ class MLXFrames:
 
 
 class OrtFrames:
-    """The same network on ONNX Runtime (`ort.OrtFrameModel`); sampling on the host between steps."""
+    """The same network on ONNX Runtime (`ort.OrtFrameModel`): a frame, sampling included, is one session run."""
 
     name = "onnx"
 
@@ -171,10 +175,12 @@ class OrtFrames:
         return np.random.default_rng(cfg.seed if cfg.seed is not None else secrets.randbits(31))
 
     def prefill(self, tokens: np.ndarray, mask: np.ndarray, cache) -> None:
-        self.ort.backbone(tokens, mask, cache)
+        self.ort.prefill(tokens, mask, cache)
 
     def frame(self, tokens, mask, cache, cfg: GenerationConfig, rng) -> np.ndarray:
-        return self.ort.frame(tokens, mask, cache, lambda logits, _k: sample_numpy(logits, cfg.temperature, cfg.top_k, rng))
+        uniforms = None if rng is None else rng.random(self.num_codebooks, dtype=np.float32)
+        codes, _ = self.ort.run(tokens, mask, cache, uniforms, cfg.temperature if rng is not None else 0.0, cfg.top_k)
+        return codes
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------

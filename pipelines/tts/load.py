@@ -29,7 +29,10 @@ class TTSConfig(GenerationConfig):
     tokenizer: str = "checkpoints/smollm2-135m-instruct"  # used when the checkpoint carries none
     dtype: str = "float32"  # MLX weights
     backend: str = "auto"  # auto | mlx | onnx
-    quantization: str = "auto"  # auto (onnx: 8, mlx: as the checkpoint) | none | 8 | 4
+    # auto: 4-bit on ONNX Runtime (the frame loop is faster than real time on two cores only there; Marvis'
+    # makers publish 4-bit MLX weights too), the checkpoint's own on MLX | none (fp32) | 8 | 4
+    quantization: str = "auto"
+    quant_block: int = 64  # ONNX int8/int4: weights per scale (32 | 64 | 128); 64 is the group size of the makers' MLX 4-bit
     ort_cache: str = "checkpoints/.ort"
     seed: int = 0
     speaker: int = 0  # the agent's voice
@@ -41,6 +44,8 @@ class TTSConfig(GenerationConfig):
         for name, allowed in (("dtype", DTYPES), ("backend", BACKENDS), ("quantization", QUANTIZATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"tts.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.quant_block not in (32, 64, 128):
+            raise ValueError(f"tts.quant_block must be one of 32, 64, 128, got {self.quant_block!r}")
         for name in ("speaker", "user_speaker", "context_segments"):
             if getattr(self, name) < 0:
                 raise ValueError(f"tts.{name} must be >= 0, got {getattr(self, name)}")
@@ -58,7 +63,7 @@ def resolve_backend(config: TTSConfig) -> tuple[str, int | None]:
     """(backend, quantization bits or None) for this machine."""
     from pipelines.ortgraph import resolve
 
-    return resolve(config.backend, config.quantization)
+    return resolve(config.backend, config.quantization, auto_bits="4")
 
 
 def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None = None,
@@ -111,8 +116,9 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
             key = weights_key(resolve(spec))
         else:  # a random model is its preset, seed and dtype
             key = f"{key.replace(':', '-')}-seed{config.seed}-{config.dtype}"
-        folder = resolve(config.ort_cache) / f"{key}-{'fp32' if bits is None else f'q{bits}'}"
-        frames = OrtFrames(OrtFrameModel(loaded.model, quantization=bits, cache_dir=folder, progress=progress))
+        folder = resolve(config.ort_cache) / f"{key}-{'fp32' if bits is None else f'q{bits}b{config.quant_block}'}"
+        frames = OrtFrames(OrtFrameModel(loaded.model, quantization=bits, cache_dir=folder, progress=progress,
+                                         block=config.quant_block))
         loaded.model = None  # the graphs hold every weight now: free the MLX copy (~1 GB for Marvis-250M in fp32)
     else:
         if bits is not None and not any(k.endswith(".scales") for k in _param_names(loaded.model)):

@@ -8,6 +8,7 @@ of a conversation) prefill only the rows that are new. `load.py` builds it from 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -37,6 +38,9 @@ class MarvisTTS:
         self.prompts = PromptBuilder(tokenizer, codec, args.audio_num_codebooks, args.max_seq_len, codes_cache_size)
         self.frames = FrameGenerator(backend or MLXFrames(checkpoint.model))
         self.prefix = PrefixCache()
+        self.clock = time.monotonic
+        self.frame_seconds: float | None = None  # measured seconds from frame to frame while streaming, smoothed
+        self.decode_seconds = 0.0  # the last Mimi chunk decode
 
     @property
     def untrained(self) -> bool:
@@ -71,26 +75,51 @@ class MarvisTTS:
                voice: VoiceReference | None = None, config: GenerationConfig | None = None,
                cancelled: Callable[[], bool] = lambda: False) -> Iterator[AudioChunk]:
         """Audio chunks as frames are produced, decoded with one Mimi streaming state per utterance.
+
+        The first chunk is `first_chunk_frames`; after it a chunk grows while the audio already handed out is
+        far enough ahead of a listener who started at the first chunk: as many frames (up to `chunk_frames`)
+        as the measured frame rate makes before that audio runs out. So a TTS faster than real time starts
+        with one-frame chunks and no gap, then amortises Mimi's per-call cost over longer ones.
         `cancelled()` is asked after every frame: a chunk takes seconds on a slow machine, a frame does not."""
         cfg = config or self.config
         prompt = self.build_prompt(text, speaker, context, voice, cfg)
         pending: list[np.ndarray] = []
         first, target = 0, cfg.first_chunk_frames
+        started = last = None
         with self.codec.stream_decoder() as decoder:
             for codes in self.frames.frames(prompt, cfg, self.prefix):
                 if cancelled():
                     return
+                now = self.clock()
+                if last is not None:  # frame to frame (Mimi's decode is timed on its own)
+                    seen = self.frame_seconds
+                    self.frame_seconds = now - last if seen is None else 0.8 * seen + 0.2 * (now - last)
+                last = now
                 pending.append(codes)
                 if len(pending) >= target:
                     yield self._chunk(decoder, pending, first)
                     first += len(pending)
-                    pending, target = [], cfg.chunk_frames
+                    pending = []
+                    now = last = self.clock()
+                    started = now if started is None else started
+                    ahead = first * FRAME_MS / 1000 - (now - started)  # audio out minus audio played since
+                    target = self._next_chunk(ahead, cfg.chunk_frames)
             if pending:
                 yield self._chunk(decoder, pending, first)
 
+    def _next_chunk(self, ahead_s: float, most: int) -> int:
+        if self.frame_seconds is None:  # not measured yet: the smallest step
+            return 1
+        if self.frame_seconds <= 0:
+            return most
+        return int(min(most, max(1, (ahead_s - self.decode_seconds) // self.frame_seconds)))
+
     def _chunk(self, decoder, frames: list[np.ndarray], first: int) -> AudioChunk:
         codes = np.stack(frames, axis=1)
-        return AudioChunk(decoder.decode(codes), codes, first, self.sample_rate, self.samples_per_frame)
+        t0 = self.clock()
+        audio = decoder.decode(codes)
+        self.decode_seconds = self.clock() - t0  # Mimi's cost per call is mostly fixed: the last one stands for the next
+        return AudioChunk(audio, codes, first, self.sample_rate, self.samples_per_frame)
 
     def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
                  voice: VoiceReference | None = None, config: GenerationConfig | None = None) -> Speech:
