@@ -351,6 +351,8 @@ def session(path: Path, threads: int, spin: bool = False, profile: bool = False)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "voice-agent-ort-profile")
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin == "run":  # spin inside a run (many small ops), sleep as soon as it ends (others get the cores)
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -78,7 +78,8 @@ class OrtLlama:
         what = "fp32" if quantization is None else f"{quantization}-bit"
         folder, self.built = build_cached(cache_dir, stamp, lambda: build_graph(model, shape),
                                           f"building the ONNX reply LLM ({what}, once)" if progress else None)
-        self.session = session(folder / "llm.onnx", threads or os.cpu_count() or 1, spin=True)
+        # spin inside a run only: a pool still spinning after the last token would slow the TTS that follows
+        self.session = session(folder / "llm.onnx", threads or os.cpu_count() or 1, spin="run")
         if cache_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
         self._outputs = ["logits"] + [f"model.present_{kv}{i}" for i in range(shape.num_layers) for kv in "kv"]

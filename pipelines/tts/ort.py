@@ -215,7 +215,7 @@ class OrtFrameModel:
                                           f"building the ONNX TTS ({what}, once per checkpoint)" if progress else None,
                                           compose=lambda pieces: compose_frame(pieces, a))
         # the pool spins between runs: a frame follows a frame, and waking sleeping workers costs ~1.5 ms a run
-        self.session = session(folder / "frame.onnx", threads or os.cpu_count() or 1, spin=True, profile=profile)
+        self.session = session(folder / "frame.onnx", threads or os.cpu_count() or 1, spin="run", profile=profile)
         if cache_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
         self._codes = np.zeros(self.num_codebooks, np.int64)

@@ -112,7 +112,8 @@ class MarvisTTS:
             return 1
         if self.frame_seconds <= 0:
             return most
-        return int(min(most, max(1, (ahead_s - self.decode_seconds) // self.frame_seconds)))
+        # a quarter of a frame's time spare per frame: the rate is measured, the next frames may be slower
+        return int(min(most, max(1, (ahead_s - self.decode_seconds) // (1.25 * self.frame_seconds))))
 
     def _chunk(self, decoder, frames: list[np.ndarray], first: int) -> AudioChunk:
         codes = np.stack(frames, axis=1)
