@@ -75,7 +75,9 @@ def summary_line(turn_index: int, offsets: dict[str, float]) -> str:
     return line
 
 
-EXTRA = ["stall_ms"]  # per-turn figures summarised beside the stages, not drawn as one
+# per-turn figures summarised beside the stages, not drawn as one: silence after the first sample, the audio
+# buffered before playback started (sized from the TTS's measured rate), and the RTF the reply's TTS achieved
+EXTRA = ["stall_ms", "prebuffer_ms", "tts_rtf"]
 
 
 def session_summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -96,7 +98,8 @@ def summary_table(summary: dict[str, dict[str, float]]) -> str:
     for stage in STAGES + EXTRA:
         if stage in summary:
             s = summary[stage]
-            lines.append(f"{stage:<22}{s['p50']:>10.0f}{s['p90']:>10.0f}{s['n']:>7}")
+            digits = 2 if stage == "tts_rtf" else 0  # a ratio, not ms
+            lines.append(f"{stage:<22}{s['p50']:>10.{digits}f}{s['p90']:>10.{digits}f}{s['n']:>7}")
     return "\n".join(lines)
 
 

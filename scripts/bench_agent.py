@@ -45,7 +45,8 @@ def main() -> None:
         rows += [t.waterfall for t in result.conversation.turns]
     print(next((line for line in lines if "Marvis TTS" in line), ""))
     for i, row in enumerate(rows):
-        print(f"turn {i}: " + "  ".join(f"{s}={row[s]:.0f}" for s in [*STAGES, "stall_ms"] if s in row))
+        print(f"turn {i}: " + "  ".join(f"{s}={row[s]:.0f}" for s in [*STAGES, "stall_ms", "stalls", "prebuffer_ms"]
+                                         if s in row) + (f"  tts_rtf={row['tts_rtf']:.2f}" if "tts_rtf" in row else ""))
     summary = session_summary(rows)
     print(summary_table(summary))
     if args.json:

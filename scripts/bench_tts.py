@@ -149,8 +149,156 @@ def our_backend(opts, ck):
         return MLXFrames(ck.model)
     from pipelines.tts.ort import OrtFrameModel
 
-    cache = ROOT / "checkpoints" / ".ort" / f"bench-{PRESET}-seed{opts.seed}-{'fp32' if not opts.quant else f'q{opts.quant}'}"
-    return OrtFrames(OrtFrameModel(ck.model, quantization=opts.quant or None, cache_dir=cache, progress=True))
+    return OrtFrames(our_ort_model(opts, ck))
+
+
+def our_ort_model(opts, ck, profile: bool = False):
+    from pipelines.tts.load import TTSConfig
+    from pipelines.tts.ort import OrtFrameModel
+
+    block = TTSConfig().quant_block
+    name = "fp32" if not opts.quant else f"q{opts.quant}b{block}"
+    cache = ROOT / "checkpoints" / ".ort" / f"bench-{PRESET}-seed{opts.seed}-{name}"
+    return OrtFrameModel(ck.model, quantization=opts.quant or None, cache_dir=cache, progress=True, profile=profile,
+                         block=block)
+
+
+def read_bandwidth_gbs(threads: int = 2, mb: int = 512) -> float:
+    """This host's memory read bandwidth now: `threads` threads summing their halves of a large array (numpy
+    releases the GIL), best of 5. Batch-1 frames are bound by it: the byte limit below divides by it."""
+    import threading
+
+    import numpy as np
+
+    data = np.ones(mb * 2**20 // 8, np.float64)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(5):
+        workers = [threading.Thread(target=np.sum, args=(part,)) for part in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def frame_bytes(args, bits: int | None, block: int) -> dict[str, float]:
+    """Weight bytes one frame reads: the backbone once, the depth decoder 31 times, one audio head a step
+    (embedding rows are a few KB). Blockwise weights: bits/8 a weight plus a 4-byte scale per block."""
+    def matmul_bytes(n_in: int, n_out: int) -> float:
+        n = n_in * n_out
+        return n * 4 if bits is None else n * bits / 8 + (n / block) * 4
+
+    def stack(t) -> float:
+        qkv = (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+        return t.num_layers * (matmul_bytes(t.embed_dim, qkv) + matmul_bytes(t.num_heads * t.head_dim, t.embed_dim)
+                               + matmul_bytes(t.embed_dim, 2 * t.intermediate_dim)
+                               + matmul_bytes(t.intermediate_dim, t.embed_dim))
+
+    K, V = args.audio_num_codebooks, args.audio_vocab_size
+    backbone = stack(args.backbone) + matmul_bytes(args.backbone.embed_dim, V)
+    step = stack(args.decoder) + matmul_bytes(args.backbone.embed_dim, args.decoder.embed_dim)
+    heads = (K - 1) * matmul_bytes(args.decoder.embed_dim, V)
+    return {"backbone": backbone, "depth": (K - 1) * step + heads, "total": backbone + (K - 1) * step + heads}
+
+
+def profile_frame(opts, ck, n: int = 12) -> dict[str, float]:
+    """ms a frame per part of the one frame graph, from ONNX Runtime's own node timings (profiling adds a
+    little to each node; the wall time is reported beside)."""
+    import re
+    from collections import Counter
+
+    import numpy as np
+
+    model = our_ort_model(opts, ck, profile=True)
+    K = ck.args.audio_num_codebooks
+    rng = np.random.default_rng(0)
+    cache = model.make_cache()
+    rows = np.zeros((20, K + 1), np.int64)
+    rows[:, -1] = rng.integers(3, 1000, 20)
+    mask = np.zeros_like(rows, np.float32)
+    mask[:, -1] = 1
+    codes, _ = model.run(rows, mask, cache)
+    frame_mask = np.r_[np.ones(K), 0][None].astype(np.float32)
+    start = time.perf_counter()
+    for _ in range(n):
+        codes, _ = model.run(np.r_[codes, 0][None], frame_mask, cache, rng.random(K, dtype=np.float32), TEMPERATURE, TOP_K)
+    wall = (time.perf_counter() - start) / n
+    trace = json.loads(Path(model.end_profiling()).read_text())
+    parts: Counter = Counter()
+    runs = sum(1 for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
+    for e in trace:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name, op = e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "")
+        head = name.split("/")[0] if "/" in name else ""
+        weights = op in ("MatMulNBits", "MatMul")
+        if head == "bb":
+            part = "backbone matmuls" if weights else "backbone other"
+        elif re.fullmatch(r"d\d+", head):
+            part = "depth matmuls" if weights else "depth other (norms, attention, rope)"
+        elif re.fullmatch(r"h\d+", head):
+            part = "audio heads"
+        elif head == "emb":
+            part = "row embedding"
+        else:
+            part = "sampling + glue"
+        parts[part] += e["dur"] / 1000
+    Path(model.end_profiling()).unlink(missing_ok=True)
+    out = {k: v / max(runs, 1) for k, v in parts.items()}
+    out["wall (profiled)"] = wall * 1000
+    return out
+
+
+def worker_path(opts) -> dict:
+    """The path users run: `load_tts` as the agent builds it, then `MarvisTTS.stream` (frames, chunking, Mimi)
+    of one sentence after 0, ~500 and ~1500 context rows prefilled as the agent does between turns."""
+    import numpy as np
+
+    from pipelines.messages import Segment
+    from pipelines.tts.load import TTSConfig, load_tts
+
+    q = "none" if not opts.quant else str(opts.quant)
+    cfg = TTSConfig(backend="onnx", quantization=q, ort_cache=str(ROOT / "checkpoints" / ".ort"))
+    t0 = time.perf_counter()
+    tts = load_tts(cfg, root=ROOT, log=lambda m: None, progress=True)
+    tts.warmup()
+    load_s = time.perf_counter() - t0
+    K = tts.num_codebooks
+    rng = np.random.default_rng(opts.seed)
+    text = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet woods."
+    result = {"load_s": load_s, "backend": "onnx", "contexts": {}, "sentence_chars": len(text)}
+    for rows in (0, 500, 1500):
+        context, n = [], 0
+        while n < rows:
+            frames = min(300, rows - n - 12)
+            if frames <= 0:
+                break
+            codes = rng.integers(0, 2048, (K, frames)).astype(np.int32)
+            context.append(Segment(len(context) % 2, "Words said before in this conversation.", codes=codes))
+            n += frames + 12
+        if context:
+            tts.prepare_context(context)
+        ready, sizes = [], []
+        start = time.perf_counter()
+        for chunk in tts.stream(text, 0, context):
+            ready.append(time.perf_counter() - start)
+            sizes.append(chunk.num_frames)
+        steady = (ready[-1] - ready[0]) / max(1, sum(sizes) - sizes[0])
+        result["contexts"][str(rows)] = {"context_rows": n, "frames": sum(sizes), "first_chunk_s": ready[0],
+                                         "s_per_frame": steady, "rtf": steady * FRAME_RATE, "chunks": sizes,
+                                         "mimi_s_per_frame": tts.decode_seconds / max(1, sizes[-2] if len(sizes) > 1 else 1)}
+    bits = None if not opts.quant else opts.quant
+    ck = load_ours(opts)
+    result["bandwidth_gbs"] = read_bandwidth_gbs()
+    result["frame_bytes"] = frame_bytes(ck.args, bits, cfg.quant_block)
+    result["byte_limit_s"] = result["frame_bytes"]["total"] / (result["bandwidth_gbs"] * 1e9)
+    result["profile_ms"] = profile_frame(opts, ck)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
 
 
 # ---- workers: one implementation each, in its own process -------------------------------------------------
@@ -392,7 +540,7 @@ def worker_transformers(opts) -> dict:
 
 
 WORKERS = {"ours": worker_ours, "mlx-audio": worker_mlx_audio, "transformers": worker_transformers,
-           "export-transformers": worker_export_transformers}
+           "export-transformers": worker_export_transformers, "path": worker_path}
 
 
 def worker_main(opts) -> None:
@@ -499,6 +647,36 @@ def print_table(rows: list[dict]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
+def print_path(rows: list[dict]) -> None:
+    """The stage-path table: what `voice-agent tts` and the agent's replies get, by context length."""
+    if not rows:
+        return
+    print()
+    print("the path users run (load_tts + MarvisTTS.stream: frames, adaptive chunks, streaming Mimi), one sentence:")
+    print("  variant              context rows  frames  1st chunk s  s/frame  RTF   Mimi s/frame  chunks")
+    for r in rows:
+        res = r["result"]
+        if "error" in res:
+            print(f"  {r['label']}: failed: {res['error']}")
+            continue
+        for c in res["contexts"].values():
+            print(f"  {r['variant']:<20} {c['context_rows']:>12}  {c['frames']:>6}  {c['first_chunk_s']:>11.3f}  "
+                  f"{c['s_per_frame']:>7.3f}  {c['rtf']:.2f}  {c['mimi_s_per_frame']:>12.4f}  {c['chunks'][:8]}...")
+    for r in rows:
+        res = r["result"]
+        if "error" in res:
+            continue
+        fb = res["frame_bytes"]
+        print(f"  {r['variant']}: a frame reads {fb['total'] / 1e6:.0f} MB of weights (backbone {fb['backbone'] / 1e6:.0f}, "
+              f"depth loop {fb['depth'] / 1e6:.0f}); this host reads {res['bandwidth_gbs']:.1f} GB/s (2 threads) -> "
+              f"byte limit {res['byte_limit_s'] * 1000:.0f} ms a frame (RTF {res['byte_limit_s'] * FRAME_RATE:.2f}); "
+              f"measured {res['contexts']['0']['s_per_frame'] * 1000:.0f} ms with Mimi")
+        prof = res["profile_ms"]
+        wall = prof.pop("wall (profiled)")
+        print(f"    where a frame's time goes (ONNX Runtime node timings, ms; profiled frame {wall:.1f} ms wall): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])))
+
+
 OUR_VARIANTS = ("mlx-fp32", "mlx-bf16", "onnx-fp32", "onnx-q8", "onnx-q4")
 
 
@@ -508,6 +686,10 @@ def main() -> None:
     ap.add_argument("--impl", default=",".join(IMPLS), help="comma list of: " + ", ".join(IMPLS))
     ap.add_argument("--ours", default="mlx-fp32,onnx-fp32,onnx-q8,onnx-q4",
                     help="comma list of our backend-precision variants: " + ", ".join(OUR_VARIANTS))
+    ap.add_argument("--path", default="onnx-q4,onnx-q8",
+                    help="comma list of ONNX variants (onnx-fp32, onnx-q8, onnx-q4) timed on the path users run: "
+                         "load_tts + MarvisTTS.stream (chunking, Mimi) after 0/500/1500 context rows, with the "
+                         "host's bandwidth, the byte limit and where a frame's time goes; '' for none")
     ap.add_argument("--peer-dtype", default="fp32", help="comma list of fp32, bf16 for mlx-audio (transformers: fp32)")
     ap.add_argument("--prompt", default="plain,context", help="comma list of: plain (20 text tokens), context "
                     f"(+ two context segments, {2 * (CONTEXT_FRAMES + 11)} rows)")
@@ -535,11 +717,14 @@ def main() -> None:
         return out
 
     impls = items(opts.impl, IMPLS, "implementation")
+    paths = items(opts.path, ("onnx-fp32", "onnx-q8", "onnx-q4"), "path variant")
     ours = items(opts.ours, OUR_VARIANTS, "variant")
     peer_dtypes = items(opts.peer_dtype, ("fp32", "bf16"), "dtype")
     prompts = items(opts.prompt, ("plain", "context"), "prompt")
     if opts.frames < 2:
         ap.error("--frames must be at least 2 (the first frame is reported on its own)")
+    if any(not v.startswith("onnx") for v in paths):
+        ap.error("--path takes ONNX variants")
 
     plan = []
     for prompt in prompts:
@@ -576,10 +761,17 @@ def main() -> None:
             print(f"running {label} on the {prompt} prompt ...", file=sys.stderr, flush=True)
             rows.append({"impl": impl, "variant": variant, "prompt": prompt, "label": label,
                          "result": run_worker(impl, variant, prompt == "context", opts, export)})
+        for variant in paths:
+            print(f"running ours {variant} on the path users run ...", file=sys.stderr, flush=True)
+            rows.append({"impl": "path", "variant": variant, "prompt": "sentence", "label": f"ours {variant} (stage)",
+                         "result": run_worker("path", variant, False, opts, export)})
     finally:
         shutil.rmtree(export, ignore_errors=True)
 
+    path_rows = [r for r in rows if r["impl"] == "path"]
+    rows = [r for r in rows if r["impl"] != "path"]
     print_table(rows)
+    print_path(path_rows)
     print()
     print("  s/frame: mean of frames 2..N (median: their median, steadier on a shared machine).\n"
           "  RTF = s/frame x 12.5 (below 1 is faster than real time). 1st frame: whole-prompt prefill + frame 1.\n"
