@@ -233,3 +233,41 @@ def test_a_sentence_longer_than_the_frame_cap_is_spoken_in_pieces(make_engine):
     assert " ".join(spoken) == sentence  # every word, in order
     assert spoken[:2] == ["The quick brown fox,", "who was very tired,"]  # clause marks preferred
     assert turn.reply == sentence
+
+
+def test_prebuffer_follows_the_measured_tts_rate(make_engine, tiny_tts):
+    """Faster than real time: one frame of buffer (jitter_s). Slower: the time the TTS falls behind over the
+    first sentence's frame cap, so that sentence plays without a gap."""
+    engine, _ = make_engine([], [])
+    cfg = TTSConfig(seed=0, max_audio_length_ms=10_000, frames_per_char=1.0, min_text_frames=12, chunk_frames=8)
+    saved = tiny_tts.frame_seconds, tiny_tts.decode_seconds
+    try:
+        tiny_tts.frame_seconds = None
+        assert engine.prebuffer_s("Hello there.", cfg) == engine.jitter_s  # nothing measured yet
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.050, 0.016
+        assert engine.prebuffer_s("Hello there.", cfg) == engine.jitter_s
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # 0.102 s a frame: RTF 1.275
+        frames = 12 + len("Hello there.")
+        assert engine.prebuffer_s("Hello there.", cfg) == pytest.approx(0.275 * frames * 0.08)
+    finally:
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved
+
+
+def test_replay_sink_first_sample_waits_for_the_prebuffer():
+    sink = ReplaySink(1000)
+    marks = []
+    sink.on_first_sample = marks.append
+    sink.begin_utterance()
+    sink.set_prebuffer(0.25)  # 250 samples
+    sink.write(np.zeros(100, np.float32))
+    sink.write(np.zeros(100, np.float32))
+    assert marks == []
+    sink.write(np.zeros(100, np.float32))
+    assert len(marks) == 1
+    sink.write(np.zeros(100, np.float32))
+    assert len(marks) == 1 and sink.played_samples == 400
+    sink.begin_utterance()  # a reply shorter than its buffer plays once it is all there
+    sink.set_prebuffer(1.0)
+    sink.write(np.zeros(100, np.float32))
+    sink.end_of_stream()
+    assert len(marks) == 2

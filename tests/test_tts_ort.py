@@ -15,6 +15,7 @@ from pipelines.tts.weights import random_model
 from test_tts_parity import _our_logits  # the MLX model's teacher-forced logits, as the parity test reads them
 
 K = 32
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def two_context_prompt(rng, text_vocab=96):
@@ -255,3 +256,33 @@ def test_depth_decoder_on_group_query_attention_matches_mlx(tiny_args, tmp_path)
     ours = ort_step_logits(OrtFrameModel(ck.model, cache_dir=tmp_path / "gqa"), tokens, mask, forced)
     for a, b in zip(ours, _our_logits(ck.model, tokens, mask, forced)):
         assert np.abs(a - b).max() / np.abs(b).max() <= 1e-4
+
+
+def test_cpu_default_is_4_bit_block_64_and_the_block_is_checked():
+    from pipelines.tts.load import TTSConfig, resolve_backend
+
+    assert resolve_backend(TTSConfig(backend="onnx")) == ("onnx", 4)
+    assert resolve_backend(TTSConfig(backend="onnx", quantization="8")) == ("onnx", 8)
+    assert resolve_backend(TTSConfig(backend="onnx", quantization="none")) == ("onnx", None)
+    assert TTSConfig().quant_block == 64
+    with pytest.raises(ValueError, match="quant_block"):
+        TTSConfig(quant_block=48)
+
+
+def test_bench_byte_count_is_the_models_weights(tiny_args, tiny):
+    """`bench tts`'s byte limit counts what a frame reads: at fp32, 4 bytes for each weight of the backbone's
+    matmuls and codebook-0 head, 31 x the depth step's (projection included) and the 31 heads."""
+    import sys
+
+    from mlx.utils import tree_flatten
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_tts import frame_bytes
+
+    sizes = {k: v.size for k, v in tree_flatten(tiny.model.parameters())}
+    matmul = lambda prefix: sum(n for k, n in sizes.items() if k.startswith(prefix) and k.endswith("proj.weight"))  # noqa: E731
+    want = 4 * (matmul("backbone.") + sizes["codebook0_head.weight"]
+                + 31 * (matmul("decoder.") + sizes["projection.weight"]) + sizes["audio_head"])
+    assert frame_bytes(tiny_args, None, 32)["total"] == want
+    q4 = frame_bytes(tiny_args, 4, 64)["total"]
+    assert q4 == pytest.approx(want / 4 * (0.5 + 4 / 64))  # half a byte a weight + a 4-byte scale per 64
