@@ -255,14 +255,15 @@ def test_stale_stamp_is_reconverted(smollm2_gguf, smollm2_dir, tmp_path):
 @pytest.mark.parametrize("backend", ["mlx", "onnx"])
 def test_prompt_cache_gives_the_same_replies_and_runs_only_new_tokens(smollm2_dir, backend):
     """Turn after turn the KV cache of the last generation is reused: the replies are token for token the ones a
-    fresh prefill gives (greedy; on ONNX with the agent's default 8-bit weights), also after a speculation that was
-    dropped mid-reply, while each later prompt runs only the tokens after the shared prefix."""
+    fresh prefill gives (greedy), also after a speculation that was dropped mid-reply, while each later prompt
+    runs only the tokens after the shared prefix. ONNX runs fp32 here: int8's activation quantisation follows
+    the shape of the matmul, so a prefill and a cached step may round a near-tie apart (seen on one CPU model:
+    "The sky is blue." vs "The sky is usually blue."), which says nothing about the cache."""
     from agent.config import ROOT
     from pipelines.ortgraph import weights_key
 
-    cache = ROOT / "checkpoints" / ".ort" / f"llm-{weights_key(smollm2_dir)}-q8" if backend == "onnx" else None
-    kwargs = dict(max_history_turns=4, max_tokens=16, backend=backend, quantization=8 if backend == "onnx" else None,
-                  ort_cache=cache)
+    cache = ROOT / "checkpoints" / ".ort" / f"llm-{weights_key(smollm2_dir)}-fp32" if backend == "onnx" else None
+    kwargs = dict(max_history_turns=4, max_tokens=16, backend=backend, quantization=None, ort_cache=cache)
     cached, fresh = ReplyLLM(smollm2_dir, SYSTEM, **kwargs), ReplyLLM(smollm2_dir, SYSTEM, **kwargs)
     questions = ["What is the capital of France?", "And of Italy?", "What color is the sky?", "Thanks, goodbye!"]
     runs = []

@@ -142,7 +142,11 @@ def test_a_cancelled_tts_stream_stops_at_the_next_frame(tiny_tts):
         asked.append(True)
         return len(asked) > 5
 
-    chunks = list(tiny_tts.stream("hello there how are you", 0, config=cfg, cancelled=cancelled))
+    tiny_tts.clock = lambda: 0.0  # infinitely fast: after the first chunk, chunks are chunk_frames long
+    try:
+        chunks = list(tiny_tts.stream("hello there how are you", 0, config=cfg, cancelled=cancelled))
+    finally:
+        tiny_tts.clock = time.monotonic
     assert len(asked) == 6  # once a frame, and no frame after the answer was yes
     assert [c.num_frames for c in chunks] == [2]  # frames 3..5 waited for an 8-frame chunk: never played
     assert len(list(tiny_tts.stream("hello there how are you", 0, config=cfg))) > 1
