@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from agent.conversation import Conversation, Turn
-from agent.metrics import Waterfall, playback_stalls, summary_line
+from agent.metrics import Waterfall, audio_ahead, playback_stalls, summary_line
 from pipelines.llm.sentences import SentenceSplitter, clean_for_speech, split_to_fit
 from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage
 from pipelines.tts.load import TTSConfig
@@ -196,7 +196,10 @@ class TurnEngine:
             own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
             audio_parts, code_parts = [], []
             began = self.clock()
-            for chunk in st.tts.stream(text, agent_speaker, context + own, config=cfg, cancelled=interrupted):
+            # a later sentence starts while the earlier ones still play: its chunks can be long from the start
+            queued = (lambda: audio_ahead(timeline, st.tts.sample_rate, prebuffer[0], clock())) if prebuffer else None
+            for chunk in st.tts.stream(text, agent_speaker, context + own, config=cfg, cancelled=interrupted,
+                                       ahead=queued):
                 ready = clock()
                 wf.mark("first_tts_chunk", ready)
                 if interrupted():

@@ -67,6 +67,23 @@ def playback_stalls(timeline: list[tuple[float, int]], sample_rate: int, jitter_
     return {"stall_ms": round(stall * 1000.0, 1), "stalls": stalls}
 
 
+def audio_ahead(timeline: list[tuple[float, int]], sample_rate: int, jitter_s: float, now: float) -> float:
+    """Seconds of audio still queued for the listener at `now`, playback run as `playback_stalls` runs it
+    (0 before playback starts)."""
+    buffered, start = 0.0, None
+    for ready, samples in timeline:
+        buffered += samples / sample_rate
+        if buffered >= jitter_s:
+            start = ready
+            break
+    if start is None:
+        return 0.0
+    position = start
+    for ready, samples in timeline:
+        position = max(position, ready) + samples / sample_rate
+    return max(0.0, position - now)
+
+
 def summary_line(turn_index: int, offsets: dict[str, float]) -> str:
     parts = [f"{LABELS[s]} {offsets[s]:.0f}" for s in STAGES if s in offsets]
     line = f"turn {turn_index}: " + " | ".join(parts) + " ms after end of speech"

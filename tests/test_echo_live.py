@@ -59,7 +59,7 @@ class EspeakVoice:
     def describe(self): return "espeak-ng (test voice)"
     def prepare_context(self, context): return 0
 
-    def stream(self, text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False):
+    def stream(self, text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False, ahead=None):
         wav = Path(tempfile.mkdtemp()) / "reply.wav"
         subprocess.run(["espeak-ng", "-s", "110", "-w", str(wav), text], check=True, capture_output=True)
         audio = load_audio(wav, self.sample_rate)

@@ -55,9 +55,9 @@ def make_engine(tiny_tts):
         log = []
         real_stream = tiny_tts.stream
 
-        def stream(text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False):
+        def stream(text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False, ahead=None):
             log.append(("tts", text, [(s.speaker, s.text) for s in context]))
-            return real_stream(text, speaker, context, voice, config, cancelled)
+            return real_stream(text, speaker, context, voice, config, cancelled, ahead)
 
         tiny_tts.stream = stream
         stages = Stages(ScriptedASR(asr_texts), ScriptedLLM(replies, log), tiny_tts,

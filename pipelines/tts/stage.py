@@ -73,18 +73,23 @@ class MarvisTTS:
 
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
                voice: VoiceReference | None = None, config: GenerationConfig | None = None,
-               cancelled: Callable[[], bool] = lambda: False) -> Iterator[AudioChunk]:
+               cancelled: Callable[[], bool] = lambda: False,
+               ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
         """Audio chunks as frames are produced, decoded with one Mimi streaming state per utterance.
 
         The first chunk is `first_chunk_frames`; after it a chunk grows while the audio already handed out is
         far enough ahead of a listener who started at the first chunk: as many frames (up to `chunk_frames`)
         as the measured frame rate makes before that audio runs out. So a TTS faster than real time starts
         with one-frame chunks and no gap, then amortises Mimi's per-call cost over longer ones.
+        `ahead()`, when given, says how much audio the caller's listener still has queued (an earlier sentence
+        of the same reply): the chunks start from that, not from one frame.
         `cancelled()` is asked after every frame: a chunk takes seconds on a slow machine, a frame does not."""
         cfg = config or self.config
         prompt = self.build_prompt(text, speaker, context, voice, cfg)
         pending: list[np.ndarray] = []
         first, target = 0, cfg.first_chunk_frames
+        if ahead is not None:
+            target = max(target, self._next_chunk(ahead(), cfg.chunk_frames))
         started = last = None
         with self.codec.stream_decoder() as decoder:
             for codes in self.frames.frames(prompt, cfg, self.prefix):
@@ -102,8 +107,10 @@ class MarvisTTS:
                     pending = []
                     now = last = self.clock()
                     started = now if started is None else started
-                    ahead = first * FRAME_MS / 1000 - (now - started)  # audio out minus audio played since
-                    target = self._next_chunk(ahead, cfg.chunk_frames)
+                    queued = first * FRAME_MS / 1000 - (now - started)  # audio out minus audio played since
+                    if ahead is not None:
+                        queued = max(queued, ahead())
+                    target = self._next_chunk(queued, cfg.chunk_frames)
             if pending:
                 yield self._chunk(decoder, pending, first)
 
