@@ -102,9 +102,10 @@ def session_summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]
     for stage in STAGES + EXTRA:
         values = [r[stage] for r in rows if stage in r]
         if values:
+            digits = 3 if stage == "tts_rtf" else 1  # a ratio; the rest are ms
             out[stage] = {
-                "p50": round(float(np.percentile(values, 50)), 1),
-                "p90": round(float(np.percentile(values, 90)), 1),
+                "p50": round(float(np.percentile(values, 50)), digits),
+                "p90": round(float(np.percentile(values, 90)), digits),
                 "n": len(values),
             }
     return out
