@@ -16,10 +16,8 @@ def build_tts(cfg: AgentConfig, checkpoint: str | None = None, log: Callable[[st
     return load_tts(cfg.tts, root=ROOT, checkpoint=checkpoint, log=log)
 
 
-def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages:
+def build_asr(cfg: AgentConfig):
     from pipelines.asr.whisper import WhisperASR
-    from pipelines.llm.reply import ReplyLLM
-
     from pipelines.ortgraph import resolve, weights_key
 
     asr_dir = cfg.resolve(cfg.asr.model)
@@ -27,19 +25,27 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
     asr_cache = None
     if asr_backend == "onnx" and asr_dir.is_dir():
         asr_cache = cfg.resolve(cfg.asr.ort_cache) / f"whisper-{weights_key(asr_dir)}"  # encoder + decoder graphs
-    asr = WhisperASR(asr_dir, language=cfg.asr.language or None, initial_prompt=cfg.asr.initial_prompt or None,
-                     backend=asr_backend, ort_cache=asr_cache, fallback=cfg.asr.temperature_fallback)
+    return WhisperASR(asr_dir, language=cfg.asr.language or None, initial_prompt=cfg.asr.initial_prompt or None,
+                      backend=asr_backend, ort_cache=asr_cache, fallback=cfg.asr.temperature_fallback)
+
+
+def build_llm(cfg: AgentConfig):
+    from pipelines.llm.reply import ReplyLLM
+    from pipelines.ortgraph import resolve, weights_key
 
     model_dir = cfg.resolve(cfg.llm.model)
     backend, bits = resolve(cfg.llm.backend, cfg.llm.quantization)
     ort_cache = None
     if backend == "onnx" and model_dir.is_dir():
         ort_cache = cfg.resolve(cfg.llm.ort_cache) / f"llm-{weights_key(model_dir)}-{'fp32' if bits is None else f'q{bits}'}"
-    llm = ReplyLLM(model_dir, cfg.llm.system_prompt, max_history_turns=cfg.llm.max_history_turns,
-                   max_tokens=cfg.llm.max_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed,
-                   backend=backend, quantization=bits, ort_cache=ort_cache)
-    return Stages(asr=asr, llm=llm, tts=build_tts(cfg, log=log), tts_config=cfg.tts,
-                  first_clause_words=cfg.llm.first_clause_words)
+    return ReplyLLM(model_dir, cfg.llm.system_prompt, max_history_turns=cfg.llm.max_history_turns,
+                    max_tokens=cfg.llm.max_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed,
+                    backend=backend, quantization=bits, ort_cache=ort_cache)
+
+
+def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages:
+    return Stages(asr=build_asr(cfg), llm=build_llm(cfg), tts=build_tts(cfg, log=log), tts_config=cfg.tts,
+                  first_clause_words=cfg.llm.first_clause_words, max_sentences=cfg.llm.max_sentences)
 
 
 def vad_config(cfg: AgentConfig, endpointing: bool = True):

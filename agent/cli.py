@@ -124,8 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("fetch", help="download the real models (needs a network)")
     sp.add_argument("what", nargs="*", help="marvis, mimi, whisper, llm (default: all)")
     sub.add_parser("doctor", help="check the machine: BLAS, audio devices, models")
-    sp = sub.add_parser("bench", help="benchmarks: `bench tts` (Marvis vs peers), `bench agent SESSION`")
-    sp.add_argument("what", choices=["tts", "agent"])
+    sp = sub.add_parser("bench", help="benchmarks: `bench tts` (Marvis vs peers), `bench agent SESSION`, "
+                                      "`bench replies` (spoken questions: reply form and content, ASR WER)")
+    sp.add_argument("what", choices=["tts", "agent", "replies"])
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -380,7 +381,7 @@ def _dispatch(args, overrides) -> int:
 
         from agent.config import ROOT
 
-        script = ROOT / "scripts" / ("bench_tts.py" if args.what == "tts" else "bench_agent.py")
+        script = ROOT / "scripts" / f"bench_{args.what}.py"
         sys.argv = [str(script), *args.args]
         runpy.run_path(str(script), run_name="__main__")
         return 0

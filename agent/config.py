@@ -48,6 +48,7 @@ class LLMSection:
     max_history_turns: int = knob(8, 0, 1000)
     temperature: float = knob(0.0, 0.0, 10.0)
     seed: int = knob(0, 0, 2**32 - 1)
+    max_sentences: int = knob(2, 0, 100)  # a reply is spoken up to this many sentences, then the LLM stops (0: no limit)
     first_clause_words: int = knob(6, 0, 1000)  # a long first sentence goes to the TTS at its first clause break after this many words (0: off)
     # where the forward pass runs: auto (a CPU: onnx, a Mac GPU: mlx); auto bits: 8 on onnx, the checkpoint's on mlx
     backend: str = field(default="auto", metadata={"choices": ("auto", "mlx", "onnx")})

@@ -20,6 +20,7 @@ import numpy as np
 
 from agent.conversation import Conversation, Turn
 from agent.metrics import Waterfall, audio_ahead, playback_stalls, summary_line
+from pipelines.llm.form import complete_sentences, reply_problems
 from pipelines.llm.sentences import SentenceSplitter, clean_for_speech, split_to_fit
 from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage
 from pipelines.tts.load import TTSConfig
@@ -46,6 +47,7 @@ class Stages:
     tts: TTSStage
     tts_config: TTSConfig  # sampling knobs, the agent's and the user's voices, how much context to pass
     first_clause_words: int = 0  # a long first sentence may start speaking at a clause break (0: sentences only)
+    max_sentences: int = 0  # a reply is spoken up to this many sentences; the LLM stops there (0: no limit)
 
 
 @dataclass
@@ -223,18 +225,19 @@ class TurnEngine:
             deltas = itertools.chain(speculation.deltas, speculation.replies or ())
         else:
             deltas = st.llm.stream(transcript)
-        for delta in deltas:
-            wf.mark("llm_first_token", clock())
-            for sentence in splitter.push(delta):
-                speak(sentence)
-            if stopped or interrupted():
-                stopped = True
-                break
+        def marked(deltas):
+            nonlocal stopped
+            for delta in deltas:
+                wf.mark("llm_first_token", clock())
+                yield delta
+                if stopped or interrupted():
+                    stopped = True
+                    return
+
+        for sentence in spoken_sentences(marked(deltas), splitter, st.max_sentences):
+            speak(sentence)
         if speculation is not None:
             speculation.drop()
-        if not stopped:
-            for sentence in splitter.flush():
-                speak(sentence)
         sink.end_of_stream()
 
         if stopped or interrupted():
@@ -247,7 +250,13 @@ class TurnEngine:
         if spoken:
             turn.agent = Segment(agent_speaker, turn.reply, np.concatenate([a for _, a, _ in spoken]),
                                  st.tts.sample_rate, codes=np.concatenate([c for _, _, c in spoken], axis=1))
-        st.llm.commit(transcript, turn.reply)
+        earlier = [t.reply for t in self.conversation.turns[-self.stages.llm.max_history_turns:]] \
+            if hasattr(st.llm, "max_history_turns") else []
+        problems = reply_problems(turn.reply, earlier) if turn.reply else []
+        if problems:  # kept out of the LLM's history: a small model copies its own slips into later turns
+            self._event("reply_kept_out", problems=problems)
+        else:
+            st.llm.commit(transcript, turn.reply)
         turn.waterfall = wf.offsets()
         if timeline and not turn.interrupted:
             turn.waterfall.update(playback_stalls(timeline, st.tts.sample_rate, prebuffer[0]))
@@ -274,6 +283,29 @@ class TurnEngine:
         self._event("turn", index=turn.index, transcript=turn.transcript, reply=turn.reply,
                     interrupted=turn.interrupted, waterfall=turn.waterfall, context_turns=turn.context_turns,
                     agent_frames=0 if turn.agent is None else int(turn.agent.codes.shape[1]))
+
+
+def spoken_sentences(deltas, splitter: SentenceSplitter, max_sentences: int = 0) -> Iterator[str]:
+    """The pieces of a streamed reply to speak, in order, until `max_sentences` whole sentences are out: the
+    LLM stream is not read further (a spoken reply is a sentence or two, however long the model would go on)."""
+    said = ""
+    for delta in deltas:
+        for piece in splitter.push(delta):
+            yield piece
+            said += " " + piece
+            if max_sentences and complete_sentences(said) >= max_sentences:
+                return
+    for piece in splitter.flush():
+        yield piece
+        said += " " + piece
+        if max_sentences and complete_sentences(said) >= max_sentences:
+            return
+
+
+def spoken_reply(deltas, first_clause_words: int = 0, max_sentences: int = 0) -> str:
+    """The reply text the engine would speak for an LLM stream (no TTS): for benchmarks of the replies."""
+    pieces = spoken_sentences(deltas, SentenceSplitter(first_clause_words), max_sentences)
+    return " ".join(t for p in pieces for t in [clean_for_speech(p).strip()] if t)
 
 
 def _truncate_to_played(spoken, played_samples: int, samples_per_frame: int):

@@ -1,0 +1,67 @@
+"""What a spoken reply must look like: a sentence or two, no written-text markup, nothing said before.
+
+`reply_problems` names what is wrong with a reply (empty list: fine). The agent keeps a reply with problems
+out of the LLM's history, so a small model does not copy its own slip into every later turn, and
+`voice-agent bench replies` counts replies that pass.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_SENTENCES = 2
+MAX_WORDS = 40
+REPEAT_WORDS = 5  # a run of this many words said in an earlier reply of the conversation is a stock phrase
+
+_MARKUP = [
+    (re.compile(r"(^|\s)[A-Z]\s?:\s"), "dialogue label (A:)"),
+    (re.compile(r"(^|\s)\d+[.)]\s"), "numbered list"),
+    (re.compile(r"[*#_`|<>\[\]{}]"), "markup characters"),
+    (re.compile(r"\"[^\"]*\"[^\"]*\""), "quotes in quotes"),
+    (re.compile(r"https?://|www\."), "a link"),
+]
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def complete_sentences(text: str) -> int:
+    """Sentences that have ended (a full stop, question or exclamation mark before a space or the end)."""
+    return len(_SENTENCE_END.findall(text.strip()))
+
+
+def sentences(text: str) -> int:
+    """How many sentences `text` holds (a last one without its full stop counts)."""
+    text = text.strip()
+    if not text:
+        return 0
+    ends = len(_SENTENCE_END.findall(text))
+    return ends + (0 if _SENTENCE_END.search(text[-1:] + " ") else 1)
+
+
+def reply_problems(reply: str, earlier: list[str] = ()) -> list[str]:
+    """What makes `reply` a poor spoken answer, given the replies said before it in the conversation."""
+    problems = []
+    text = reply.strip()
+    if not words(text):
+        return ["empty"]
+    n = sentences(text)
+    if n > MAX_SENTENCES:
+        problems.append(f"{n} sentences (at most {MAX_SENTENCES})")
+    if len(words(text)) > MAX_WORDS:
+        problems.append(f"{len(words(text))} words (at most {MAX_WORDS})")
+    problems += [what for pattern, what in _MARKUP if pattern.search(text)]
+    own = words(text)
+    runs = [tuple(own[i:i + REPEAT_WORDS]) for i in range(len(own) - REPEAT_WORDS + 1)]
+    grams = set(runs)
+    if len(grams) < len(runs):
+        problems.append("repeats itself")
+    for before in earlier:
+        w = words(before)
+        said = {tuple(w[i:i + REPEAT_WORDS]) for i in range(len(w) - REPEAT_WORDS + 1)}
+        if grams & said:
+            problems.append("repeats an earlier reply: " + " ".join(sorted(grams & said)[0]))
+            break
+    return problems

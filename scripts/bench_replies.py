@@ -1,0 +1,145 @@
+"""Replies worth hearing: a fixed set of spoken questions through the agent's ASR and reply LLM, checked.
+
+    voice-agent bench replies [--config default] [--json out.json] [--dotted.key value ...]
+
+21 turns in 5 conversations: 20 questions and remarks spoken by espeak-ng (made at run time) and one clip of a
+real person (tests/fixtures/jfk.flac). Each turn's audio goes through the agent's ASR; the transcript goes to
+the reply LLM in its conversation, and the reply is cut and cleaned as the turn engine speaks it
+(`agent.engine.spoken_reply`). Checks:
+- form (every turn): one or two sentences, at most 40 words, no list or dialogue markup, no run of five words
+  said in an earlier reply of the conversation (`pipelines.llm.form`);
+- content (where a 135M model can know it): the reply names the answer (Paris, blue, Everest, ...);
+- hearing: the transcript's word error rate against what was said.
+Prints each turn and the pass rates. Deterministic for a config (greedy decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (what is said, words one of which a right answer names; None: form only)
+CONVERSATIONS: list[list[tuple[str, tuple[str, ...] | None]]] = [
+    [("What is the capital of France?", ("paris",)),
+     ("And what is the capital of Italy?", ("rome",)),
+     ("How many days are there in a week?", ("seven", "7")),
+     ("What colour is the sky on a clear day?", ("blue",)),
+     ("What do bees make?", ("honey",))],
+    [("Good morning, can you recommend a book about the ocean?", None),
+     ("Tell me a short joke about penguins.", None),
+     ("How do I make a cup of green tea?", ("water", "boil", "steep", "hot")),
+     ("What should I wear when it is raining?", ("umbrella", "raincoat", "coat", "jacket", "boots")),
+     ("Thank you very much. Goodbye.", None)],
+    [("What is the tallest mountain in the world?", ("everest",)),
+     ("Which animal is known as the king of the jungle?", ("lion",)),
+     ("What is the opposite of hot?", ("cold",)),
+     ("How many legs does a spider have?", ("eight", "8")),
+     ("What is frozen water called?", ("ice",))],
+    [("Hi there! How are you today?", None),
+     ("I am going to Rome next week.", None),
+     ("Is it usually warm there in April?", None),
+     ("How do you say thank you in Italian?", ("grazie",)),
+     ("Great, that helps a lot. Bye!", None)],
+]
+REAL = [("tests/fixtures/jfk.flac",
+         "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country.",
+         None)]
+
+
+def wer(ref: str, hyp: str) -> tuple[int, int]:
+    """(word edits, reference words) by Levenshtein distance over lower-case words."""
+    from pipelines.llm.form import words
+
+    r, h = words(ref), words(hyp)
+    row = list(range(len(h) + 1))
+    for i, a in enumerate(r, 1):
+        prev, row[0] = row[0], i
+        for j, b in enumerate(h, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (a != b))
+    return row[-1], len(r)
+
+
+def espeak(text: str, folder: Path):
+    from pipelines.audio import load_audio
+
+    if shutil.which("espeak-ng") is None:
+        sys.exit("espeak-ng is not installed (apt-get install espeak-ng)")
+    wav = folder / "q.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(wav), text], check=True)
+    return load_audio(wav, 16000)
+
+
+def main() -> None:
+    from agent.build import build_asr, build_llm
+    from agent.cli import _split_overrides
+    from agent.config import load_config
+    from agent.engine import spoken_reply
+    from pipelines.audio import load_audio
+    from pipelines.llm.form import reply_problems, words
+
+    p = argparse.ArgumentParser(prog="voice-agent bench replies")
+    p.add_argument("--config", default="default")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--keep-all", action="store_true",
+                   help="commit every reply to the LLM's history (as the agent did before replies with problems were kept out)")
+    args, extra = p.parse_known_args()
+    overrides, unknown = _split_overrides(extra)
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    cfg = load_config(args.config, overrides)
+    print(f"# {' '.join(sys.argv)}")
+    asr, llm = build_asr(cfg), build_llm(cfg)
+    asr.warmup(), llm.warmup()
+    conversations = [[(text, text, keys, None) for text, keys in conv] for conv in CONVERSATIONS]
+    conversations.append([(ROOT / path, said, keys, None) for path, said, keys in REAL])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for c, conv in enumerate(conversations):
+            llm.reset()
+            earlier: list[str] = []
+            for source, said, keys, _ in conv:
+                audio = load_audio(source, 16000) if isinstance(source, Path) else espeak(source, Path(tmp))
+                t0 = time.perf_counter()
+                heard = asr.transcribe(audio, 16000).text.strip()
+                asr_s = time.perf_counter() - t0
+                reply = spoken_reply(llm.stream(heard), cfg.llm.first_clause_words, cfg.llm.max_sentences)
+                problems = reply_problems(reply, earlier)
+                content = None if keys is None else any(k in words(reply) for k in keys)
+                edits, n = wer(said, heard)
+                if args.keep_all or not problems:
+                    llm.commit(heard, reply)
+                earlier.append(reply)
+                rows.append({"conversation": c, "said": said, "heard": heard, "reply": reply, "problems": problems,
+                             "content": content, "asr_s": round(asr_s, 3), "edits": edits, "ref_words": n,
+                             "real": isinstance(source, Path)})
+                mark = "ok " if not problems and content is not False else "BAD"
+                print(f"[{mark}] you   > {heard}")
+                print(f"      agent > {reply}" + (f"   <- {'; '.join(problems)}" if problems else "")
+                      + ("" if content is None else ("   (answer named)" if content else "   <- answer missing")))
+    form = sum(not r["problems"] for r in rows)
+    known = [r for r in rows if r["content"] is not None]
+    right = sum(r["content"] for r in known)
+    both = sum(not r["problems"] and r["content"] is not False for r in rows)
+    edits, ref = sum(r["edits"] for r in rows), sum(r["ref_words"] for r in rows)
+    print()
+    print(f"form        {form}/{len(rows)} replies pass ({100 * form / len(rows):.0f} %)")
+    print(f"content     {right}/{len(known)} name the answer ({100 * right / len(known):.0f} %)")
+    print(f"overall     {both}/{len(rows)} pass both ({100 * both / len(rows):.0f} %)")
+    print(f"hearing     WER {100 * edits / ref:.1f} % over {ref} words ({cfg.asr.model}); "
+          f"ASR {sum(r['asr_s'] for r in rows) / len(rows):.2f} s a turn")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "form": form, "content": right, "overall": both,
+                                         "turns": len(rows)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
