@@ -40,7 +40,8 @@ def build_llm(cfg: AgentConfig):
         ort_cache = cfg.resolve(cfg.llm.ort_cache) / f"llm-{weights_key(model_dir)}-{'fp32' if bits is None else f'q{bits}'}"
     return ReplyLLM(model_dir, cfg.llm.system_prompt, max_history_turns=cfg.llm.max_history_turns,
                     max_tokens=cfg.llm.max_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed,
-                    backend=backend, quantization=bits, ort_cache=ort_cache)
+                    backend=backend, quantization=bits, ort_cache=ort_cache,
+                    examples=[tuple(e) for e in cfg.llm.examples], no_repeat_ngram=cfg.llm.no_repeat_ngram)
 
 
 def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages:

@@ -14,6 +14,7 @@ from pipelines.llm.form import complete_sentences, reply_problems, sentences
     ("", "empty"),
     ("A: \"Penguins\" B: \"Pirates\"", "dialogue label"),
     ("1. Boil water. 2. Add the tea.", "numbered list"),
+    ("The answer is 8. A spider has 8 legs.", None),
     ("* Boil the water", "markup"),
     ('He said "she said "hi"" to me.', "quotes in quotes"),
     ("One. Two. Three.", "3 sentences"),
@@ -49,3 +50,25 @@ def test_the_engine_speaks_at_most_max_sentences_and_stops_reading_the_llm():
     assert read[-2:] == ["France.", "It"]  # one word of look-ahead ends a sentence; nothing more was generated
     read.clear()
     assert spoken_reply(deltas(), 0, 0).endswith("And more.")
+
+
+def test_no_repeated_ngrams_bans_the_token_that_would_complete_one():
+    from pipelines.llm.reply import banned_tokens
+
+    reply = [5, 6, 7, 8, 5, 6, 7]
+    assert banned_tokens(reply, 4) == [8]  # "5 6 7 8" again is not allowed
+    assert banned_tokens(reply, 0) == [] and banned_tokens(reply[:3], 4) == []
+    assert banned_tokens([1, 1, 1], 2) == [1]
+
+
+def test_example_exchanges_are_checked_when_the_config_loads(tmp_path):
+    from agent.config import load_config
+    from pipelines.errors import ConfigError
+
+    cfg = load_config("default")
+    assert len(cfg.llm.examples) >= 2 and all(len(e) == 2 for e in cfg.llm.examples)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('extends = "%s"\n[llm]\nexamples = [["only a question"]]\n' % (
+        __import__("agent.config", fromlist=["CONFIG_DIR"]).CONFIG_DIR / "default.toml"))
+    with pytest.raises(ConfigError, match="llm.examples"):
+        load_config(str(bad))

@@ -15,7 +15,7 @@ REPEAT_WORDS = 5  # a run of this many words said in an earlier reply of the con
 
 _MARKUP = [
     (re.compile(r"(^|\s)[A-Z]\s?:\s"), "dialogue label (A:)"),
-    (re.compile(r"(^|\s)\d+[.)]\s"), "numbered list"),
+    (re.compile(r"(^|\n)\s*\d+[.)]\s|(^|\s)1[.)]\s.*\s2[.)]\s", re.S), "numbered list"),  # not "has 8. It"
     (re.compile(r"[*#_`|<>\[\]{}]"), "markup characters"),
     (re.compile(r"\"[^\"]*\"[^\"]*\""), "quotes in quotes"),
     (re.compile(r"https?://|www\."), "a link"),
@@ -60,6 +60,9 @@ def reply_problems(reply: str, earlier: list[str] = ()) -> list[str]:
         problems.append("repeats itself")
     for before in earlier:
         w = words(before)
+        if w == own:
+            problems.append("the same as an earlier reply")
+            break
         said = {tuple(w[i:i + REPEAT_WORDS]) for i in range(len(w) - REPEAT_WORDS + 1)}
         if grams & said:
             problems.append("repeats an earlier reply: " + " ".join(sorted(grams & said)[0]))

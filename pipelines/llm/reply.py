@@ -21,6 +21,15 @@ from pipelines.errors import CheckpointError
 _NEEDED_FILES = ("config.json", "tokenizer.json")
 
 
+def banned_tokens(reply: list[int], n: int) -> list[int]:
+    """Tokens that would complete a run of `n` tokens the reply already holds (no repeated n-grams: a small
+    model's loops, "the opposite of the opposite of ...", end before they start). n < 2: none."""
+    if n < 2 or len(reply) < n:
+        return []
+    tail = tuple(reply[len(reply) - n + 1:])
+    return sorted({reply[i + n - 1] for i in range(len(reply) - n + 1) if tuple(reply[i:i + n - 1]) == tail})
+
+
 class PromptCache:
     """The KV cache of the last generation and the token ids it holds."""
 
@@ -61,6 +70,8 @@ class ReplyLLM:
         backend: str = "mlx",
         quantization: int | None = None,
         ort_cache: Path | None = None,
+        examples: list[tuple[str, str]] = (),
+        no_repeat_ngram: int = 0,
     ):
         model_dir = Path(model_dir)
         missing = [name for name in _NEEDED_FILES if not (model_dir / name).is_file()]
@@ -90,6 +101,8 @@ class ReplyLLM:
             mx.eval(self.model.parameters())
         self.model_dir = model_dir
         self.system_prompt = system_prompt
+        self.examples = [(str(u), str(r)) for u, r in examples]  # example exchanges after the system prompt
+        self.no_repeat_ngram = no_repeat_ngram  # a reply never says the same run of this many tokens twice (0: off)
         self.max_tokens = max_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.seed = seed
@@ -162,8 +175,15 @@ class ReplyLLM:
         self.last_prompt_run = len(prompt) - shared
         held = list(prompt)
         try:
+            def no_repeats(tokens, logits):
+                banned = banned_tokens([int(t) for t in tokens.tolist()[len(prompt) - shared:]], self.no_repeat_ngram)
+                if banned:
+                    logits[..., mx.array(banned)] = -mx.inf
+                return logits
+
             for response in stream_generate(self.model, self.tokenizer, prompt[shared:], max_tokens=max_tokens,
-                                             sampler=self._sampler, prompt_cache=cache):
+                                             sampler=self._sampler, prompt_cache=cache,
+                                             logits_processors=[no_repeats] if self.no_repeat_ngram else None):
                 held.append(int(response.token))
                 if response.text:
                     yield response.text
@@ -192,6 +212,10 @@ class ReplyLLM:
             logits = self._ort.forward(prompt[shared:], cache)
             held = list(prompt)
             for n in range(max_tokens):
+                banned = banned_tokens(held[len(prompt):], self.no_repeat_ngram)
+                if banned:
+                    logits = logits.copy()
+                    logits[banned] = -np.inf
                 if rng is None:
                     token = int(np.argmax(logits))
                 else:
@@ -232,7 +256,7 @@ class ReplyLLM:
 
     def _prompt_tokens(self, user_text: str, turns: list[tuple[str, str]]) -> list[int]:
         messages = [{"role": "system", "content": self.system_prompt}]
-        for user, reply in turns:
+        for user, reply in [*self.examples, *turns]:
             messages.append({"role": "user", "content": user})
             messages.append({"role": "assistant", "content": reply})
         messages.append({"role": "user", "content": user_text})
