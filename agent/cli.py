@@ -53,6 +53,18 @@ def _runs_mlx(argv: list[str]) -> bool:
         return True
 
 
+def parse_with_config(parser: argparse.ArgumentParser):
+    """(args, config) for a benchmark script: its own flags, `--config NAME` and dotted `--section.key value`
+    overrides; anything else is the parser's one-line error."""
+    from agent.config import load_config
+
+    args, extra = parser.parse_known_args()
+    overrides, unknown = _split_overrides(extra)
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return args, load_config(args.config, overrides)
+
+
 def _split_overrides(extra: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     """`--vad.silence_ms 500` / `--vad.silence_ms=500` -> [("vad.silence_ms", "500")]; the rest is unknown."""
     pairs, unknown, i = [], [], 0

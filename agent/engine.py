@@ -250,8 +250,8 @@ class TurnEngine:
         if spoken:
             turn.agent = Segment(agent_speaker, turn.reply, np.concatenate([a for _, a, _ in spoken]),
                                  st.tts.sample_rate, codes=np.concatenate([c for _, _, c in spoken], axis=1))
-        earlier = [t.reply for t in self.conversation.turns[-self.stages.llm.max_history_turns:]] \
-            if hasattr(st.llm, "max_history_turns") else []
+        window = getattr(st.llm, "max_history_turns", 0)  # the replies the LLM could copy from its history
+        earlier = [t.reply for t in self.conversation.turns[-window:]] if window else []
         problems = reply_problems(turn.reply, earlier) if turn.reply else []
         if problems:  # kept out of the LLM's history: a small model copies its own slips into later turns
             self._event("reply_kept_out", problems=problems)
@@ -288,14 +288,13 @@ class TurnEngine:
 def spoken_sentences(deltas, splitter: SentenceSplitter, max_sentences: int = 0) -> Iterator[str]:
     """The pieces of a streamed reply to speak, in order, until `max_sentences` whole sentences are out: the
     LLM stream is not read further (a spoken reply is a sentence or two, however long the model would go on)."""
+    def pieces():
+        for delta in deltas:
+            yield from splitter.push(delta)
+        yield from splitter.flush()
+
     said = ""
-    for delta in deltas:
-        for piece in splitter.push(delta):
-            yield piece
-            said += " " + piece
-            if max_sentences and complete_sentences(said) >= max_sentences:
-                return
-    for piece in splitter.flush():
+    for piece in pieces():
         yield piece
         said += " " + piece
         if max_sentences and complete_sentences(said) >= max_sentences:

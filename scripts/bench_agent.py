@@ -21,8 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from agent.cli import _split_overrides
-    from agent.config import load_config
+    from agent.cli import parse_with_config
     from agent.metrics import STAGES, session_summary, summary_table
     from agent.modes import run_replay
 
@@ -31,11 +30,7 @@ def main() -> None:
     p.add_argument("--config", default="demo")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--json", type=Path)
-    args, extra = p.parse_known_args()
-    overrides, unknown = _split_overrides(extra)
-    if unknown:
-        p.error(f"unrecognised arguments: {' '.join(unknown)}")
-    cfg = load_config(args.config, overrides)
+    args, cfg = parse_with_config(p)
     print(f"# {' '.join(sys.argv)}")
     print(f"# {platform.machine()} {os.cpu_count()} cores, OpenBLAS preloaded: {'openblas' in os.environ.get('LD_PRELOAD', '')}")
     rows, lines = [], []

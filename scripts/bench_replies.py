@@ -80,8 +80,7 @@ def espeak(text: str, folder: Path):
 
 def main() -> None:
     from agent.build import build_asr, build_llm
-    from agent.cli import _split_overrides
-    from agent.config import load_config
+    from agent.cli import parse_with_config
     from agent.engine import spoken_reply
     from pipelines.audio import load_audio
     from pipelines.llm.form import reply_problems, words
@@ -91,11 +90,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--keep-all", action="store_true",
                    help="commit every reply to the LLM's history (as the agent did before replies with problems were kept out)")
-    args, extra = p.parse_known_args()
-    overrides, unknown = _split_overrides(extra)
-    if unknown:
-        p.error(f"unrecognised arguments: {' '.join(unknown)}")
-    cfg = load_config(args.config, overrides)
+    args, cfg = parse_with_config(p)
     print(f"# {' '.join(sys.argv)}")
     asr, llm = build_asr(cfg), build_llm(cfg)
     asr.warmup(), llm.warmup()

@@ -44,8 +44,10 @@ class TTSConfig(GenerationConfig):
         for name, allowed in (("dtype", DTYPES), ("backend", BACKENDS), ("quantization", QUANTIZATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"tts.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.quant_block not in (32, 64, 128):
-            raise ValueError(f"tts.quant_block must be one of 32, 64, 128, got {self.quant_block!r}")
+        from pipelines.ortgraph import QUANT_BLOCKS
+
+        if self.quant_block not in QUANT_BLOCKS:
+            raise ValueError(f"tts.quant_block must be one of {', '.join(map(str, QUANT_BLOCKS))}, got {self.quant_block!r}")
         for name in ("speaker", "user_speaker", "context_segments"):
             if getattr(self, name) < 0:
                 raise ValueError(f"tts.{name} must be >= 0, got {getattr(self, name)}")
