@@ -8,6 +8,7 @@ endpoint decision, so replays faster than real time still report what a user wou
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,38 @@ def draw_timeline(rows: list[dict[str, float]], path: Path, title: str = "") -> 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def endpoint_report(events: list[dict], decided_s: list[float]) -> dict | None:
+    """Turn-taking against a session's script: `events` holds its `script` events (mic time `t`, `duration_s`),
+    `decided_s` the stream times at which the agent decided each user turn was over. An endpoint decided while
+    a scripted turn was still being spoken cut the user off (a false endpoint); a scripted turn with no endpoint
+    decided between its end and the next one's start was merged into the next or never heard (missed).
+    None when the session has no script."""
+    script = sorted((e["t"], e["t"] + e["duration_s"]) for e in events
+                    if e.get("type") == "script" and isinstance(e.get("duration_s"), (int, float)))
+    if not script:
+        return None
+    cut = [d for d in decided_s if any(a < d < b for a, b in script)]
+    nexts = [a for a, _ in script[1:]] + [math.inf]
+    missed = sum(not any(b <= d < n for d in decided_s) for (_, b), n in zip(script, nexts))
+    return {"scripted_turns": len(script), "endpoints": len(decided_s), "false_endpoints": len(cut),
+            "cut_at_s": [round(d, 2) for d in cut], "missed_turns": missed}
+
+
+def _spoken_words(text: str) -> list[str]:
+    from pipelines.llm.form import words
+
+    return words(text.lower().replace("colour", "color"))  # Whisper writes American spelling: not a mishearing
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(word edits, reference words): the Levenshtein distance between the lower-cased words, punctuation
+    ignored; word error rate = edits / reference words."""
+    ref, hyp = _spoken_words(reference), _spoken_words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
+    return row[-1], len(ref)

@@ -1,6 +1,14 @@
-"""Build the shipped sessions from espeak-ng speech: sessions/demo (three user turns) and
-sessions/ten-turns (ten turns of varied length: a question, a long request, and one sentence with a
-~0.5 s pause in the middle that must stay one turn).
+"""Build replay sessions: the shipped sessions/demo (three user turns) and sessions/ten-turns (ten turns of
+varied length: a question, a long request, and one sentence with a ~0.5 s pause in the middle that must stay
+one turn), both espeak-ng speech; sessions/pauses (espeak-ng, shipped: six requests with 300-600 ms pauses
+inside the sentence, none of which may end the turn); and `real` (built on demand from the real-speech clips
+in tests/fixtures: the jfk clip, whose speaker pauses 1.1 s, 1.1 s and 0.63 s inside
+one sentence, and a CMU ARCTIC sentence).
+
+Each bundle's events.jsonl has a `script` event per scripted turn (mic time, duration, text): `bench agent`
+counts an endpoint inside a scripted turn as a false endpoint (the user was cut off). For the jfk clip the
+scripted turns are its three phrases between the pauses over one second: a pause that long is where an
+agent may take the turn; the 0.63 s one is not.
 
 The bundles are in the format `voice-agent replay` reads (agent/session.py). Deterministic: the same
 espeak-ng gives the same bundles. Run: python scripts/make_demo_session.py [OUT_ROOT]
@@ -9,6 +17,7 @@ espeak-ng gives the same bundles. Run: python scripts/make_demo_session.py [OUT_
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -42,8 +51,23 @@ TEN_TURNS = [
     "Thanks, that is all for today.",
     "Goodbye!",
 ]
-GAP_S = 1.6  # silence after each turn: longer than the VAD's 600 ms end-of-turn
-PAUSE_S = 0.5  # the mid-sentence pause at "|": shorter than the 600 ms end-of-turn
+GAP_S = 1.6  # silence after each turn: longer than the VAD's end of turn (vad.silence_ms)
+PAUSE_S = 0.5  # the mid-sentence pause at "|" (or "|MS": a pause of MS milliseconds)
+# pauses inside the sentence as people make them while thinking of the next words (300-600 ms)
+PAUSES = [
+    "I'd like to book |300 a table for two tonight.",
+    "Could you tell me |400 how long it takes to boil an egg?",
+    "My sister is coming to visit |500 next weekend.",
+    "What is a good name |600 for a small brown dog?",
+    "Please remind me |450 to call my mother |350 at six.",
+    "Thanks, |300 that is all.",
+]
+# real people: (clip in tests/fixtures, [(start s, end s, text) of each scripted turn in it])
+REAL = [
+    ("jfk.flac", [(0.30, 2.15, "And so my fellow Americans,"), (3.25, 4.35, "ask not"),
+                  (5.38, 10.99, "what your country can do for you, ask what you can do for your country.")]),
+    ("arctic_a0007.wav", [(0.40, 3.45, "And you always want to see it in the superlative degree.")]),
+]
 
 
 def speak(text: str, folder: Path) -> np.ndarray:
@@ -60,42 +84,87 @@ def trimmed(audio: np.ndarray, level: float = 1e-3) -> np.ndarray:
     return audio[loud[0] : loud[-1] + 1] if loud.size else audio
 
 
+PAUSE = re.compile(r"\s*\|(\d*)\s*")
+
+
+def said(text: str) -> str:
+    return PAUSE.sub(" ", text)
+
+
 def say(text: str, folder: Path) -> np.ndarray:
-    """A turn's audio; '|' in the text is a PAUSE_S silence inside the sentence."""
-    pieces = [trimmed(speak(piece.strip(), folder)) for piece in text.split("|")]
-    pause = np.zeros(int(PAUSE_S * RATE), np.float32)
-    return np.concatenate([x for piece in pieces for x in (piece, pause)][:-1])
+    """A turn's audio; '|' in the text is a PAUSE_S silence inside the sentence, '|MS' one of MS milliseconds."""
+    pieces = PAUSE.split(text)  # text, pause, text, pause, ..., text
+    out = [trimmed(speak(pieces[0], folder))]
+    for ms, piece in zip(pieces[1::2], pieces[2::2]):
+        out += [np.zeros(int((int(ms) / 1000 if ms else PAUSE_S) * RATE), np.float32), trimmed(speak(piece, folder))]
+    return np.concatenate(out)
 
 
-def build(out: Path, turns: list[str], mic_rate: int = RATE) -> None:
-    rng = np.random.default_rng(0)
-    parts = [np.zeros(int(0.5 * RATE), np.float32)]
-    events = []
+def build(out: Path, turns: list[str], mic_rate: int = RATE, source: str = "espeak-ng en-us, 150 wpm") -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        for text in turns:
-            t = sum(len(p) for p in parts) / RATE
-            audio = 0.7 * (say(text, Path(tmp)) if "|" in text else speak(text, Path(tmp)))
-            text = text.replace(" | ", " ")
-            events.append({"type": "script", "t": round(t, 3), "text": text, "duration_s": round(len(audio) / RATE, 3)})
-            parts += [audio, np.zeros(int(GAP_S * RATE), np.float32)]
+        clips = [(0.7 * (say(text, Path(tmp)) if "|" in text else speak(text, Path(tmp))), [(0.0, None, said(text))])
+                 for text in turns]
+    write(out, clips, mic_rate, source)
+
+
+def build_real(out: Path) -> None:
+    from pipelines.audio import load_audio
+
+    write(out, [(load_audio(ROOT / "tests" / "fixtures" / name, RATE), spans) for name, spans in REAL], RATE,
+          "real speech: tests/fixtures (jfk, CMU ARCTIC arctic_a0007)", room_tone=True)
+
+
+def quiet_level(audio: np.ndarray) -> float:
+    """RMS of a recording's quietest 10 % of 30 ms frames: its room tone."""
+    n = int(0.03 * RATE)
+    rms = np.sqrt(np.mean(np.square(audio[: len(audio) // n * n].reshape(-1, n)), axis=1))
+    return float(np.percentile(rms, 10))
+
+
+def write(out: Path, clips: list[tuple[np.ndarray, list[tuple[float, float | None, str]]]], mic_rate: int,
+          source: str, room_tone: bool = False) -> None:
+    """A bundle of the clips, GAP_S apart; each clip's scripted turns are (start, end or None = the clip's end, text).
+
+    Synthetic clips sit in a quiet room (-66 dBFS noise over everything). Recordings carry their own room:
+    with `room_tone` the silence before each clip (and after the last) is noise at that recording's quietest
+    level, as one microphone in one room would give, not a digital hush its hiss would stand out from."""
+    rng = np.random.default_rng(0)
+
+    def gap(seconds: float, level: float) -> np.ndarray:
+        n = int(seconds * RATE)
+        return (rng.standard_normal(n) * level).astype(np.float32) if room_tone else np.zeros(n, np.float32)
+
+    levels = [quiet_level(audio) if room_tone else 0.0 for audio, _ in clips]
+    parts = [gap(0.5, levels[0])]
+    events = []
+    for i, (audio, spans) in enumerate(clips):
+        t = sum(len(p) for p in parts) / RATE
+        for start, end, text in spans:
+            end = len(audio) / RATE if end is None else end
+            events.append({"type": "script", "t": round(t + start, 3), "text": text, "duration_s": round(end - start, 3)})
+        parts += [audio, gap(GAP_S, levels[min(i + 1, len(clips) - 1)])]
     mic = resample(np.concatenate(parts), RATE, mic_rate)
-    mic += (rng.standard_normal(len(mic)) * 10 ** (-66 / 20)).astype(np.float32)  # a quiet room, not digital zero
+    if not room_tone:
+        mic += (rng.standard_normal(len(mic)) * 10 ** (-66 / 20)).astype(np.float32)  # a quiet room, not digital zero
     out.mkdir(parents=True, exist_ok=True)
     (out / "mic.pcm").write_bytes(float_to_pcm16(mic))
     (out / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     (out / "session.json").write_text(json.dumps({
         "format": "voice-agent-session", "version": 1, "mode": "recorded", "mic_rate": mic_rate,
-        "source": "scripts/make_demo_session.py (espeak-ng en-us, 150 wpm)",
-        "turns": [text.replace(" | ", " ") for text in turns],
+        "source": f"scripts/make_demo_session.py ({source})",
+        "turns": [e["text"] for e in events],
     }, indent=2) + "\n")
-    print(f"wrote {out}: {len(mic) / mic_rate:.1f} s, {len(turns)} turns")
+    print(f"wrote {out}: {len(mic) / mic_rate:.1f} s, {len(events)} scripted turns")
 
 
 SESSIONS = {
     "demo": lambda out: build(out, TURNS),
     # 8 kHz keeps 50 s of PCM under 1 MB; espeak-ng's voice has little above 4 kHz anyway
     "ten-turns": lambda out: build(out, TEN_TURNS, mic_rate=8000),
+    "pauses": lambda out: build(out, PAUSES, mic_rate=8000),
+    "real": build_real,
 }
+SHIPPED = ["demo", "ten-turns", "pauses"]
 
 
 def main(root: Path, names: list[str]) -> None:
@@ -104,6 +173,7 @@ def main(root: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # python scripts/make_demo_session.py [OUT_ROOT [demo|ten-turns ...]]; default: both into sessions/
+    # python scripts/make_demo_session.py [OUT_ROOT [demo|ten-turns|pauses|real ...]]; default: the shipped ones
+    # into sessions/
     args = sys.argv[1:]
-    main(Path(args[0]) if args else ROOT / "sessions", args[1:] or list(SESSIONS))
+    main(Path(args[0]) if args else ROOT / "sessions", args[1:] or SHIPPED)

@@ -113,7 +113,7 @@ def test_waterfall_is_causal(replay):
         assert [s for s in STAGES if s in row] == STAGES, row
         values = [row[s] for s in STAGES]
         assert values == sorted(values), row
-        assert row["endpoint"] == pytest.approx(600, abs=40)  # vad.silence_ms, in stream time
+        assert row["endpoint"] == pytest.approx(load_config("demo").vad.silence_ms, abs=40)  # in stream time
     summary = json.loads((result.bundle / "summary.json").read_text())
     assert summary["first_sample_played"]["n"] == 3
     assert summary["first_sample_played"]["p50"] <= summary["first_sample_played"]["p90"]

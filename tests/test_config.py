@@ -19,7 +19,7 @@ def test_preset_values_and_extends():
     assert load_config("push_to_talk").mode == "push-to-talk"
     demo = load_config("demo")
     assert demo.mode == "replay" and demo.tts.frames_per_char == 0.8 and demo.tts.max_audio_length_ms == 10_000
-    assert demo.vad.silence_ms == 600  # inherited from default.toml through replay.toml
+    assert demo.vad.silence_ms == 700  # inherited from default.toml through replay.toml
 
 
 def test_default_toml_lists_the_dataclass_defaults():

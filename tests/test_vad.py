@@ -16,6 +16,10 @@ from pipelines.audio import load_audio
 from pipelines.errors import AudioInputError
 from pipelines.vad import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, VADConfig
 
+# the mechanics are shown on jfk at a 600 ms end of turn, where its 0.63 s pause ends a turn (the agent
+# waits 700 ms: configs/default.toml)
+AT_600 = VADConfig(silence_ms=600)
+
 SR = 16000
 JFK = Path(__file__).parent / "fixtures" / "jfk.flac"
 # Turns of jfk.flac with the default config, measured once: (start_s, end_s). Its three pauses
@@ -65,7 +69,7 @@ def spans(events: list) -> list[tuple[float, float]]:
 
 
 def test_jfk_default_turns(jfk):
-    events = run(Endpointer(), jfk)
+    events = run(Endpointer(AT_600), jfk)
     got = utterances(events)
     assert [u.reason for u in got] == ["silence", "silence", "silence", "flush"]
     np.testing.assert_allclose(spans(events), JFK_TURNS, atol=0.035)
@@ -82,26 +86,26 @@ def test_jfk_default_turns(jfk):
 
 def test_noise_floor_gate_is_what_splits_jfk(jfk):
     # webrtcvad alone calls the -40 dBFS hiss in jfk's pauses speech: one turn that never ends
-    events = run(Endpointer(VADConfig(energy_margin_db=0)), jfk)
+    events = run(Endpointer(VADConfig(silence_ms=600, energy_margin_db=0)), jfk)
     assert [u.reason for u in utterances(events)] == ["flush"]
 
 
 def test_pre_roll_keeps_the_onset(espeak_wav):
     speech = load_audio(espeak_wav, SR)
     signal = np.concatenate([hiss(1.0), speech + hiss(speech.size / SR, 1), hiss(1.5, 2)])
-    (u,) = utterances(run(Endpointer(), signal))
+    (u,) = utterances(run(Endpointer(AT_600), signal))
     assert 1.0 <= u.start_s <= 1.1  # espeak's first sound is at ~1.01 s
     assert u.audio_start_s == pytest.approx(u.start_s - 0.3)
     first = round(u.audio_start_s * SR)
     np.testing.assert_array_equal(u.audio, signal[first : first + u.audio.size])
     assert u.duration_s >= speech.size / SR + 0.3
-    (bare,) = utterances(run(Endpointer(VADConfig(pre_roll_ms=0)), signal))
+    (bare,) = utterances(run(Endpointer(VADConfig(silence_ms=600, pre_roll_ms=0)), signal))
     assert bare.start_s == u.start_s
     assert u.duration_s - bare.duration_s == pytest.approx(0.6)  # 300 ms before + 300 ms after
 
 
 def test_jfk_first_turn_starts_300ms_early(jfk):
-    (u, *_) = utterances(run(Endpointer(), jfk))
+    (u, *_) = utterances(run(Endpointer(AT_600), jfk))
     assert u.audio_start_s == pytest.approx(0.03)
     np.testing.assert_array_equal(u.audio[:4800], jfk[480 : 480 + 4800])
 
@@ -113,11 +117,11 @@ def test_short_burst_is_not_a_turn(kind):
         signal[SR : SR + SR // 10] += np.random.default_rng(5).normal(0, 0.3, SR // 10).astype(np.float32)
     else:
         signal[SR] = 1.0
-    endpointer = Endpointer()
+    endpointer = Endpointer(AT_600)
     assert run(endpointer, signal) == []
     assert not endpointer.in_speech
     if kind == "noise":  # the burst does open a candidate turn: min_speech_ms is what drops it
-        assert len(utterances(run(Endpointer(VADConfig(min_speech_ms=0)), signal))) == 1
+        assert len(utterances(run(Endpointer(VADConfig(silence_ms=600, min_speech_ms=0)), signal))) == 1
 
 
 @pytest.mark.parametrize("pause_s, turns", [(1.0, 2), (0.3, 1)])
@@ -125,7 +129,7 @@ def test_pause_length_decides_split(jfk, pause_s, turns):
     room = np.tile(jfk[round(2.3 * SR) : round(3.1 * SR)], 2)  # jfk's own hiss, no speech
     first, second = jfk[round(5.3 * SR) : round(7.6 * SR)], jfk[round(8.1 * SR) : round(10.3 * SR)]
     signal = np.concatenate([room[: SR // 2], first, room[: round(pause_s * SR)], second, room])
-    got = utterances(run(Endpointer(), signal))
+    got = utterances(run(Endpointer(AT_600), signal))
     assert len(got) == turns
     assert all(u.reason == "silence" for u in got)
     assert got[0].start_s == pytest.approx(0.6, abs=0.035)
@@ -133,7 +137,7 @@ def test_pause_length_decides_split(jfk, pause_s, turns):
 
 
 def test_max_length_forces_an_end(jfk):
-    got = utterances(run(Endpointer(VADConfig(max_utterance_ms=1000)), jfk))
+    got = utterances(run(Endpointer(VADConfig(silence_ms=600, max_utterance_ms=1000)), jfk))
     assert got[0].reason == "max_length"
     assert got[0].start_s == pytest.approx(0.33)
     assert got[0].decided_s - got[0].start_s == pytest.approx(1.02)  # first whole 30 ms frame past 1 s
@@ -147,14 +151,14 @@ def test_max_length_forces_an_end(jfk):
 @pytest.mark.parametrize("rate", [48000, 44100])
 def test_any_input_rate_gives_the_same_turns(jfk, rate):
     resampled = soxr.resample(jfk, SR, rate).astype(np.float32)
-    events = run(Endpointer(input_rate=rate), resampled, chunks=ODD_CHUNKS)
+    events = run(Endpointer(AT_600, input_rate=rate), resampled, chunks=ODD_CHUNKS)
     assert [u.reason for u in utterances(events)] == ["silence", "silence", "silence", "flush"]
     np.testing.assert_allclose(spans(events), JFK_TURNS, atol=0.035)
 
 
 def test_chunking_does_not_change_anything_at_16k(jfk):
-    whole = utterances(run(Endpointer(), jfk))
-    chunked = utterances(run(Endpointer(), jfk, chunks=ODD_CHUNKS))
+    whole = utterances(run(Endpointer(AT_600), jfk))
+    chunked = utterances(run(Endpointer(AT_600), jfk, chunks=ODD_CHUNKS))
     assert [(u.start_s, u.end_s, u.decided_s) for u in chunked] == [(u.start_s, u.end_s, u.decided_s) for u in whole]
     for a, b in zip(whole, chunked):
         np.testing.assert_array_equal(a.audio, b.audio)
@@ -164,15 +168,15 @@ def test_espeak_at_its_native_rate(espeak_wav):
     native, rate = sf.read(str(espeak_wav), dtype="float32")
     assert rate == 22050
     pad = lambda s, r: np.concatenate([np.zeros(r // 2, np.float32), s, np.zeros(r, np.float32)])  # noqa: E731
-    at_16k = spans(run(Endpointer(), pad(load_audio(espeak_wav, SR), SR)))
-    at_native = spans(run(Endpointer(input_rate=rate), pad(native, rate), chunks=ODD_CHUNKS))
+    at_16k = spans(run(Endpointer(AT_600), pad(load_audio(espeak_wav, SR), SR)))
+    at_native = spans(run(Endpointer(AT_600, input_rate=rate), pad(native, rate), chunks=ODD_CHUNKS))
     assert len(at_16k) == 1
     np.testing.assert_allclose(at_native, at_16k, atol=0.035)
 
 
 def test_flush_keeps_the_last_turn(jfk):
     cut = jfk[: round(9.5 * SR)]  # ends in the middle of "ask what you can do for your country"
-    endpointer = Endpointer()
+    endpointer = Endpointer(AT_600)
     before = run(endpointer, cut, flush=False)
     assert len(utterances(before)) == 3 and endpointer.in_speech
     (last,) = utterances(endpointer.flush())
@@ -185,14 +189,14 @@ def test_flush_keeps_the_last_turn(jfk):
 
 def test_flush_drains_the_resampler(jfk):
     cut = soxr.resample(jfk[: round(9.5 * SR)], SR, 48000).astype(np.float32)
-    endpointer = Endpointer(input_rate=48000)
+    endpointer = Endpointer(AT_600, input_rate=48000)
     (last,) = utterances(run(endpointer, cut, chunks=ODD_CHUNKS, flush=False) + endpointer.flush())[-1:]
     assert last.reason == "flush"
     assert endpointer.time_s == pytest.approx(9.5, abs=1e-3)
 
 
 def test_push_to_talk_records_exactly_between(jfk):
-    endpointer = Endpointer(VADConfig(enabled_endpointing=False, pre_roll_ms=0))
+    endpointer = Endpointer(VADConfig(silence_ms=600, enabled_endpointing=False, pre_roll_ms=0))
     begin, end = 32011, 80003
     assert run(endpointer, jfk[:begin], chunks=ODD_CHUNKS, flush=False) == []
     assert endpointer.begin() == SpeechStarted(t=begin / SR)
@@ -206,7 +210,7 @@ def test_push_to_talk_records_exactly_between(jfk):
 
 
 def test_push_to_talk_pre_roll_and_flush(jfk):
-    endpointer = Endpointer(VADConfig(enabled_endpointing=False))
+    endpointer = Endpointer(VADConfig(silence_ms=600, enabled_endpointing=False))
     endpointer.process(jfk[:SR])
     endpointer.begin()
     endpointer.process(jfk[SR : 2 * SR])
@@ -217,20 +221,20 @@ def test_push_to_talk_pre_roll_and_flush(jfk):
 
 def test_begin_end_need_push_to_talk():
     with pytest.raises(RuntimeError, match="push-to-talk"):
-        Endpointer().begin()
+        Endpointer(AT_600).begin()
     with pytest.raises(RuntimeError, match="push-to-talk"):
-        Endpointer().end()
+        Endpointer(AT_600).end()
 
 
 def test_mute_ignores_speech(jfk):
-    endpointer = Endpointer()
+    endpointer = Endpointer(AT_600)
     endpointer.mute(True)
     assert run(endpointer, jfk, chunks=ODD_CHUNKS) == []
     assert endpointer.time_s == pytest.approx(jfk.size / SR)
 
 
 def test_mute_drops_the_open_turn(jfk):
-    endpointer = Endpointer()
+    endpointer = Endpointer(AT_600)
     events = endpointer.process(jfk[:SR])
     assert events == [SpeechStarted(t=pytest.approx(0.33))] and endpointer.in_speech
     endpointer.mute(True)
@@ -243,7 +247,7 @@ def test_mute_drops_the_open_turn(jfk):
 
 
 def test_reset_clears_everything(jfk):
-    endpointer = Endpointer()
+    endpointer = Endpointer(AT_600)
     endpointer.process(jfk[:SR])
     assert endpointer.in_speech
     endpointer.reset()
@@ -262,17 +266,17 @@ def test_non_finite_input_is_an_audio_error(bad):
     samples = hiss(0.1)
     samples[10] = bad
     with pytest.raises(AudioInputError, match="NaN"):
-        Endpointer().process(samples)
+        Endpointer(AT_600).process(samples)
 
 
 @pytest.mark.parametrize("form", ["int16", "stereo"])
 def test_int16_and_stereo_input_are_accepted(jfk, form):
     samples = (jfk * 32767).astype(np.int16) if form == "int16" else np.stack([jfk, jfk], axis=1)
-    np.testing.assert_allclose(spans(run(Endpointer(), samples)), JFK_TURNS, atol=0.035)
+    np.testing.assert_allclose(spans(run(Endpointer(AT_600), samples)), JFK_TURNS, atol=0.035)
 
 
 def test_pause_events_bracket_each_gap_and_prefix_the_final_utterance(jfk):
-    events = run(Endpointer(), jfk)
+    events = run(Endpointer(AT_600), jfk)
     kinds = [type(e) for e in events]
     ended = utterances(events)
     # inside a turn pauses and resumes alternate, and a turn that ends on silence was paused first
@@ -302,7 +306,7 @@ def test_pause_events_bracket_each_gap_and_prefix_the_final_utterance(jfk):
 def test_pause_then_resume_on_a_burst_gap():
     burst = np.random.default_rng(1).normal(0.0, 0.3, SR // 2).astype(np.float32)
     audio = np.concatenate([hiss(0.5), burst, hiss(0.45, seed=2), burst, hiss(1.0, seed=3)])
-    events = run(Endpointer(VADConfig(energy_margin_db=0)), audio)
+    events = run(Endpointer(VADConfig(silence_ms=600, energy_margin_db=0)), audio)
     speech = [type(e) for e in events]
     assert SpeechStarted in speech and speech[-1] is SpeechEnded
     assert speech.count(SpeechEnded) == 1  # the 450 ms gap is longer than the 300 ms tail, shorter than silence_ms
@@ -314,8 +318,8 @@ def test_pause_then_resume_on_a_burst_gap():
 
 
 def test_speculation_switched_off_gives_no_pause_events_and_the_same_turns(jfk):
-    on = run(Endpointer(), jfk)
-    off = run(Endpointer(VADConfig(speculate=False)), jfk)
+    on = run(Endpointer(AT_600), jfk)
+    off = run(Endpointer(VADConfig(silence_ms=600, speculate=False)), jfk)
     assert any(isinstance(e, SpeechPaused) for e in on)
     assert not any(isinstance(e, (SpeechPaused, SpeechResumed)) for e in off)
     assert [(u.start_s, u.end_s, u.reason) for u in utterances(off)] == [(u.start_s, u.end_s, u.reason) for u in utterances(on)]
