@@ -66,7 +66,7 @@ def endpointer(cfg: AgentConfig, endpointing: bool = True, log: Callable[[str], 
     turn_model = None
     if cfg.vad.smart_turn and endpointing:
         if "smart_turn" not in _turn_models:
-            from pipelines.turn import SmartTurn
+            from pipelines.smart_turn import SmartTurn
 
             try:
                 model = SmartTurn(threshold=cfg.vad.smart_turn_threshold)

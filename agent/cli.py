@@ -32,9 +32,14 @@ def _maybe_preload_openblas(argv: list[str]) -> None:
 
 def _runs_mlx(argv: list[str]) -> bool:
     """Will this command run a network on MLX? For the agent's verbs, by their config's backends; any other
-    verb (and anything unparsable, which the real run reports) keeps the preload."""
+    verb (and anything unparsable, which the real run reports) keeps the preload. Silent: the real parse, after
+    the re-exec, is the one that prints help or a usage error (once)."""
+    import contextlib
+    import io
+
     try:
-        args, extra = _parser().parse_known_args(argv)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args, extra = _parser().parse_known_args(argv)
         if args.verb == "bench" and args.what == "agent":
             rest = list(args.args)
             name = rest[rest.index("--config") + 1] if "--config" in rest[:-1] else "demo"
@@ -137,8 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("what", nargs="*", help="marvis, mimi, whisper, llm (default: all)")
     sub.add_parser("doctor", help="check the machine: BLAS, audio devices, models")
     sp = sub.add_parser("bench", help="benchmarks: `bench tts` (Marvis vs peers), `bench agent SESSION`, "
-                                      "`bench replies` (spoken questions: reply form and content, ASR WER)")
-    sp.add_argument("what", choices=["tts", "agent", "replies"])
+                                      "`bench replies` (spoken questions: reply form and content, ASR WER), "
+                                      "`bench ort` (the TTS frame loop per backend and precision)")
+    sp.add_argument("what", choices=["tts", "agent", "replies", "ort"])
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -372,7 +378,7 @@ def _dispatch(args, overrides) -> int:
     if args.verb == "tts":
         return _cmd_tts(args, overrides)
     if args.verb == "models":
-        from agent import models
+        from agent import model_files as models
 
         if args.action == "list":
             for name, what in models.OFFLINE.items():
@@ -389,13 +395,11 @@ def _dispatch(args, overrides) -> int:
     if args.verb == "doctor":
         return _cmd_doctor()
     if args.verb == "bench":
-        import runpy
+        import importlib
 
-        from agent.config import ROOT
-
-        script = ROOT / "scripts" / f"bench_{args.what}.py"
-        sys.argv = [str(script), *args.args]
-        runpy.run_path(str(script), run_name="__main__")
+        bench = importlib.import_module(f"agent.bench.{args.what}")
+        sys.argv = [f"voice-agent bench {args.what}", *args.args]  # each benchmark parses its own flags
+        bench.main()
         return 0
     raise AssertionError(args.verb)
 

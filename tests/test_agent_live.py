@@ -226,7 +226,7 @@ def test_hands_free_two_turns_through_the_sound_card(runs):
         assert [s for s in STAGES if s in row] == STAGES, row  # first_sample_played: the real speaker callback
         values = [row[s] for s in STAGES]
         assert values == sorted(values), row
-        assert row["endpoint"] == pytest.approx(600, abs=40)
+        assert row["endpoint"] == pytest.approx(load_config("default").vad.silence_ms, abs=40)
 
     assert_mic_recorded_exactly(run, at_least_s=run.info["duration"])
     assert_played_all_agent_audio(run, turns=2)
@@ -340,7 +340,7 @@ def test_playback_sink_waits_for_the_reply_and_keeps_only_what_was_heard_on_barg
     import threading
 
     from agent.devices import SpeakerSink
-    from agent.devices import PlaybackSink
+    from agent.sinks import PlaybackSink
 
     speaker = SpeakerSink(sample_rate=1000, jitter_ms=10)  # not started: we play it by calling its callback's fill
     sink = PlaybackSink(speaker)

@@ -153,3 +153,17 @@ def test_openblas_is_preloaded_only_when_a_stage_runs_on_mlx():
         assert _runs_mlx(["replay", "sessions/demo", f"--{stage}.backend", "mlx"])
         assert _runs_mlx(["bench", "agent", "sessions/demo", f"--{stage}.backend=mlx"])
     assert _runs_mlx(["bench", "tts"]) and _runs_mlx(["doctor"])  # bench tts preloads per worker itself
+
+
+@pytest.mark.parametrize("args", [("tts", "--help"), ("tts",), ("replay", "--help")])
+def test_help_and_usage_errors_are_printed_once(args):
+    # the OpenBLAS preload probe parses the command line before the real parse: it must stay silent
+    r = run_cli(*args, timeout=120)
+    assert (r.stdout + r.stderr).count("usage: voice-agent") == 1, r.stdout + r.stderr
+
+
+def test_bench_runs_from_the_package_not_from_scripts():
+    # an installed package carries agent/bench, not the repository's scripts/ folder
+    r = run_cli("bench", "agent", "--help", timeout=120)
+    assert r.returncode == 0 and "usage: voice-agent bench agent" in r.stdout, r.stdout + r.stderr
+    assert not (ROOT / "scripts" / "bench_agent.py").exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agent.conversation import Conversation
-from agent.devices import ReplaySink
+from agent.sinks import ReplaySink
 from agent.engine import Stages, TurnEngine
 from pipelines.asr.whisper import Transcript
 from pipelines.tts.codec import FRAME_SIZE

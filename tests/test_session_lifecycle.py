@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from agent.config import CHECKPOINTS, ROOT, load_config
-from agent.devices import ReplaySink
+from agent.sinks import ReplaySink
 from agent.floor import Floor
 from agent.session import SessionRecorder, read_session
 from pipelines.vad import Endpointer, VADConfig

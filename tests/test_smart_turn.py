@@ -15,8 +15,12 @@ import pytest
 
 from pipelines.audio import load_audio
 from pipelines.errors import CheckpointError
-from pipelines.turn import SmartTurn, find_smart_turn, turn_features
+from pipelines.smart_turn import SmartTurn, find_smart_turn, turn_features
 from pipelines.vad import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, VADConfig
+
+# the mechanics are shown on jfk at a 600 ms end of turn, where its 0.63 s pause ends a turn (the agent
+# waits 700 ms: configs/default.toml)
+AT_600 = VADConfig(silence_ms=600)
 
 SR = 16000
 
@@ -103,30 +107,30 @@ def test_injected_turn_model_decides_the_silence_needed():
             return p
         return model
 
-    config = VADConfig(energy_margin_db=0, smart_turn=True)
+    config = VADConfig(silence_ms=600, energy_margin_db=0, smart_turn=True)
     (done,) = ended(Endpointer(config, turn_model=says(0.9)), audio)
     assert done.reason == "complete" and done.turn_probability == 0.9
     assert done.decided_s - done.end_s == pytest.approx(0.18)  # 200 ms in whole 30 ms frames
     (slow,) = ended(Endpointer(config, turn_model=says(0.1)), audio)
     assert slow.reason == "silence" and slow.turn_probability == 0.1
     assert slow.decided_s - slow.end_s == pytest.approx(0.6)
-    (off,) = ended(Endpointer(VADConfig(energy_margin_db=0, smart_turn=False), turn_model=says(0.9)), audio)
+    (off,) = ended(Endpointer(VADConfig(silence_ms=600, energy_margin_db=0, smart_turn=False), turn_model=says(0.9)), audio)
     assert off.reason == "silence" and off.turn_probability is None
     assert len(calls) == 2  # asked once per pause, never while switched off
 
 
 def test_question_ends_fast(smart_turn, say):
     audio = room(0.5, say("What is the capital of France?"), 1.5)
-    (turn,) = ended(Endpointer(VADConfig(smart_turn=True), turn_model=smart_turn), audio)
+    (turn,) = ended(Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn), audio)
     assert turn.reason == "complete" and turn.turn_probability > 0.5
     assert turn.decided_s - turn.end_s <= 0.2 + 1e-9
-    (plain,) = ended(Endpointer(), audio)
+    (plain,) = ended(Endpointer(AT_600), audio)
     assert plain.reason == "silence" and plain.decided_s - plain.end_s == pytest.approx(0.6)
 
 
 def test_mid_sentence_pause_stays_one_turn(smart_turn, say):
     audio = room(0.5, say("I would like to"), 0.5, say("book a table for four people."), 1.5)
-    events = Endpointer(VADConfig(smart_turn=True), turn_model=smart_turn).process(audio)
+    events = Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn).process(audio)
     turns = [e.utterance for e in events if isinstance(e, SpeechEnded)]
     assert len(turns) == 1, [(u.reason, u.turn_probability) for u in turns]
     assert SpeechPaused in map(type, events) and SpeechResumed in map(type, events)
@@ -134,5 +138,5 @@ def test_mid_sentence_pause_stays_one_turn(smart_turn, say):
     # the same pause under a plain 400 ms silence rule splits the sentence
     assert len(ended(Endpointer(VADConfig(silence_ms=400, smart_turn=False)), audio)) == 2
     # replay reproduces the decisions
-    again = [e.utterance for e in Endpointer(VADConfig(smart_turn=True), turn_model=smart_turn).process(audio) if isinstance(e, SpeechEnded)]
+    again = [e.utterance for e in Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn).process(audio) if isinstance(e, SpeechEnded)]
     assert [(u.reason, u.turn_probability, u.end_s) for u in again] == [(u.reason, u.turn_probability, u.end_s) for u in turns]

@@ -55,7 +55,7 @@ def pretrained_dir(pretrained):
 
 def test_transformers_save_pretrained_loads_with_tied_embedding(reference, pretrained_dir, tiny_tokenizer, mimi):
     from safetensors import safe_open
-    from test_tts_parity import _prompt, _reference_frames
+    from tts_helpers import prompt_rows, reference_frames
 
     from pipelines.tts.generator import GenerationConfig
     from pipelines.tts.prompt import Prompt, TextTokenizer
@@ -72,8 +72,8 @@ def test_transformers_save_pretrained_loads_with_tied_embedding(reference, pretr
     np.testing.assert_array_equal(np.array(ck.model.audio_embeddings.weight), ref)
 
     tts = MarvisTTS(ck, TextTokenizer(tiny_tokenizer), mimi)
-    tokens, mask = _prompt(np.random.default_rng(3))
-    ref_frames, _ = _reference_frames(reference, tokens, mask, n_frames=8)
+    tokens, mask = prompt_rows(np.random.default_rng(3))
+    ref_frames, _ = reference_frames(reference, tokens, mask, n_frames=8)
     prompt = Prompt(tokens, mask, context_used=2, max_frames=8)
     ours = np.array(list(tts.frames.frames(prompt, GenerationConfig(temperature=0.0, stop_on_eos=False))))
     np.testing.assert_array_equal(ours, ref_frames)

@@ -7,33 +7,28 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tts_helpers import (
+    K,
+    assert_dequantised_on_onnx,
+    greedy,
+    ort_step_logits,
+    our_logits,
+    two_context_prompt,
+)
 
-from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, OrtFrames, PrefixCache, sample_sorted
+from pipelines.tts.generator import (
+    FrameGenerator,
+    GenerationConfig,
+    MLXFrames,
+    OrtFrames,
+    PrefixCache,
+    sample_sorted,
+)
 from pipelines.tts.ort import OrtFrameModel, rope_periods
 from pipelines.tts.prompt import Prompt
 from pipelines.tts.weights import random_model
-from test_tts_parity import _our_logits  # the MLX model's teacher-forced logits, as the parity test reads them
 
-K = 32
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def two_context_prompt(rng, text_vocab=96):
-    """Two context segments (text rows, audio rows, EOS frame) + target text rows: tokens, mask [T, K+1]."""
-    rows, masks = [], []
-    for n_text, n_audio in ((5, 4), (6, 3)):
-        t = np.zeros((n_text + n_audio + 1, K + 1), np.int32)
-        m = np.zeros_like(t, bool)
-        t[:n_text, -1] = rng.integers(3, text_vocab, n_text)
-        m[:n_text, -1] = True
-        t[n_text:n_text + n_audio, :K] = rng.integers(0, 2048, (n_audio, K))
-        m[n_text:, :K] = True
-        rows.append(t), masks.append(m)
-    t = np.zeros((7, K + 1), np.int32)
-    t[:, -1] = rng.integers(3, text_vocab, 7)
-    rows.append(t), masks.append(np.zeros_like(t, bool))
-    masks[-1][:, -1] = True
-    return np.concatenate(rows), np.concatenate(masks)
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +39,6 @@ def tiny(tiny_args):
 @pytest.fixture(scope="module")
 def onnx_fp32(tiny, tmp_path_factory):
     return OrtFrameModel(tiny.model, cache_dir=tmp_path_factory.mktemp("ort") / "fp32")
-
-
-def ort_step_logits(ort, tokens, mask, forced):
-    """The frame graph's per-codebook logits [K, V] for each frame, teacher-forced with `forced` codes."""
-    cache = ort.make_cache()
-    out = []
-    for codes in forced:
-        got, logits = ort.run(tokens, mask, cache, forced=codes)
-        np.testing.assert_array_equal(got, codes)  # forcing really forces
-        out.append(logits.copy())
-        tokens = np.r_[codes, 0][None].astype(np.int32)
-        mask = np.r_[np.ones(K, bool), False][None]
-    return out
-
-
-def greedy(backend, tokens, mask, n):
-    cfg = GenerationConfig(temperature=0.0, stop_on_eos=False)
-    return np.array(list(FrameGenerator(backend).frames(Prompt(tokens, mask, 0, n), cfg)))
 
 
 def test_rope_periods_match_mlx_lm(tiny_args):
@@ -77,7 +54,7 @@ def test_fp32_logits_match_the_mlx_model(tiny, onnx_fp32):
     tokens, mask = two_context_prompt(np.random.default_rng(1))
     forced = greedy(MLXFrames(tiny.model), tokens, mask, 3)
     ours = ort_step_logits(onnx_fp32, tokens, mask, forced)
-    ref = _our_logits(tiny.model, tokens, mask, forced)
+    ref = our_logits(tiny.model, tokens, mask, forced)
     for f, (a, b) in enumerate(zip(ours, ref)):
         assert a.shape == b.shape == (K, 2051)
         err = np.abs(a - b).max() / np.abs(b).max()
@@ -86,14 +63,14 @@ def test_fp32_logits_match_the_mlx_model(tiny, onnx_fp32):
 
 def test_fp32_greedy_codes_match_mlx_and_transformers(reference, transformers_dir, tmp_path):
     """12 greedy frames with two context segments: ONNX == MLX == transformers' CSM, code for code."""
-    from test_tts_parity import _prompt, _reference_frames
+    from tts_helpers import prompt_rows, reference_frames
 
     from pipelines.tts.weights import load_checkpoint
 
     ck = load_checkpoint(transformers_dir)
-    tokens, mask = _prompt(np.random.default_rng(2))
+    tokens, mask = prompt_rows(np.random.default_rng(2))
     n = 12
-    ref_frames, _ = _reference_frames(reference, tokens, mask, n_frames=n)
+    ref_frames, _ = reference_frames(reference, tokens, mask, n_frames=n)
     onnx_frames = greedy(OrtFrames(OrtFrameModel(ck.model, cache_dir=tmp_path / "g")), tokens, mask, n)
     np.testing.assert_array_equal(onnx_frames, ref_frames)
     np.testing.assert_array_equal(onnx_frames, greedy(MLXFrames(ck.model), tokens, mask, n))
@@ -231,16 +208,6 @@ def test_mlx_quantised_checkpoint_runs_on_onnx(tiny_args, tmp_path):
     assert_dequantised_on_onnx(ck.model, tmp_path / "dq")
 
 
-def assert_dequantised_on_onnx(model, cache_dir) -> None:
-    """The ONNX graphs built from an MLX-quantised model give its logits (rel 1e-3) over 2 forced frames."""
-    tokens, mask = two_context_prompt(np.random.default_rng(8))
-    forced = greedy(MLXFrames(model), tokens, mask, 2)
-    ref = _our_logits(model, tokens, mask, forced)
-    got = ort_step_logits(OrtFrameModel(model, cache_dir=cache_dir), tokens, mask, forced)
-    for a, b in zip(got, ref):
-        assert np.abs(a - b).max() / np.abs(b).max() < 1e-3
-
-
 def test_depth_decoder_on_group_query_attention_matches_mlx(tiny_args, tmp_path):
     """Real flavours' heads (multiples of 16) run the depth steps on GroupQueryAttention, not the standard
     Attention op the tiny model falls back to: the same logits as the MLX model."""
@@ -254,7 +221,7 @@ def test_depth_decoder_on_group_query_attention_matches_mlx(tiny_args, tmp_path)
     tokens, mask = two_context_prompt(np.random.default_rng(9))
     forced = greedy(MLXFrames(ck.model), tokens, mask, 3)
     ours = ort_step_logits(OrtFrameModel(ck.model, cache_dir=tmp_path / "gqa"), tokens, mask, forced)
-    for a, b in zip(ours, _our_logits(ck.model, tokens, mask, forced)):
+    for a, b in zip(ours, our_logits(ck.model, tokens, mask, forced)):
         assert np.abs(a - b).max() / np.abs(b).max() <= 1e-4
 
 
@@ -272,12 +239,9 @@ def test_cpu_default_is_4_bit_block_64_and_the_block_is_checked():
 def test_bench_byte_count_is_the_models_weights(tiny_args, tiny):
     """`bench tts`'s byte limit counts what a frame reads: at fp32, 4 bytes for each weight of the backbone's
     matmuls and codebook-0 head, 31 x the depth step's (projection included) and the 31 heads."""
-    import sys
-
     from mlx.utils import tree_flatten
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_tts import frame_bytes
+    from agent.bench.tts import frame_bytes
 
     sizes = {k: v.size for k, v in tree_flatten(tiny.model.parameters())}
     matmul = lambda prefix: sum(n for k, n in sizes.items() if k.startswith(prefix) and k.endswith("proj.weight"))  # noqa: E731

@@ -51,7 +51,7 @@ def test_presets_have_the_documented_shapes():
     assert (m250.decoder.num_layers, m250.decoder.embed_dim, m250.decoder.intermediate_dim) == (4, 1024, 4096)
     assert m250.text_vocab_size == 49152
     assert ModelArgs.preset("csm-1b").backbone.head_dim == 64
-    # a real-shape model built from a preset has about 569M parameters (DESIGN.md §3)
+    # a real-shape model built from a preset has about 569M parameters (docs/performance.md §1)
     args = ModelArgs.preset("marvis-250m")
     from pipelines.tts.model import Model
 

@@ -17,12 +17,13 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from agent.config import load_config
-from agent.web.server import (CLOSE_BUSY, CLOSE_PROTOCOL, MAX_FRAME_SAMPLES, BrowserSink, Conversation, Server)
+from agent.web.page import MAX_FRAME_SAMPLES, BrowserSink, PageSession
+from agent.web.server import CLOSE_BUSY, CLOSE_PROTOCOL, Server
 
 TOKEN = "test-token-0123456789"
 
 
-class NoModels(Conversation):
+class NoModels(PageSession):
     def start(self) -> None:
         self.started = time.monotonic()
 

@@ -14,15 +14,17 @@ import pytest
 from agent.config import load_config
 from agent.modes import replay_utterances
 from agent.session import SessionRecorder, read_session
-from agent.web.server import Conversation
+from agent.web.page import PageSession
 from virtual_audio import espeak_pcm16
 
 FRAME = 320  # the page's 20 ms frames
 
 
 class SpeakingWorker:
-    def __init__(self, speaking: bool):
-        self.speaking = speaking
+    """The session loop's worker without models: the sink and the bundle are the page session's own."""
+
+    def __init__(self, speaking: bool, sink, recorder):
+        self.speaking, self.sink, self.recorder = speaking, sink, recorder
         self.barge_ins = 0
         self.submitted = []
 
@@ -49,9 +51,9 @@ def question(tmp_path_factory) -> np.ndarray:
 
 def converse(tmp_path, mic: np.ndarray, push_to_talk: bool, full_duplex: bool, speaking: bool, keys=()):
     sent = []
-    conversation = Conversation(load_config("default"), sent.append, push_to_talk, full_duplex, log=lambda m: None)
-    conversation.worker = SpeakingWorker(speaking)
-    conversation.recorder = SessionRecorder(tmp_path / "bundle", {"mode": conversation.mode})
+    conversation = PageSession(load_config("default"), sent.append, push_to_talk, full_duplex, log=lambda m: None)
+    recorder = SessionRecorder(tmp_path / "bundle", {"mode": conversation.mode})
+    conversation.worker = conversation.loop.worker = SpeakingWorker(speaking, conversation.sink, recorder)
     conversation.started = time.monotonic() - 3600  # the frames come faster than real time here
     keys = dict(keys)  # frame index -> key down?
     for i, start in enumerate(range(0, len(mic), FRAME)):

@@ -4,6 +4,8 @@
 
 Offsets are ms after the end of user speech (endpoint in stream time, the rest wall clock after the
 endpoint decision; see agent/metrics.py). The TTS label (trained or UNTRAINED) is printed with the figures.
+When the session has a script (sessions made by scripts/make_demo_session.py), turn-taking is checked against
+it: false endpoints (the user cut off inside a scripted turn) and missed turns (`agent.metrics.endpoint_report`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from agent.config import ROOT
 
 
 def main() -> None:
     from agent.cli import parse_with_config
-    from agent.metrics import STAGES, session_summary, summary_table
+    from agent.metrics import STAGES, endpoint_report, session_summary, summary_table
     from agent.modes import run_replay
+    from agent.session import load_replay_source, read_events
 
     p = argparse.ArgumentParser(prog="voice-agent bench agent")
     p.add_argument("session", nargs="?", default=str(ROOT / "sessions" / "demo"))
@@ -33,19 +35,29 @@ def main() -> None:
     args, cfg = parse_with_config(p)
     print(f"# {' '.join(sys.argv)}")
     print(f"# {platform.machine()} {os.cpu_count()} cores, OpenBLAS preloaded: {'openblas' in os.environ.get('LD_PRELOAD', '')}")
-    rows, lines = [], []
+    rows, lines, turn_taking = [], [], []
+    script = load_replay_source([Path(args.session)], gap_s=1.0).events
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             result = run_replay(cfg, [Path(args.session)], out=Path(tmp) / "bundle", log=lines.append, progress=False)
+            decided = [e["decided_s"] for e in read_events(result.bundle / "events.jsonl", lambda _: None)
+                       if e.get("type") == "transcript"]
         rows += [t.waterfall for t in result.conversation.turns]
+        turn_taking.append(endpoint_report(script, decided))
     print(next((line for line in lines if "Marvis TTS" in line), ""))
     for i, row in enumerate(rows):
         print(f"turn {i}: " + "  ".join(f"{s}={row[s]:.0f}" for s in [*STAGES, "stall_ms", "stalls", "prebuffer_ms"]
                                          if s in row) + (f"  tts_rtf={row['tts_rtf']:.2f}" if "tts_rtf" in row else ""))
     summary = session_summary(rows)
     print(summary_table(summary))
+    for run, report in enumerate(turn_taking):
+        if report is not None:
+            print(f"turn-taking (run {run}): {report['false_endpoints']} false endpoints"
+                  + (f" (cut at {report['cut_at_s']} s)" if report["cut_at_s"] else "")
+                  + f", {report['missed_turns']} of {report['scripted_turns']} scripted turns missed, "
+                  f"{report['endpoints']} endpoints; vad.silence_ms {cfg.vad.silence_ms}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "summary": summary, "turn_taking": turn_taking}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """s/frame of the Marvis frame loop: MLX fp32 vs ONNX Runtime fp32 / q8 / q4, real-size shape, random weights.
 
 Greedy frames after warm-up, prefill of `--rows` prompt rows, and the graph build time (into a temp folder,
-so every run pays it). Usage: python scripts/bench_ort.py [--frames 20] [--rows 300]
+so every run pays it). Usage: voice-agent bench ort [--frames 20] [--rows 300]
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ What is notable here:
   of frames 2..N, the first frame (prompt prefill + one frame) is reported on its own.
 - Other work on the machine moves the figures: the load average is printed before and after.
 
-    python scripts/bench_tts.py --frames 50 --json bench.json
-    python scripts/bench_tts.py --frames 8 --impl ours --ours onnx-q8,onnx-q4 --prompt context
+    voice-agent bench tts --frames 50 --json bench.json
+    voice-agent bench tts --frames 8 --impl ours --ours onnx-q8,onnx-q4 --prompt context
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from agent.config import ROOT
+
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 PRESET = "marvis-250m"
 FRAME_RATE = 12.5  # Mimi frames per second of audio
@@ -147,7 +148,6 @@ def our_backend(opts, ck):
 
     if opts.backend == "mlx":
         return MLXFrames(ck.model)
-    from pipelines.tts.ort import OrtFrameModel
 
     return OrtFrames(our_ort_model(opts, ck))
 
@@ -545,7 +545,6 @@ WORKERS = {"ours": worker_ours, "mlx-audio": worker_mlx_audio, "transformers": w
 
 
 def worker_main(opts) -> None:
-    sys.path.insert(0, str(ROOT))
     result = WORKERS[opts.worker](opts)
     result["openblas_loaded"] = openblas_loaded()
     Path(opts.result).write_text(json.dumps(result))
@@ -575,7 +574,7 @@ def run_worker(impl: str, variant: str, context: bool, opts, export: str) -> dic
     quant = int(precision[1:]) if precision.startswith("q") else 0
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = f.name
-    cmd = [sys.executable, __file__, "--worker", impl, "--backend", backend or "mlx", "--dtype", dtype,
+    cmd = [sys.executable, "-m", "agent.bench.tts", "--worker", impl, "--backend", backend or "mlx", "--dtype", dtype,
            "--quant-bits", str(quant), "--frames", str(opts.frames), "--greedy-frames", str(opts.greedy_frames),
            "--seed", str(opts.seed), "--export", export, "--result", result_file] + (["--context"] if context else [])
     env, preload = worker_env(impl, variant, not opts.no_openblas)

@@ -1,7 +1,7 @@
 """The reply LLM's forward pass on ONNX Runtime: an mlx-lm Llama's own weights as one graph.
 
 SmolLM2-135M decodes one token by reading all of its weights: 540 MB in fp32, ~80 ms a token on these two
-cores with MLX (memory-bound; MLX's int8/int4 CPU kernels are slower still, DESIGN.md §5). The same network
+cores with MLX (memory-bound; MLX's int8/int4 CPU kernels are slower still, docs/performance.md §2). The same network
 through ONNX Runtime's blockwise int8 `MatMulNBits` reads a quarter of that. The graph is emitted from the
 mlx-lm model's args and parameters by `pipelines.ortgraph.llama_blocks` (rotate-half RoPE, as mlx-lm's
 non-traditional RoPE), so greedy decoding in fp32 gives mlx-lm's tokens (tested).

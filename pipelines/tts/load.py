@@ -2,7 +2,7 @@
 
 `TTSConfig` is the one home of every TTS knob: it extends the per-call `GenerationConfig` with what is fixed
 at load time, and the agent's `[tts]` config section is this dataclass. The backend is chosen here:
-`auto` runs the frame loop on ONNX Runtime on a CPU (MLX's CPU kernels are the slow part, DESIGN.md §5) and on
+`auto` runs the frame loop on ONNX Runtime on a CPU (MLX's CPU kernels are the slow part, docs/performance.md §2) and on
 MLX where MLX has a GPU (Metal); either can be forced. ONNX graphs are built once per checkpoint and
 precision and cached under `ort_cache`, keyed by a hash of the weights.
 """
