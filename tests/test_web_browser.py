@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import soundfile as sf
 
 from agent.config import CHECKPOINTS
 from agent.session import read_session
+from served import Served
 from virtual_audio import espeak_pcm16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,53 +49,6 @@ def question_wav(tmp_path_factory) -> Path:
     path = folder / "question.wav"
     sf.write(path, np.concatenate([silence, pcm, silence, silence, silence, silence]), 16000, subtype="PCM_16")
     return path
-
-
-class Served:
-    """`python -m agent.cli serve --port 0 ...` as a subprocess; `url` is what it printed."""
-
-    def __init__(self, args: list[str], folder: Path):
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--port", "0", *args], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.url_ready = threading.Event()
-        self.url = ""
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.url_ready.wait(60):
-            self.stop()
-            raise AssertionError("serve printed no URL:\n" + "".join(self.lines))
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = re.search(r"open (http://\S+)", line)
-            if m:
-                self.url = m.group(1)
-                self.url_ready.set()
-
-    def wait_for_line(self, needle: str, timeout: float) -> bool:
-        event = threading.Event()
-
-        def look():
-            while not event.is_set():
-                if any(needle in line for line in self.lines) or self.proc.poll() is not None:
-                    event.set()
-                event.wait(0.1)
-
-        threading.Thread(target=look, daemon=True).start()
-        event.wait(timeout)
-        return any(needle in line for line in self.lines)
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)  # Ctrl-C
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return "".join(self.lines)
 
 
 def chromium(mic_wav: Path, profile: Path):

@@ -1,0 +1,86 @@
+"""`voice-agent serve` over many connections: the models stay loaded, memory stays flat, bundles stay whole.
+
+    bash scripts/test.sh -m soak -k serve                  # 100 connect/disconnect cycles (~3 min here)
+    SOAK_CYCLES=30 bash scripts/test.sh -m soak -k serve   # a shorter proof run
+
+Each cycle is one OpenAI Realtime client (the `openai` package) against one server process: a third of them
+leave at once without a word, a third ask something and leave in the middle of the reply, a third wait for
+the whole reply. Sampled per cycle: the server's RSS and how long the connection took to be ready
+(`session.created`). Printed, not asserted: timing on a shared machine is not a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+
+from agent.session import read_events
+from served import Served
+
+openai = pytest.importorskip("openai", reason="the openai package (scripts/bootstrap.sh installs it) is the client")
+
+pytestmark = [pytest.mark.soak, pytest.mark.slow]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def test_connections_leave_memory_flat_and_whole_bundles(tmp_path, tiny_marvis):
+    cycles = int(os.environ.get("SOAK_CYCLES", "100"))
+    runs = tmp_path / "runs"
+    served = Served(["--tts.checkpoint", str(tiny_marvis), "--llm.max_tokens", "16",
+                     "--tts.max_audio_length_ms", "1200", "--session.dir", str(runs)], tmp_path)
+    port, token = re.search(r"127\.0\.0\.1:(\d+)/\?token=(\S+)", served.url).groups()
+    client = openai.AsyncOpenAI(api_key=token, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+    ready_s, rss, spoke = [], [], 0
+
+    async def cycle(i: int) -> None:
+        nonlocal spoke
+        t0 = time.monotonic()
+        async with client.realtime.connect(model="voice-agent") as conn:
+            async for event in conn:
+                if event.type == "session.created":
+                    break
+            ready_s.append(time.monotonic() - t0)
+            if i % 3 == 0:
+                return  # nothing said: no bundle
+            spoke += 1
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": f"Please tell me about the number {i}."}]})
+            await conn.response.create()
+            stop = "response.output_audio.delta" if i % 3 == 1 else "response.done"
+            async for event in conn:
+                assert event.type != "error", event
+                if event.type == stop:
+                    break  # i % 3 == 1: leave in the middle of the reply
+
+    async def main() -> None:
+        for i in range(cycles):
+            await asyncio.wait_for(cycle(i), 120)
+            await asyncio.sleep(0.05)
+            rss.append(rss_mb(served.proc.pid))
+
+    try:
+        asyncio.run(main())
+        time.sleep(2)  # the last conversation closes its bundle
+    finally:
+        log = served.stop()
+    warm = max(5, cycles // 10)
+    slope = np.polyfit(np.arange(len(rss) - warm), rss[warm:], 1)[0]
+    print(f"\nserve soak: {cycles} connections, ready p50 {np.median(ready_s) * 1000:.0f} ms / max "
+          f"{max(ready_s) * 1000:.0f} ms, RSS {rss[0]:.0f} -> {rss[-1]:.0f} MB (peak {max(rss):.0f}), slope after "
+          f"{warm}: {slope * 1000:.1f} KB/connection")
+    assert log.count("loading the models") == 1
+    assert slope < 0.5, f"RSS grows {slope:.2f} MB a connection"
+    bundles = sorted(runs.iterdir())
+    assert len(bundles) == spoke  # one per conversation in which something was said, none for the silent ones
+    for bundle in bundles:  # each is complete: closed with its summary, and its turns recorded
+        assert (bundle / "summary.json").is_file(), bundle
+        assert any(e.get("type") == "turn" for e in read_events(bundle / "events.jsonl")), bundle
