@@ -178,7 +178,7 @@ class PageSession:
     """One browser conversation: checks the page's messages and feeds its mic frames to the session loop."""
 
     def __init__(self, cfg: AgentConfig, send: Callable[[object], None], push_to_talk: bool, full_duplex: bool,
-                 log: Log, stages: Stages | None = None):
+                 log: Log, stages: Stages | None = None, owner=None):
         self.cfg, self.send, self.log = cfg, send, log
         self.push_to_talk, self.full_duplex = push_to_talk, full_duplex
         self.mode = "push-to-talk" if push_to_talk else "hands-free"
@@ -203,7 +203,7 @@ class PageSession:
                                  recorder_class=lambda folder, meta, warn: PageRecorder(folder, meta, warn, send),
                                  front_end="browser", full_duplex=full_duplex)
 
-        self.worker = Worker(cfg, self.sink, prepare, log, stages=stages)
+        self.worker = Worker(cfg, self.sink, prepare, log, stages=stages, owner=owner)
         self.loop = SessionLoop(cfg, self.floor, self.worker, log)
 
     @property

@@ -145,7 +145,8 @@ class _Response:
 class RealtimeSession:
     """One Realtime conversation: the client's events in, the protocol's events out, over a session loop."""
 
-    def __init__(self, cfg: AgentConfig, send: Callable[[dict], None], log: Log, stages: Stages | None = None):
+    def __init__(self, cfg: AgentConfig, send: Callable[[dict], None], log: Log, stages: Stages | None = None,
+                 owner=None):
         self.cfg, self.log = cfg, log
         self._send = send  # thread-safe: queues an event for the client
         self._ids = itertools.count(1)
@@ -173,7 +174,7 @@ class RealtimeSession:
             self.llm = stages.llm
             return open_recorder(cfg, "realtime", None, stages, log, front_end="openai-realtime")
 
-        self.worker = Worker(cfg, self.sink, prepare, log, stages=stages, on_event=self._engine_event)
+        self.worker = Worker(cfg, self.sink, prepare, log, stages=stages, on_event=self._engine_event, owner=owner)
         self.loop = SessionLoop(cfg, self.floor, self.worker, log)
 
     def _floor(self) -> Floor:

@@ -30,6 +30,7 @@ import json
 import secrets
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from html import escape
 from pathlib import Path
 
@@ -110,6 +111,8 @@ class Server:
                  token: str | None = None, stages=None):
         self.cfg, self.host, self.port, self.log = cfg, host, port, log
         self.stages = stages  # loaded once by `serve()`; None: each conversation loads its own
+        # the one thread the models run on, conversation after conversation (agent.loop.Worker's `owner`)
+        self.owner = ThreadPoolExecutor(1, thread_name_prefix="model-owner") if stages is not None else None
         self.token = token or secrets.token_urlsafe(18)
         self.busy = False
         self.closing: asyncio.Event | None = None  # set while a finished conversation writes its bundle
@@ -254,7 +257,7 @@ class Server:
         watching = asyncio.create_task(outbox.overflowed.wait())
         session: RealtimeSession | None = None
         try:
-            session = self.realtime_factory(self.cfg, outbox.put, self.log, stages=self.stages)
+            session = self.realtime_factory(self.cfg, outbox.put, self.log, stages=self.stages, owner=self.owner)
             self.active = session
             await loop.run_in_executor(None, session.start)
             budget = TextBudget(REALTIME_RATE, REALTIME_BURST)
@@ -303,7 +306,7 @@ class Server:
             push_to_talk = field(hello, "mode", str) == "push-to-talk"
             full_duplex = bool(hello.get("full_duplex", self.cfg.audio.barge_in and not self.cfg.audio.half_duplex))
             conversation = self.conversation_factory(self.cfg, send, push_to_talk, full_duplex, self.log,
-                                                     stages=self.stages)
+                                                     stages=self.stages, owner=self.owner)
             self.active = conversation
             await ws.send_json({"type": "loading"})
             await loop.run_in_executor(None, conversation.start)
