@@ -69,8 +69,8 @@ class Outbox:
     """Messages for one client, from any thread, sent in order by `run()` on the event loop. When more than
     `limit` bytes wait unsent (the client is not reading), `overflowed` is set and nothing more is queued."""
 
-    def __init__(self, ws: web.WebSocketResponse, limit: int = OUTBOX_LIMIT_BYTES):
-        self.ws, self.limit = ws, limit
+    def __init__(self, ws: web.WebSocketResponse, limit: int | None = None):
+        self.ws, self.limit = ws, limit or OUTBOX_LIMIT_BYTES
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = 0
@@ -218,7 +218,7 @@ class Server:
         busy = {"type": "error", "event_id": "event_busy", "error": {
             "type": "server_error", "code": "busy", "param": None, "event_id": None,
             "message": "another conversation is under way; try again when it has ended"}}
-        await self._one_at_a_time(ws, busy, self._converse_realtime)
+        await self._one_at_a_time(ws, busy, lambda ws: self._converse_realtime(ws, request.transport))
         return ws
 
     async def _one_at_a_time(self, ws: web.WebSocketResponse, busy: dict, converse) -> None:
@@ -250,7 +250,16 @@ class Server:
             self.bundles.pop(Path(folder).name, None)
             self.log("(nothing was said: no session bundle kept)")
 
-    async def _converse_realtime(self, ws: web.WebSocketResponse) -> None:
+    @staticmethod
+    async def _hang_up(ws: web.WebSocketResponse, transport, code: int, why: bytes) -> None:
+        """Close with a reason; a client that does not read never takes the close frame: then drop it."""
+        try:
+            await asyncio.wait_for(ws.close(code=code, message=why), 2.0)
+        except asyncio.TimeoutError:
+            if transport is not None:
+                transport.abort()
+
+    async def _converse_realtime(self, ws: web.WebSocketResponse, transport=None) -> None:
         loop = asyncio.get_running_loop()
         outbox = Outbox(ws)
         sending = asyncio.create_task(outbox.run())
@@ -266,12 +275,14 @@ class Server:
                 done, _ = await asyncio.wait({receiving, watching}, return_when=asyncio.FIRST_COMPLETED)
                 if watching in done:
                     receiving.cancel()
-                    await ws.close(code=CLOSE_NOT_READING, message=b"not reading: too much unsent")
+                    self.log("(a Realtime client stopped reading: cut off)")
+                    await self._hang_up(ws, transport, CLOSE_NOT_READING, b"not reading: too much unsent")
                     break
                 msg = receiving.result()
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     if not budget.take():
-                        await ws.close(code=CLOSE_FLOOD, message=b"too many events a second")
+                        self.log("(a Realtime client sent too many events a second: cut off)")
+                        await self._hang_up(ws, transport, CLOSE_FLOOD, b"too many events a second")
                         break
                     session.handle(msg.data)
                 else:  # closed, or the socket's own limits (a frame over REALTIME_MAX_FRAME)
@@ -287,11 +298,13 @@ class Server:
             if session is not None:
                 await self._close_conversation(session)
             watching.cancel()
-            while not outbox.queue.empty() and not ws.closed and not outbox.overflowed.is_set():
+            deadline = loop.time() + 2.0
+            while not outbox.queue.empty() and not ws.closed and not outbox.overflowed.is_set() \
+                    and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # what the session said last (its response.done) goes out first
             sending.cancel()
             if not ws.closed:
-                await ws.close()
+                await self._hang_up(ws, transport, 1000, b"")
 
     async def _converse(self, ws: web.WebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
