@@ -16,12 +16,27 @@ def build_tts(cfg: AgentConfig, checkpoint: str | None = None, log: Callable[[st
     return load_tts(cfg.tts, root=ROOT, checkpoint=checkpoint, log=log)
 
 
+def asr_placement(cfg: AgentConfig):
+    """Where Whisper runs: `asr.backend` resolved for this machine, at fp32 (`pipelines.asr.whisper.runs_on`)."""
+    from pipelines.asr.whisper import runs_on, weights_fp16
+    from pipelines.ortgraph import resolve
+
+    placement = resolve(cfg.asr.backend, "none")
+    return placement._replace(backend=runs_on(placement.backend, weights_fp16(cfg.resolve(cfg.asr.model))))
+
+
+def llm_placement(cfg: AgentConfig):
+    from pipelines.ortgraph import resolve
+
+    return resolve(cfg.llm.backend, cfg.llm.quantization)
+
+
 def build_asr(cfg: AgentConfig):
     from pipelines.asr.whisper import WhisperASR
-    from pipelines.ortgraph import resolve, weights_key
+    from pipelines.ortgraph import weights_key
 
     asr_dir = cfg.resolve(cfg.asr.model)
-    asr_backend, _ = resolve(cfg.asr.backend, "none")
+    asr_backend = asr_placement(cfg).backend
     asr_cache = None
     if asr_backend == "onnx" and asr_dir.is_dir():
         asr_cache = cfg.resolve(cfg.asr.ort_cache) / f"whisper-{weights_key(asr_dir)}"  # encoder + decoder graphs
@@ -31,10 +46,11 @@ def build_asr(cfg: AgentConfig):
 
 def build_llm(cfg: AgentConfig):
     from pipelines.llm.reply import ReplyLLM
-    from pipelines.ortgraph import resolve, weights_key
+    from pipelines.ortgraph import weights_key
 
     model_dir = cfg.resolve(cfg.llm.model)
-    backend, bits = resolve(cfg.llm.backend, cfg.llm.quantization)
+    backend, precision = llm_placement(cfg)
+    bits = precision.bits
     ort_cache = None
     if backend == "onnx" and model_dir.is_dir():
         ort_cache = cfg.resolve(cfg.llm.ort_cache) / f"llm-{weights_key(model_dir)}-{'fp32' if bits is None else f'q{bits}'}"

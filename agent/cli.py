@@ -48,11 +48,10 @@ def _runs_mlx(argv: list[str]) -> bool:
         elif args.verb not in ("chat", "ptt", "replay", "serve", "tts"):
             return True
         cfg = _config(args, _split_overrides(extra)[0])
-        from pipelines.asr.whisper import weights_fp16
-        from pipelines.ortgraph import resolve
+        from agent.build import asr_placement, llm_placement
+        from pipelines.tts.load import resolve_backend
 
-        backends = {resolve(cfg.tts.backend, cfg.tts.quantization)[0], resolve(cfg.llm.backend, cfg.llm.quantization)[0],
-                    "mlx" if weights_fp16(cfg.resolve(cfg.asr.model)) else resolve(cfg.asr.backend, "none")[0]}
+        backends = {resolve_backend(cfg.tts).backend, llm_placement(cfg).backend, asr_placement(cfg).backend}
         return "mlx" in backends
     except (Exception, SystemExit):
         return True

@@ -9,16 +9,24 @@ What is notable here:
 - Nothing is hand-copied: a stack is emitted from its args and its parameters by name, so the parity tests of
   the MLX model carry over.
 - A build is written once into a cache folder (atomically, stamped) and loaded from there afterwards.
+
+The seam every stage plugs ONNX Runtime in by (TTS, reply LLM, Whisper): `resolve` turns a stage's config
+strings into a `Placement` once (backend + `Precision`); `OrtNet` builds a network's graphs for that precision
+into its cache folder (or finds them there) and opens their sessions; `empty_kv` / `kv_feeds` are the
+past-cache feeds of a stack these graphs emit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +34,41 @@ OPSET = 23
 QUANT_BLOCK = 32  # weights per scale in blockwise int8/int4, unless a stamp says otherwise
 QUANT_BLOCKS = (32, 64, 128)
 MS_OPS = {"GroupQueryAttention", "MatMulNBits"}  # ONNX Runtime's own operators (domain com.microsoft)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a network's weights run on ONNX Runtime: fp32 (`bits` None), or blockwise int8/int4 with `block`
+    weights a scale (`MatMulNBits`). Checked when made: a bad value is one clear error."""
+
+    bits: int | None = None
+    block: int = QUANT_BLOCK
+
+    def __post_init__(self):
+        if self.bits not in (None, 8, 4):
+            raise ValueError(f"quantization must be None, 8 or 4, not {self.bits!r}")
+        if self.block not in QUANT_BLOCKS:
+            raise ValueError(f"quantization block must be one of {QUANT_BLOCKS}, not {self.block!r}")
+
+    @property
+    def label(self) -> str:
+        return "fp32" if self.bits is None else f"{self.bits}-bit"
+
+    @property
+    def tag(self) -> str:
+        """For cache folder names: fp32, q8b32, q4b64..."""
+        return "fp32" if self.bits is None else f"q{self.bits}b{self.block}"
+
+    def stamp(self, fmt: int) -> dict:
+        """What a build records and is matched against: the graphs' format version and this precision."""
+        return {"format": fmt, "quantization": self.bits, "block": self.block}
+
+
+class Placement(NamedTuple):
+    """Where a stage's network runs: `mlx` (the model of record) or `onnx`, and at what precision."""
+
+    backend: str
+    precision: Precision
 
 
 def rope_periods(args) -> np.ndarray:
@@ -332,13 +375,46 @@ def prefer_onnx() -> bool:
     return not (mx.default_device() == mx.gpu and platform.system() == "Darwin")
 
 
-def resolve(backend: str, quantization: str, auto_bits: str = "8") -> tuple[str, int | None]:
-    """Config strings (`auto|mlx|onnx`, `auto|none|8|4`) -> (backend, bits or None); auto bits on ONNX: `auto_bits`."""
+def resolve(backend: str, quantization: str, auto_bits: str = "8", block: int = QUANT_BLOCK) -> Placement:
+    """A stage's config strings (`auto|mlx|onnx`, `auto|none|8|4`), resolved once for this machine; auto bits on
+    ONNX: `auto_bits`."""
     if backend == "auto":
         backend = "onnx" if prefer_onnx() else "mlx"
     if quantization == "auto":
         quantization = auto_bits if backend == "onnx" else "none"
-    return backend, None if quantization == "none" else int(quantization)
+    return Placement(backend, Precision(None if quantization == "none" else int(quantization), block))
+
+
+class OrtNet:
+    """A network's graphs on ONNX Runtime: built by `build()` (name -> fp32 model; `compose` puts quantised pieces
+    together) for `precision`, cached in `cache_dir` under a stamp of `fmt` and the precision (None: a temporary
+    build), and opened as one CPU session per name in `names` (`spin`, `profile`: see `session`)."""
+
+    def __init__(self, cache_dir: Path | None, fmt: int, precision: Precision, build: Callable[[], dict],
+                 names: tuple[str, ...], progress: str | None = None, compose: Callable[[dict], dict] | None = None,
+                 threads: int | None = None, spin: bool | str = False, profile: bool = False):
+        self.precision = precision
+        folder, self.built = build_cached(cache_dir, precision.stamp(fmt), build, progress, compose=compose)
+        threads = threads or os.cpu_count() or 1
+        self.sessions = {name: session(folder / f"{name}.onnx", threads, spin=spin, profile=profile)
+                         for name in names}
+        if cache_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def empty_kv(layers: int, heads: int, head_dim: int, batch: int = 1) -> list[np.ndarray]:
+    """An empty past cache for `layers` attention layers: [k0, v0, k1, v1, ...], each [batch, heads, 0, head_dim]."""
+    return [np.zeros((batch, heads, 0, head_dim), np.float32)] * (2 * layers)
+
+
+def kv_names(layers: int, prefix: str = "", kind: str = "past") -> list[str]:
+    """The cache's graph names in `empty_kv` order: `{prefix}{kind}_k0`, `{prefix}{kind}_v0`, ..."""
+    return [f"{prefix}{kind}_{kv}{i}" for i in range(layers) for kv in "kv"]
+
+
+def kv_feeds(cache: list[np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
+    """The feeds of a past cache held in `empty_kv` order."""
+    return dict(zip(kv_names(len(cache) // 2, prefix), cache))
 
 
 def session(path: Path, threads: int, spin: bool = False, profile: bool = False):

@@ -226,14 +226,18 @@ def test_depth_decoder_on_group_query_attention_matches_mlx(tiny_args, tmp_path)
 
 
 def test_cpu_default_is_4_bit_block_64_and_the_block_is_checked():
+    from pipelines.ortgraph import Precision
     from pipelines.tts.load import TTSConfig, resolve_backend
 
-    assert resolve_backend(TTSConfig(backend="onnx")) == ("onnx", 4)
-    assert resolve_backend(TTSConfig(backend="onnx", quantization="8")) == ("onnx", 8)
-    assert resolve_backend(TTSConfig(backend="onnx", quantization="none")) == ("onnx", None)
+    assert resolve_backend(TTSConfig(backend="onnx")) == ("onnx", Precision(4, 64))
+    assert resolve_backend(TTSConfig(backend="onnx", quantization="8")) == ("onnx", Precision(8, 64))
+    assert resolve_backend(TTSConfig(backend="onnx", quantization="none")).precision.bits is None
+    assert resolve_backend(TTSConfig(backend="onnx", quantization="4", quant_block=128)).precision.tag == "q4b128"
     assert TTSConfig().quant_block == 64
     with pytest.raises(ValueError, match="quant_block"):
         TTSConfig(quant_block=48)
+    with pytest.raises(ValueError, match="block"):
+        Precision(4, 48)  # the one type every ONNX stage's precision is
 
 
 def test_bench_byte_count_is_the_models_weights(tiny_args, tiny):

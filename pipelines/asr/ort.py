@@ -20,13 +20,11 @@ temperature fallback, no-speech and compression checks) stays in charge. Notable
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.ortgraph import Graph, build_cached, float_params, session
+from pipelines.ortgraph import Graph, OrtNet, Precision, empty_kv, float_params, kv_names
 
 FORMAT_VERSION = 2  # 2: encoder + decoder graphs in one folder
 
@@ -139,11 +137,8 @@ def load(encoder, decoder, dims, cache_dir: Path | None = None,
         return {"encoder": build_encoder(encoder, dims.n_audio_head), "cross": build_cross(decoder),
                 "decoder": build_decoder(decoder, dims.n_text_head)}
 
-    folder, _ = build_cached(cache_dir, {"format": FORMAT_VERSION}, build, None)
-    threads = threads or os.cpu_count() or 1
-    sessions = {name: session(folder / f"{name}.onnx", threads) for name in ("encoder", "cross", "decoder")}
-    if cache_dir is None:
-        shutil.rmtree(folder, ignore_errors=True)
+    sessions = OrtNet(cache_dir, FORMAT_VERSION, Precision(), build, ("encoder", "cross", "decoder"),
+                      threads=threads).sessions  # fp32: 8-bit changed transcripts (above)
     return (OrtWhisperEncoder(encoder, sessions["encoder"]),
             OrtWhisperDecoder(decoder, sessions["cross"], sessions["decoder"], dims.n_text_head))
 
@@ -178,11 +173,11 @@ class OrtWhisperDecoder:
         if kv_cache is None:
             features = np.asarray(audio_features.astype(mx.float32))
             kv_cache = dict(zip(self._cross_outputs, self.cross.run(self._cross_outputs, {"features": features})))
-            n_state = features.shape[-1]
-            empty = np.zeros((tokens.shape[0], self.n_head, 0, n_state // self.n_head), np.float32)
-            kv_cache.update({f"past_{kv}{i}": empty for i in range(self.n_layer) for kv in "kv"})
+            empty = empty_kv(self.n_layer, self.n_head, features.shape[-1] // self.n_head, batch=tokens.shape[0])
+            kv_cache.update(zip(kv_names(self.n_layer), empty))
         offset = kv_cache["past_k0"].shape[2]
         feeds = {**kv_cache, "tokens": tokens, "positions": np.arange(offset, offset + tokens.shape[1], dtype=np.int64)}
         out = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
-        kv_cache = {**kv_cache, **{f"past_{kv}{i}": out[f"present_{kv}{i}"] for i in range(self.n_layer) for kv in "kv"}}
+        kv_cache = {**kv_cache, **{past: out[present] for past, present in
+                                   zip(kv_names(self.n_layer), kv_names(self.n_layer, kind="present"))}}
         return mx.array(out["logits"]), kv_cache, [None] * self.n_layer

@@ -80,6 +80,12 @@ def weights_fp16(model_dir: Path) -> bool:
     return weights is not None and _weights_dtype(weights) == "F16"
 
 
+def runs_on(backend: str, fp16: bool) -> str:
+    """Where Whisper runs given the resolved `asr.backend`: ONNX Runtime holds fp32 graphs only, so float16
+    weights stay on MLX. The one place this rule lives (the stage and the CLI's BLAS check both ask it)."""
+    return "onnx" if backend == "onnx" and not fp16 else "mlx"
+
+
 class WhisperASR:
     """Speech to text with mlx-whisper. Plain object: `warmup()`, `transcribe(audio)`."""
 
@@ -134,7 +140,7 @@ class WhisperASR:
         if backend not in ("mlx", "onnx"):
             raise ConfigError(f"asr.backend must be mlx or onnx, got {backend!r}")
         # encoder and text decoder on ONNX Runtime (pipelines/asr/ort.py); fp16 weights stay on MLX
-        self.backend = "onnx" if backend == "onnx" and not self.fp16 else "mlx"
+        self.backend = runs_on(backend, self.fp16)
         self.ort_cache = ort_cache
         self._ort = None  # (encoder, decoder) drop-ins
 

@@ -9,14 +9,12 @@ non-traditional RoPE), so greedy decoding in fp32 gives mlx-lm's tokens (tested)
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.ortgraph import QUANT_BLOCK, Graph, build_cached, float_params, llama_blocks, session
+from pipelines.ortgraph import Graph, OrtNet, Precision, empty_kv, float_params, kv_feeds, kv_names, llama_blocks
 
 FORMAT_VERSION = 1
 
@@ -74,27 +72,22 @@ class OrtLlama:
         self.shape = shape
         self.quantization = quantization
         self.embeddings = float_params(model, ("model.embed_tokens",))["model.embed_tokens.weight"]
-        stamp = {"format": FORMAT_VERSION, "quantization": quantization, "block": QUANT_BLOCK}
-        what = "fp32" if quantization is None else f"{quantization}-bit"
-        folder, self.built = build_cached(cache_dir, stamp, lambda: build_graph(model, shape),
-                                          f"building the ONNX reply LLM ({what}, once)" if progress else None)
+        precision = Precision(quantization)
         # spin inside a run only: a pool still spinning after the last token would slow the TTS that follows
-        self.session = session(folder / "llm.onnx", threads or os.cpu_count() or 1, spin="run")
-        if cache_dir is None:
-            shutil.rmtree(folder, ignore_errors=True)
-        self._outputs = ["logits"] + [f"model.present_{kv}{i}" for i in range(shape.num_layers) for kv in "kv"]
+        net = OrtNet(cache_dir, FORMAT_VERSION, precision, lambda: build_graph(model, shape), ("llm",),
+                     f"building the ONNX reply LLM ({precision.label}, once)" if progress else None,
+                     threads=threads, spin="run")
+        self.built, self.session = net.built, net.sessions["llm"]
+        self._outputs = ["logits", *kv_names(shape.num_layers, "model.", "present")]
 
     def new_cache(self) -> list[np.ndarray]:
-        empty = np.zeros((1, self.shape.num_kv_heads, 0, self.shape.head_dim), np.float32)
-        return [empty] * (2 * self.shape.num_layers)
+        return empty_kv(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim)
 
     def forward(self, ids: list[int], cache: list[np.ndarray]) -> np.ndarray:
         """Feed `ids` after what `cache` holds (updated in place); logits [V] of the next token."""
         start = cache[0].shape[2]
         feeds = {"x": self.embeddings[np.asarray(ids)][None],
-                 "pos": np.arange(start, start + len(ids), dtype=np.int64)[None]}
-        for i in range(self.shape.num_layers):
-            feeds[f"model.past_k{i}"], feeds[f"model.past_v{i}"] = cache[2 * i], cache[2 * i + 1]
+                 "pos": np.arange(start, start + len(ids), dtype=np.int64)[None], **kv_feeds(cache, "model.")}
         out = self.session.run(self._outputs, feeds)
         cache[:] = out[1:]
         return out[0][0]

@@ -61,11 +61,11 @@ class TTSConfig(GenerationConfig):
                                      + ", ".join(f"random:{p}" for p in PRESETS))
 
 
-def resolve_backend(config: TTSConfig) -> tuple[str, int | None]:
-    """(backend, quantization bits or None) for this machine."""
+def resolve_backend(config: TTSConfig):
+    """Where the frame loop runs on this machine: a `pipelines.ortgraph.Placement` (backend, precision)."""
     from pipelines.ortgraph import resolve
 
-    return resolve(config.backend, config.quantization, auto_bits="4")
+    return resolve(config.backend, config.quantization, auto_bits="4", block=config.quant_block)
 
 
 def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None = None,
@@ -108,7 +108,8 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
         codec = MimiCodec(mimi_path if mimi_path.is_file() else None, num_codebooks=loaded.args.audio_num_codebooks,
                           seed=config.seed)
 
-    backend, bits = resolve_backend(config)
+    backend, precision = resolve_backend(config)
+    bits = precision.bits
     if backend == "onnx":
         from pipelines.tts.ort import OrtFrameModel
 
@@ -118,9 +119,9 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
             key = weights_key(resolve(spec))
         else:  # a random model is its preset, seed and dtype
             key = f"{key.replace(':', '-')}-seed{config.seed}-{config.dtype}"
-        folder = resolve(config.ort_cache) / f"{key}-{'fp32' if bits is None else f'q{bits}b{config.quant_block}'}"
+        folder = resolve(config.ort_cache) / f"{key}-{precision.tag}"
         frames = OrtFrames(OrtFrameModel(loaded.model, quantization=bits, cache_dir=folder, progress=progress,
-                                         block=config.quant_block))
+                                         block=precision.block))
         loaded.model = None  # the graphs hold every weight now: free the MLX copy (~1 GB for Marvis-250M in fp32)
     else:
         if bits is not None and not any(k.endswith(".scales") for k in _param_names(loaded.model)):

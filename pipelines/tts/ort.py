@@ -22,13 +22,11 @@ What is notable here:
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.ortgraph import QUANT_BLOCK, QUANT_BLOCKS, Graph, build_cached, float_params, llama_blocks, session
+from pipelines.ortgraph import QUANT_BLOCK, Graph, OrtNet, Precision, float_params, llama_blocks
 from pipelines.ortgraph import rope_periods  # noqa: F401  (re-exported for the parity tests)
 
 FORMAT_VERSION = 3  # bump when the graphs change: cached builds of another version are rebuilt
@@ -120,7 +118,7 @@ def compose_frame(pieces: dict[str, object], args) -> dict[str, object]:
     """The pieces (quantised or not) inlined into one `frame` graph: rows + cache -> codes [K], logits [K, V]."""
     from onnx import TensorProto as TP
 
-    K, V, D = args.audio_num_codebooks, args.audio_vocab_size, args.backbone.embed_dim
+    K, V = args.audio_num_codebooks, args.audio_vocab_size
     b, d = args.backbone, args.decoder
     g = Graph("frame")
     inputs = {
@@ -199,25 +197,18 @@ class OrtFrameModel:
 
     def __init__(self, model, quantization: int | None = None, cache_dir: Path | None = None,
                  threads: int | None = None, progress: bool = False, profile: bool = False, block: int = QUANT_BLOCK):
-        if quantization not in (None, 8, 4):
-            raise ValueError(f"quantization must be None, 8 or 4, not {quantization!r}")
-        if block not in QUANT_BLOCKS:
-            raise ValueError(f"quantization block must be one of {QUANT_BLOCKS}, not {block!r}")
+        precision = Precision(quantization, block)  # checks both
         a = model.args
         self.args = a
         self.quantization = quantization
         self.num_codebooks = a.audio_num_codebooks
         self.vocab = a.audio_vocab_size
         self.block = block if quantization else None
-        stamp = {"format": FORMAT_VERSION, "quantization": quantization, "block": block}
-        what = "fp32" if quantization is None else f"{quantization}-bit"
-        folder, self.built = build_cached(cache_dir, stamp, lambda: build_pieces(model),
-                                          f"building the ONNX TTS ({what}, once per checkpoint)" if progress else None,
-                                          compose=lambda pieces: compose_frame(pieces, a))
-        # the pool spins between runs: a frame follows a frame, and waking sleeping workers costs ~1.5 ms a run
-        self.session = session(folder / "frame.onnx", threads or os.cpu_count() or 1, spin="run", profile=profile)
-        if cache_dir is None:
-            shutil.rmtree(folder, ignore_errors=True)
+        # the pool spins inside a run: a frame is many small ops, and waking sleeping workers costs ~1.5 ms a run
+        net = OrtNet(cache_dir, FORMAT_VERSION, precision, lambda: build_pieces(model), ("frame",),
+                     f"building the ONNX TTS ({precision.label}, once per checkpoint)" if progress else None,
+                     compose=lambda pieces: compose_frame(pieces, a), threads=threads, spin="run", profile=profile)
+        self.built, self.session = net.built, net.sessions["frame"]
         self._codes = np.zeros(self.num_codebooks, np.int64)
         self._logits = np.zeros((self.num_codebooks, self.vocab), np.float32)
         import onnxruntime as ort
