@@ -90,3 +90,34 @@ def test_push_to_talk_keys_make_the_turn_and_replay_the_same(tmp_path, question)
     assert [a for _, a in data.keys] == ["press", "release"]
     (again,) = replay_utterances(load_config("push_to_talk"), data)
     assert (again.start_s, again.end_s) == pytest.approx((utterance.start_s, utterance.end_s), abs=0.031)
+
+
+def test_a_page_session_in_which_nobody_spoke_says_why(tmp_path):
+    """The session loop's close gives the floor's reason (it once logged '<Floor object ...>' instead)."""
+    import threading
+    from types import SimpleNamespace
+
+    from agent.conversation import Conversation
+
+    lines = []
+    page = PageSession(load_config("default"), [].append, False, False, log=lines.append)
+
+    class Idle:
+        sink, recorder, unheard, speaking = page.sink, None, 0, False
+        finished = threading.Event()
+        engine = SimpleNamespace(conversation=Conversation())
+
+        def cancel(self):
+            pass
+
+        def stop(self):
+            self.finished.set()
+
+    page.worker = page.loop.worker = Idle()
+    page.started = time.monotonic() - 3600
+    for _ in range(50):
+        page.mic(np.zeros(FRAME, "<i2").tobytes())
+    page.close()
+    assert lines == ["no turn taken: no speech found in 1.0 s of mic audio (too quiet? check the input level, "
+                     "vad.energy_margin_db, or that the right microphone is used)"], lines
+    assert not page.spoke
