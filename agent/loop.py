@@ -190,12 +190,13 @@ class Worker(threading.Thread):
         try:
             if self.stages is None:
                 stages = build_stages(self.cfg, log=self.log)
-                TurnEngine(stages, log=self.log).warmup()
             else:  # a server's stages, loaded once: this session starts from an empty history, and wraps a copy
                 self.stages.llm.reset()
                 self.stages.llm.system_prompt = self.cfg.llm.system_prompt
                 stages = dataclasses.replace(self.stages)
             self.engine = TurnEngine(stages, Conversation(), log=self.log, jitter_s=self.cfg.audio.jitter_ms / 1000)
+            if self.stages is None:
+                self.engine.warmup()
             self.engine.listener = self.on_event
             self.engine.recorder = self.recorder = self.prepare(stages)
         except BaseException as exc:  # reported by the transport's thread as one line

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -89,20 +90,16 @@ class UtteranceCounts:
         return self._in_utterance
 
 
-class CutSink(UtteranceCounts):
+class CutSink(UtteranceCounts, ABC):
     """The barge-in bookkeeping every sink shares. Subclasses play; this remembers that the reply was cut.
 
     Subclasses provide `_begin()`, `_write(audio)`, `_halt()` (stop now without blocking; may return the
     samples heard, or None when only `_heard()` can tell) and `_heard()` (samples of the reply heard)."""
 
-    def __init__(self) -> None:
-        self._cut_lock = threading.RLock()
+    def __init__(self, lock=None) -> None:
+        self._cut_lock = lock or threading.RLock()  # a subclass may share its own (a Condition it waits on)
         self._cut = False
         self._cut_at: int | None = None
-
-    @property
-    def was_cut(self) -> bool:
-        return self._cut
 
     def begin_utterance(self) -> None:
         with self._cut_lock:
@@ -133,17 +130,21 @@ class CutSink(UtteranceCounts):
                 self._cut, self._cut_at = False, None
             return heard
 
+    @abstractmethod
     def _begin(self) -> None:
-        raise NotImplementedError
+        """A new utterance: reset the counts."""
 
+    @abstractmethod
     def _write(self, audio: np.ndarray) -> None:
-        raise NotImplementedError
+        """Play (or send) a chunk of the utterance."""
 
+    @abstractmethod
     def _halt(self) -> int | None:
-        raise NotImplementedError
+        """Stop now without blocking; the samples heard if known here, else None (`_heard` tells)."""
 
+    @abstractmethod
     def _heard(self) -> int:
-        raise NotImplementedError
+        """The samples of the utterance the listener heard (may wait for the listener to say)."""
 
 
 class ReplaySink(CutSink):

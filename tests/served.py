@@ -1,4 +1,5 @@
-"""`voice-agent serve` as a subprocess for the tests that talk to it (a browser, an OpenAI Realtime client)."""
+"""`voice-agent serve` for the tests that talk to it: as a subprocess (`Served`: a browser, an OpenAI Realtime
+client) or in this process without models (`serve_in_process`: guards, busy, protocol limits)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789"
 LOAD_S = 300  # the server loads every model before it prints its URL: generous on two shared cores
 
 
@@ -58,3 +60,32 @@ class Served:
                 self.proc.kill()
                 self.proc.wait()
         return "".join(self.lines)
+
+
+def serve_in_process(body, **factories) -> None:
+    """Run `await body(http, port, server)` against a fresh `Server` on 127.0.0.1 (any free port), its adapters
+    replaced by `factories` (e.g. conversation_factory=..., realtime_factory=...: stand-ins without models)."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from agent.config import load_config
+    from agent.web.server import Server
+
+    async def main():
+        server = Server(load_config("default"), "127.0.0.1", 0, log=lambda m: None, token=TOKEN)
+        for name, factory in factories.items():
+            setattr(server, name, factory)
+        runner = web.AppRunner(server.app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as http:
+                await body(http, port, server)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())

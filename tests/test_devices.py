@@ -288,3 +288,15 @@ def test_replay_sink_plays_instantly_into_memory():
     assert len(stamps) == 2 and sink.played_samples == 10 and sink.underruns == 0
     audio = sink.audio()
     assert audio.dtype == np.float32 and len(audio) == 160 and audio[0] == 1.0 and audio[-1] == 0.5
+
+
+def test_every_sink_keeps_the_whole_contract():
+    """The session loop and the engine use only `agent.sinks.AudioSink`: every sink has all of it."""
+    from agent.sinks import AudioSink, PlaybackSink
+    from agent.web.page import BrowserSink
+    from agent.web.realtime import RealtimeSink
+
+    sinks = [ReplaySink(), PlaybackSink(SpeakerSink()), BrowserSink(lambda m: None), RealtimeSink(lambda b: None)]
+    for sink in sinks:
+        assert isinstance(sink, AudioSink), type(sink).__name__
+        assert not hasattr(sink, "speaker") or isinstance(sink, PlaybackSink)  # no reach-through shim

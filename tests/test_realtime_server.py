@@ -12,19 +12,12 @@ import time
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 
-from agent.config import load_config
 from agent.web import server as server_module
 from agent.web.realtime import RealtimeSession
-from agent.web.server import (
-    CLOSE_BUSY,
-    CLOSE_FLOOD,
-    REALTIME_BURST,
-    Server,
-)
-
-TOKEN = "test-token-0123456789"
+from agent.web.server import CLOSE_BUSY, CLOSE_FLOOD, REALTIME_BURST
+from served import TOKEN, serve_in_process
 
 
 class NoModels(RealtimeSession):
@@ -47,21 +40,7 @@ class NoModels(RealtimeSession):
 
 
 def scenario(body):
-    async def main():
-        server = Server(load_config("default"), "127.0.0.1", 0, log=lambda m: None, token=TOKEN)
-        server.realtime_factory = NoModels
-        runner = web.AppRunner(server.app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            async with aiohttp.ClientSession() as http:
-                await body(http, port, server)
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(main())
+    serve_in_process(body, realtime_factory=NoModels)
 
 
 async def connect(http, port, token=TOKEN, headers=None, **kw):
@@ -72,6 +51,12 @@ async def connect(http, port, token=TOKEN, headers=None, **kw):
 
 async def greeted(ws) -> dict:
     return await ws.receive_json(timeout=10)
+
+
+async def still_serving(http, port) -> None:
+    ws = await connect(http, port)
+    assert (await greeted(ws))["type"] == "session.created"
+    await ws.close()
 
 
 async def closed_with(ws) -> int:
@@ -89,9 +74,7 @@ def test_refused_without_the_token_or_from_another_site(case):
         with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
             await connect(http, port, token=token, headers=headers)
         assert exc.value.status == 403
-        ws = await connect(http, port)  # the right token, no Origin (not a browser): served
-        assert (await greeted(ws))["type"] == "session.created"
-        await ws.close()
+        await still_serving(http, port)  # the right token, no Origin (not a browser): served
 
     scenario(body)
 
@@ -105,9 +88,7 @@ def test_a_second_client_is_told_busy_and_takes_over_when_the_first_leaves():
         assert told["type"] == "error" and told["error"]["code"] == "busy"
         assert await closed_with(second) == CLOSE_BUSY
         await first.close()
-        third = await connect(http, port)
-        assert (await greeted(third))["type"] == "session.created"
-        await third.close()
+        await still_serving(http, port)  # the first has left: the next one takes over
 
     scenario(body)
 
@@ -122,9 +103,7 @@ def test_a_client_that_floods_is_cut_off_and_the_next_one_is_served():
                 break
             await ws.send_str(event)
         assert await closed_with(ws) == CLOSE_FLOOD
-        again = await connect(http, port)
-        assert (await greeted(again))["type"] == "session.created"
-        await again.close()
+        await still_serving(http, port)
 
     scenario(body)
 
@@ -161,9 +140,7 @@ def test_a_client_that_never_reads_is_cut_off_and_the_next_one_is_served(monkeyp
             while server.busy and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             assert not server.busy  # cut off, though it still has not read a byte
-            again = await connect(http, port)
-            assert (await greeted(again))["type"] == "session.created"
-            await again.close()
+            await still_serving(http, port)
         finally:
             sock.close()
 

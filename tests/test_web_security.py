@@ -6,7 +6,6 @@ no model is loaded (the worker thread is never started), since no test here is a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -14,13 +13,11 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
+from served import TOKEN, serve_in_process
 
-from agent.config import load_config
 from agent.web.page import MAX_FRAME_SAMPLES, BrowserSink, PageSession
-from agent.web.server import CLOSE_BUSY, CLOSE_PROTOCOL, Server
-
-TOKEN = "test-token-0123456789"
+from agent.web.server import CLOSE_BUSY, CLOSE_PROTOCOL
 
 
 class NoModels(PageSession):
@@ -36,22 +33,8 @@ class NoModels(PageSession):
 
 
 def scenario(body):
-    """Run `body(base_url, port, server)` against a fresh server on 127.0.0.1 (any free port)."""
-    async def main():
-        server = Server(load_config("default"), "127.0.0.1", 0, log=lambda m: None, token=TOKEN)
-        server.conversation_factory = NoModels
-        runner = web.AppRunner(server.app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            async with aiohttp.ClientSession() as http:
-                await body(http, port, server)
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(main())
+    """Run `body(http, port, server)` against a fresh server on 127.0.0.1 (any free port)."""
+    serve_in_process(body, conversation_factory=NoModels)
 
 
 def origin(port: int) -> dict:

@@ -58,12 +58,11 @@ class BrowserSink(CutSink):
     output_latency = 0.0  # the page counts samples as its worklet outputs them
 
     def __init__(self, send: Callable[[object], None], sample_rate: int = 24_000):
-        super().__init__()
+        self._cond = threading.Condition()
+        super().__init__(lock=self._cond)  # one lock for the cut and the counts
         self.send = send  # thread-safe: queues a message for the page
         self.sample_rate = sample_rate
         self.on_first_sample: Callable[[float], None] | None = None
-        self._cond = threading.Condition()
-        self._cut_lock = self._cond  # one lock for the cut and the counts
         self._id = 0
         self._written = self._played = 0
         self._in_utterance = self._ended = False

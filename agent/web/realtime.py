@@ -72,12 +72,11 @@ class RealtimeSink(CutSink):
     output_latency = 0.0
 
     def __init__(self, delta: Callable[[bytes], None]):
-        super().__init__()
+        self._lock = threading.Condition()
+        super().__init__(lock=self._lock)
         self.delta = delta
         self.sample_rate = RATE
         self.on_first_sample: Callable[[float], None] | None = None
-        self._lock = threading.Condition()
-        self._cut_lock = self._lock
         self._first_wall: float | None = None
         self._truncated: int | None = None  # samples the client said it played
 
@@ -139,7 +138,7 @@ class _Response:
     id: str
     item_id: str
     user_item: str
-    spoken: list[str] = dataclasses.field(default_factory=list)
+    said: bool = False  # a sentence of it has been narrated
 
 
 class RealtimeSession:
@@ -156,7 +155,6 @@ class RealtimeSession:
         self.server_vad, self.create_response = True, True
         self.sink = RealtimeSink(self._audio_delta)
         self.llm = None  # the session's reply stage (instructions go there)
-        self.floor = self._floor()
         self._resampler = soxr.ResampleStream(RATE, MIC_RATE, 1, dtype="float32")
         self.samples = 0  # 16 kHz samples fed to the floor: mic-stream time
         self._buffered = 0  # samples appended since the last commit/clear (manual turn detection)
@@ -166,7 +164,7 @@ class RealtimeSession:
         self._response: _Response | None = None
         self._answering = 0  # user inputs handed to the worker whose response has not ended
         self._last_item: str | None = None
-        self.heard_speech = False  # did anyone say anything (a session with nothing said keeps no bundle)
+        self.spoke = False  # did the user say or type anything (a session with nothing in it keeps no bundle)
 
         def prepare(stages: Stages) -> SessionRecorder | None:
             # no echo guard: the client plays the reply and cancels its own echo (a user who repeats the last
@@ -175,7 +173,11 @@ class RealtimeSession:
             return open_recorder(cfg, "realtime", None, stages, log, front_end="openai-realtime")
 
         self.worker = Worker(cfg, self.sink, prepare, log, stages=stages, on_event=self._engine_event, owner=owner)
-        self.loop = SessionLoop(cfg, self.floor, self.worker, log)
+        self.loop = SessionLoop(cfg, self._floor(), self.worker, log)
+
+    @property
+    def floor(self) -> Floor:
+        return self.loop.floor  # replaced when turn detection is switched on or off
 
     def _floor(self) -> Floor:
         return Floor(endpointer(self.cfg, endpointing=self.server_vad), push_to_talk=not self.server_vad,
@@ -212,11 +214,6 @@ class RealtimeSession:
                 "audio": {"input": {"format": fmt, "turn_detection": detection,
                                     "transcription": {"model": self.cfg.asr.model}},
                           "output": {"format": fmt, "voice": self.voice}}}
-
-    @property
-    def spoke(self) -> bool:
-        """Did the user say or type anything? (A session with nothing in it keeps no bundle.)"""
-        return self.heard_speech
 
     def close(self) -> Path | None:
         """The client left (blocking: off the event loop): stop what is under way, write the bundle (its folder
@@ -278,7 +275,7 @@ class RealtimeSession:
                 if self.floor.vad.in_speech or self._buffered:
                     raise ProtocolError("invalid_state", "turn detection can change only between turns")
                 self.server_vad = server_vad
-                self.floor = self.loop.floor = self._floor()
+                self.loop.floor = self._floor()
         if self.llm is not None:
             self.llm.system_prompt = self.instructions
         self.send("session.updated", session=self._session())
@@ -302,7 +299,7 @@ class RealtimeSession:
         self.samples += block.size
         if self.server_vad and self.floor.vad.in_speech and not was_speaking:
             self._speech_item = self._id("item")
-            self.heard_speech = True
+            self.spoke = True
             self.send("input_audio_buffer.speech_started", audio_start_ms=int(t * 1000), item_id=self._speech_item)
         for utterance in step.utterances:
             self._committed(utterance)
@@ -316,7 +313,7 @@ class RealtimeSession:
         self.send("input_audio_buffer.committed", item_id=item, previous_item_id=self._last_item)
         self._add_item({"id": item, "type": "message", "role": "user", "status": "completed",
                         "content": [{"type": "input_audio", "transcript": None}]})
-        self.heard_speech = True
+        self.spoke = True
         if self.server_vad and self.create_response:
             self._start_response(("audio", item, utterance))
         else:  # without turn detection (or create_response off) the client asks for the response
@@ -354,7 +351,7 @@ class RealtimeSession:
         self._add_item({"id": item_id, "type": "message", "role": "user", "status": "completed",
                         "content": [{"type": "input_text", "text": text}]})
         self._pending = ("text", (item_id, text))
-        self.heard_speech = True
+        self.spoke = True
 
     def _response_create(self, event: dict) -> None:
         if self._answering:
@@ -413,8 +410,8 @@ class RealtimeSession:
             if kind == "transcript":
                 self._transcribed(data.get("text", ""), data.get("end_s", 0.0) - data.get("start_s", 0.0))
             elif kind == "say" and self._response is not None:
-                text = (" " if self._response.spoken else "") + data.get("text", "")
-                self._response.spoken.append(text)
+                text = (" " if self._response.said else "") + data.get("text", "")
+                self._response.said = True
                 self.send("response.output_audio_transcript.delta", response_id=self._response.id,
                           item_id=self._response.item_id, output_index=0, content_index=0, delta=text)
             elif kind == "turn" and self._response is not None:

@@ -263,30 +263,27 @@ class Server:
         loop = asyncio.get_running_loop()
         outbox = Outbox(ws)
         sending = asyncio.create_task(outbox.run())
-        watching = asyncio.create_task(outbox.overflowed.wait())
+
+        async def watch() -> None:  # a client with too much unsent is not reading: hang up (ends the loop below)
+            await outbox.overflowed.wait()
+            self.log("(a Realtime client stopped reading: cut off)")
+            await self._hang_up(ws, transport, CLOSE_NOT_READING, b"not reading: too much unsent")
+
+        watching = asyncio.create_task(watch())
         session: RealtimeSession | None = None
         try:
             session = self.realtime_factory(self.cfg, outbox.put, self.log, stages=self.stages, owner=self.owner)
             self.active = session
             await loop.run_in_executor(None, session.start)
             budget = TextBudget(REALTIME_RATE, REALTIME_BURST)
-            while True:
-                receiving = asyncio.ensure_future(ws.receive())
-                done, _ = await asyncio.wait({receiving, watching}, return_when=asyncio.FIRST_COMPLETED)
-                if watching in done:
-                    receiving.cancel()
-                    self.log("(a Realtime client stopped reading: cut off)")
-                    await self._hang_up(ws, transport, CLOSE_NOT_READING, b"not reading: too much unsent")
+            async for msg in ws:
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break  # the socket's own limits (a frame over REALTIME_MAX_FRAME), or it failed
+                if not budget.take():
+                    self.log("(a Realtime client sent too many events a second: cut off)")
+                    await self._hang_up(ws, transport, CLOSE_FLOOD, b"too many events a second")
                     break
-                msg = receiving.result()
-                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    if not budget.take():
-                        self.log("(a Realtime client sent too many events a second: cut off)")
-                        await self._hang_up(ws, transport, CLOSE_FLOOD, b"too many events a second")
-                        break
-                    session.handle(msg.data)
-                else:  # closed, or the socket's own limits (a frame over REALTIME_MAX_FRAME)
-                    break
+                session.handle(msg.data)
         except Exception as exc:  # the agent failed (models...): tell the client, keep serving
             self.log(f"error: {exc}")
             if not ws.closed:
