@@ -125,7 +125,6 @@ def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, l
     loop = SessionLoop(cfg, _replay_floor(cfg, data), worker, log)
     stopped = False
     try:
-        t = 0.0
         for t, block, keys in _replay_blocks(cfg, data, progress):
             if worker.error is not None:
                 break
