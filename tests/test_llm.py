@@ -281,3 +281,17 @@ def test_prompt_cache_gives_the_same_replies_and_runs_only_new_tokens(smollm2_di
     assert runs[0][0] == runs[0][1]  # the first turn has nothing to reuse
     for run_cached, run_fresh in runs[1:]:
         assert run_cached < run_fresh / 2, runs
+
+
+def test_the_reply_is_mlx_lms_own_generation(reply_llm):
+    """The stage's one generate loop (EOS, max_tokens, streaming detokenizer, prompt cache) over mlx-lm's token
+    stream gives exactly the text of mlx-lm's own `generate`, also on a second turn that reuses the prompt cache."""
+    import mlx_lm
+
+    reply_llm.reset()
+    for question in ("What is the capital of France?", "What is the capital of France? And of Spain?"):
+        prompt = reply_llm._prompt(question)
+        ours = "".join(reply_llm.stream(question))
+        theirs = mlx_lm.generate(reply_llm.model, reply_llm.tokenizer, prompt, max_tokens=reply_llm.max_tokens)
+        assert ours == theirs and ours.strip()
+    assert reply_llm.last_prompt_run < len(prompt) / 2  # the second turn ran on the first one's cache

@@ -68,3 +68,41 @@ def test_smollm2_replies_are_the_same_on_onnx_fp32():
         assert a == b and len(a) > 10
     q8 = ReplyLLM(SMOLLM, prompt, max_tokens=24, backend="onnx", quantization=8)
     assert "Paris" in "".join(q8.stream(questions[0]))  # 8-bit answers the same question the same way
+
+
+def _stream(net, ids, max_tokens, ban=None, keep=None):
+    """Greedy tokens from a TokenNet, the cache trimmed as the reply stage does when it stops after `keep`."""
+    cache, out = net.new_cache(), []
+    tokens = net.tokens(ids, cache, max_tokens, 0.0, None, ban)
+    for token in tokens:
+        out.append(token)
+        if len(out) == keep:
+            break
+    tokens.close()
+    held = len(ids) + len(out)
+    assert held - 1 <= net.length(cache) <= held + 1  # fed up to the last token handed out, or one ahead
+    net.trim(cache, held - 1)  # as the prompt cache does: the last token is fed again, for its logits
+    return out, cache
+
+
+def test_both_networks_give_the_same_token_stream(tiny_llama, tmp_path):
+    """The reply stage's one generate loop sees the same greedy tokens from mlx-lm's `generate_step` (MLXTokens) and
+    from ONNX Runtime (OrtLlama), with and without the no-repeat ban, and a cache trimmed after an early stop
+    continues as a fresh prefill would."""
+    from pipelines.llm.reply import MLXTokens, banned_tokens
+
+    mlx_net, ort_net = MLXTokens(tiny_llama), OrtLlama(tiny_llama, supported(tiny_llama), cache_dir=tmp_path / "llm")
+    ids = [5, 17, 42, 7, 99, 3]
+    plain = _stream(mlx_net, ids, 24)[0]
+    assert plain == _stream(ort_net, ids, 24)[0] and len(plain) == 24
+    ban = lambda reply: banned_tokens(reply, 2)  # noqa: E731
+    banned = _stream(mlx_net, ids, 24, ban)[0]
+    assert banned == _stream(ort_net, ids, 24, ban)[0]
+    pairs = list(zip(banned, banned[1:]))
+    assert len(pairs) == len(set(pairs))  # no bigram twice
+    assert len(set(zip(plain, plain[1:]))) < len(plain) - 1  # a random model loops without the ban: the ban did work
+    for net in (mlx_net, ort_net):
+        head, cache = _stream(net, ids, 24, keep=5)
+        assert head == plain[:5]
+        assert net.length(cache) == len(ids) + 4
+        assert list(net.tokens([head[-1]], cache, 8, 0.0, None, None)) == plain[5:13], net.name

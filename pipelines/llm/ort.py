@@ -65,7 +65,10 @@ def build_graph(model, shape: LlamaShape) -> dict:
 
 
 class OrtLlama:
-    """Token ids in, next-token logits out, with a KV cache kept as numpy arrays."""
+    """Token ids in, next-token logits out, with a KV cache kept as numpy arrays; `tokens` is the reply stage's
+    `TokenNet` (pipelines.llm.reply): the same next-token stream as mlx-lm's, sampled in numpy."""
+
+    name = "onnx"
 
     def __init__(self, model, shape: LlamaShape, quantization: int | None = None, cache_dir: Path | None = None,
                  threads: int | None = None, progress: bool = False):
@@ -91,3 +94,29 @@ class OrtLlama:
         out = self.session.run(self._outputs, feeds)
         cache[:] = out[1:]
         return out[0][0]
+
+    def length(self, cache: list[np.ndarray]) -> int:
+        return cache[0].shape[2]
+
+    def trim(self, cache: list[np.ndarray], keep: int) -> None:
+        cache[:] = [a[:, :, :keep] for a in cache]
+
+    def tokens(self, ids, cache, max_tokens, temperature, seed, ban):
+        """Sampled next tokens; each is fed into `cache` only when the one after it is asked for."""
+        rng = np.random.default_rng(seed) if temperature > 0 else None
+        logits = self.forward(ids, cache)
+        reply: list[int] = []
+        for _ in range(max_tokens):
+            banned = ban(reply) if ban else None
+            if banned:
+                logits = logits.copy()
+                logits[banned] = -np.inf
+            if rng is None:
+                token = int(np.argmax(logits))
+            else:
+                z = logits.astype(np.float64) / temperature
+                p = np.exp(z - z.max())
+                token = int(rng.choice(len(p), p=p / p.sum()))
+            yield token
+            reply.append(token)
+            logits = self.forward([token], cache)

@@ -11,8 +11,9 @@ longest shared prefix. Content-addressed, so a dropped speculation or a trimmed 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Protocol
 
 from mlx.utils import tree_flatten
 
@@ -56,6 +57,66 @@ class PromptCache:
         self.tokens, self.cache = [], None
 
 
+class TokenNet(Protocol):
+    """Where the reply network runs (`MLXTokens` here, `pipelines.llm.ort.OrtLlama`): ids in, next tokens out.
+
+    `tokens` feeds `ids` after what `cache` holds and yields one sampled token at a time (greedy at temperature 0;
+    `ban(reply so far)` lists tokens to rule out). A token is fed into the cache when the next one is asked for, or
+    earlier (mlx-lm computes the next token while this one is handed out); the caller trims what it did not keep.
+    """
+
+    def new_cache(self): ...
+
+    def length(self, cache) -> int: ...
+
+    def trim(self, cache, keep: int) -> None: ...
+
+    def tokens(self, ids: list[int], cache, max_tokens: int, temperature: float, seed: int | None,
+               ban: Callable[[list[int]], list[int]] | None) -> Generator[int, None, None]: ...
+
+
+class MLXTokens:
+    """The mlx-lm model (the model of record) through mlx-lm's `generate_step`: chunked prefill, and on Apple silicon
+    the next token evaluated asynchronously while this one is handed out."""
+
+    name = "mlx"
+
+    def __init__(self, model):
+        self.model = model
+
+    def new_cache(self):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def length(self, cache) -> int:
+        return cache[0].offset
+
+    def trim(self, cache, keep: int) -> None:
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        trim_prompt_cache(cache, cache[0].offset - keep)
+
+    def tokens(self, ids, cache, max_tokens, temperature, seed, ban):
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        if seed is not None:
+            mx.random.seed(seed)  # per turn, so a replayed turn samples the same reply
+
+        def no_repeats(tokens, logits):  # `tokens`: the ids fed here, then the reply so far
+            banned = ban([int(t) for t in tokens.tolist()[len(ids):]])
+            if banned:
+                logits[..., mx.array(banned)] = -mx.inf
+            return logits
+
+        for token, _ in generate_step(mx.array(ids), self.model, max_tokens=max_tokens,
+                                      sampler=make_sampler(temp=temperature), prompt_cache=cache,
+                                      logits_processors=[no_repeats] if ban else None):
+            yield int(token)
+
+
 class ReplyLLM:
     def __init__(
         self,
@@ -83,7 +144,6 @@ class ReplyLLM:
             raise ValueError("max_history_turns >= 0, max_tokens >= 1 and max_prompt_tokens >= 16 are required")
 
         import mlx_lm
-        from mlx_lm.sample_utils import make_sampler
 
         try:
             # a str path that exists never reaches the hub
@@ -107,8 +167,6 @@ class ReplyLLM:
         self.max_prompt_tokens = max_prompt_tokens
         self.seed = seed
         self.temperature = temperature
-        self._sampler = make_sampler(temp=temperature)
-        self._ort = None
         if backend not in ("mlx", "onnx"):
             raise ValueError(f"reply LLM backend must be mlx or onnx, not {backend!r}")
         if backend == "onnx":
@@ -118,7 +176,9 @@ class ReplyLLM:
             if shape is None:
                 raise CheckpointError(f"reply LLM {model_dir}: the ONNX backend runs plain Llama models only; "
                                       "use --llm.backend mlx")
-            self._ort = OrtLlama(self.model, shape, quantization, ort_cache, progress=True)
+            self.net: TokenNet = OrtLlama(self.model, shape, quantization, ort_cache, progress=True)
+        else:
+            self.net = MLXTokens(self.model)
         self.backend = backend
         self.quantization = quantization if backend == "onnx" else None
         self.max_history_turns = max_history_turns
@@ -158,70 +218,23 @@ class ReplyLLM:
         self.prompt_cache.clear()
 
     def _generate(self, prompt: list[int], max_tokens: int) -> Iterator[str]:
-        if self._ort is not None:
-            yield from self._generate_ort(prompt, max_tokens)
-            return
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-
-        if self.seed is not None:
-            mx.random.seed(self.seed)  # per turn, so a replayed turn samples the same reply
+        """The one generate loop, whichever network runs (`self.net`): EOS, max_tokens, the streaming detokenizer
+        and the prompt cache are handled here; the network only turns ids into a stream of next tokens."""
+        net = self.net
         cache, shared = self.prompt_cache.take(prompt)
         if cache is None:
-            cache = make_prompt_cache(self.model)
+            cache = net.new_cache()
         else:
-            trim_prompt_cache(cache, cache[0].offset - shared)
+            net.trim(cache, shared)
         self.last_prompt_run = len(prompt) - shared
         held = list(prompt)
-        try:
-            def no_repeats(tokens, logits):
-                banned = banned_tokens([int(t) for t in tokens.tolist()[len(prompt) - shared:]], self.no_repeat_ngram)
-                if banned:
-                    logits[..., mx.array(banned)] = -mx.inf
-                return logits
-
-            for response in stream_generate(self.model, self.tokenizer, prompt[shared:], max_tokens=max_tokens,
-                                             sampler=self._sampler, prompt_cache=cache,
-                                             logits_processors=[no_repeats] if self.no_repeat_ngram else None):
-                held.append(int(response.token))
-                if response.text:
-                    yield response.text
-        finally:
-            # the cache holds a prefix of `held`, or one token more that mlx-lm fed ahead: keep what we know
-            offset = cache[0].offset
-            if offset > len(held):
-                trim_prompt_cache(cache, offset - len(held))
-            self.prompt_cache.keep(held[: cache[0].offset], cache)
-
-    def _generate_ort(self, prompt: list[int], max_tokens: int) -> Iterator[str]:
-        """mlx-lm's `stream_generate` loop (EOS, max_tokens, streaming detokenizer) over the ONNX forward pass."""
-        import numpy as np
-
-        rng = np.random.default_rng(self.seed) if self.temperature > 0 else None
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
-        cache, shared = self.prompt_cache.take(prompt)
-        if cache is None:
-            cache = self._ort.new_cache()
-        else:
-            cache[:] = [a[:, :, :shared] for a in cache]
-        self.last_prompt_run = len(prompt) - shared
-        held = list(prompt[:shared])
+        ban = (lambda reply: banned_tokens(reply, self.no_repeat_ngram)) if self.no_repeat_ngram else None
+        tokens = net.tokens(prompt[shared:], cache, max_tokens, self.temperature, self.seed, ban)
         try:
-            logits = self._ort.forward(prompt[shared:], cache)
-            held = list(prompt)
-            for n in range(max_tokens):
-                banned = banned_tokens(held[len(prompt):], self.no_repeat_ngram)
-                if banned:
-                    logits = logits.copy()
-                    logits[banned] = -np.inf
-                if rng is None:
-                    token = int(np.argmax(logits))
-                else:
-                    z = logits.astype(np.float64) / self.temperature
-                    p = np.exp(z - z.max())
-                    token = int(rng.choice(len(p), p=p / p.sum()))
+            for n, token in enumerate(tokens):
+                held.append(token)
                 if token in self.tokenizer.eos_token_ids:
                     break
                 detokenizer.add_token(token)
@@ -229,14 +242,15 @@ class ReplyLLM:
                     break
                 if segment := detokenizer.last_segment:  # reading it takes it
                     yield segment
-                logits = self._ort.forward([token], cache)
-                held.append(token)
             detokenizer.finalize()
             if segment := detokenizer.last_segment:
                 yield segment
         finally:
-            if cache[0].shape[2] == len(held):  # only a cache whose tokens we know is reused
-                self.prompt_cache.keep(held, cache)
+            tokens.close()
+            # the cache holds a prefix of `held`, or tokens the network fed ahead: keep only what we know
+            if net.length(cache) > len(held):
+                net.trim(cache, len(held))
+            self.prompt_cache.keep(held[: net.length(cache)], cache)
 
     def _prompt(self, user_text: str) -> list[int]:
         # drop the oldest turns until the prompt fits; the user's own words come last and stay
