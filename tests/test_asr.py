@@ -437,3 +437,38 @@ def test_hotter_retries_only_when_switched_on(tiny_dir, monkeypatch):
         temperatures.clear()
         transcript = WhisperASR(tiny_dir, fallback=fallback, backend="onnx").transcribe(audio).text
         assert temperatures == expected, (fallback, temperatures, transcript)
+
+
+@pytest.mark.slow
+def test_the_stage_transcribes_as_mlx_whisper_does(tiny_dir, monkeypatch, tmp_path):
+    """The stage runs its own window loop over its own model. Given the same network, it gives exactly the text of
+    mlx-whisper's `transcribe` with the options the agent would pass (no conditioning, greedy or the fallback
+    schedule): on real speech, on espeak-ng turns, on 45 s that take two windows and on 31 s of hiss before speech
+    (a window of silence is skipped), with an initial prompt, and with the hotter retries (seeded)."""
+    import mlx.core as mx
+    import mlx_whisper
+    from mlx_whisper.transcribe import ModelHolder
+
+    arctic = load_audio(ROOT / "tests" / "fixtures" / "arctic_a0007.wav", 16000)
+    utterances = shipped_utterances()
+    jfk = utterances[0][0]
+    gap = np.random.default_rng(2).normal(0, 1e-3, 16000).astype(np.float32)
+    long = np.concatenate([jfk, gap, arctic, gap, *(a for a, _ in utterances[1:5] for a in (a, gap)), jfk])
+    hiss = np.random.default_rng(3).normal(0, 2e-3, 31 * 16000).astype(np.float32)
+    retry = next(a for a, t in utterances if t.startswith("Thanks, that is all"))
+    cases = [(jfk, {}), (arctic, {}), *((a, {}) for a, _ in utterances[5:9]), (long, {}),
+             (np.concatenate([hiss, arctic]), {}), (jfk, {"initial_prompt": "Kennedy's inaugural address."}),
+             (retry, {"fallback": True})]
+    assert long.size > 40 * 16000
+    for audio, options in cases:
+        asr = WhisperASR(tiny_dir, backend="onnx", ort_cache=tmp_path / "asr", **options)
+        monkeypatch.setattr(ModelHolder, "model", asr._network())  # the reference runs the very same network
+        monkeypatch.setattr(ModelHolder, "model_path", str(tiny_dir))
+        mx.random.seed(5)
+        ours = asr.transcribe(audio).text
+        mx.random.seed(5)
+        theirs = mlx_whisper.transcribe(audio, path_or_hf_repo=str(tiny_dir), condition_on_previous_text=False,
+                                        temperature=asr.temperatures, fp16=False, verbose=None,
+                                        initial_prompt=options.get("initial_prompt"))["text"].strip()
+        assert ours == theirs, (options, ours, theirs)
+        assert ours or audio is hiss

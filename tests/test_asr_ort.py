@@ -27,13 +27,12 @@ def parts(tiny_dir, jfk_path, tmp_path_factory):
     """(MLX model, ORT encoder, ORT decoder, jfk mel [1, 3000, 80]), built into a cache folder."""
     import mlx.core as mx
     from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram
-    from mlx_whisper.transcribe import ModelHolder
+    from mlx_whisper.load_models import load_model
 
     from pipelines.asr.ort import load
 
-    model = ModelHolder.get_model(str(tiny_dir), mx.float32)
-    mlx_encoder = getattr(model.encoder, "mlx_encoder", model.encoder)
-    mlx_decoder = getattr(model.decoder, "mlx_decoder", model.decoder)
+    model = load_model(str(tiny_dir), mx.float32)
+    mlx_encoder, mlx_decoder = model.encoder, model.decoder
     encoder, decoder = load(mlx_encoder, mlx_decoder, model.dims, tmp_path_factory.mktemp("asr") / "cache")
     mel = log_mel_spectrogram(load_audio(jfk_path, 16000), padding=N_SAMPLES)[:3000][None]
     return mlx_encoder, mlx_decoder, encoder, decoder, mel
@@ -89,7 +88,8 @@ def test_transcripts_are_the_same(tiny_dir, jfk_path, tmp_path):
     for clip in clips:
         a, b = mlx_asr.transcribe(clip).text, ort_asr.transcribe(clip).text
         assert a == b and a
-    assert type(ort_asr._model().decoder).__name__ == "OrtWhisperDecoder"
+    assert type(ort_asr._network().decoder).__name__ == "OrtWhisperDecoder"
+    assert type(mlx_asr._network().decoder).__name__ == "TextDecoder"  # each stage owns its network
     assert "my fellow americans" in ort_asr.transcribe(clips[0]).text.lower()
     # the trimmed window: MLX's encoder parts, then the ORT decoder over fewer audio positions
     mlx_trim = WhisperASR(tiny_dir, backend="mlx", trim=True)

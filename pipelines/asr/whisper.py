@@ -1,6 +1,11 @@
 """The ASR stage: one utterance of 16 kHz mono audio in, one `Transcript` out, through mlx-whisper.
 
 Notable:
+- The stage owns its network: its own mlx-whisper model, with the encoder and text decoder replaced by their ONNX
+  Runtime drop-ins (pipelines/asr/ort.py) when `backend` is onnx, never mlx-whisper's module-level cached model
+  (which any other caller could reload or swap). So the 30 s windows are walked here, not by mlx-whisper's
+  `transcribe` (which only takes a model path): the same windows, skips and segment rules for the options this
+  agent uses, tested to give its text exactly; decoding itself is mlx-whisper's `DecodingTask`.
 - `model_dir` is always a local folder (config.json + weights.safetensors/.npz). mlx-whisper would
   treat a path that does not exist as a hub repo id and download it; we refuse first, so a typo or a
   missing conversion is a one-line `CheckpointError`, never a network call.
@@ -15,7 +20,7 @@ Notable:
   mlx-whisper's own DecodingTask: same greedy-then-hotter temperature fallback and thresholds as its
   `transcribe`. The margin and floor keep the decoder from running away on a window that ends on the
   last word (at a 3 s floor "Hi!" ran away into "3 a I 1 1 1 ..."; 8 s gives "Hi."). Utterances over
-  30 s, and `trim=False`, take mlx-whisper's full-window `transcribe`.
+  30 s, and `trim=False`, take the full 30 s windows.
 - Incremental: `transcribe` remembers its last input and result. A call whose audio is the last
   audio plus only a quiet tail (or nothing more) returns that result without running the model, so
   the agent can transcribe at the first pause and pay nothing at the endpoint if the user said no more.
@@ -142,37 +147,49 @@ class WhisperASR:
         # encoder and text decoder on ONNX Runtime (pipelines/asr/ort.py); fp16 weights stay on MLX
         self.backend = runs_on(backend, self.fp16)
         self.ort_cache = ort_cache
-        self._ort = None  # (encoder, decoder) drop-ins
+        self._net = None  # this stage's Whisper (`_network`)
 
-    def _model(self):
-        import mlx.core as mx
-        from mlx_whisper.transcribe import ModelHolder
+    def _network(self):
+        """This stage's own Whisper, loaded once: mlx-whisper's model of its folder (not mlx-whisper's module-level
+        cached copy, which any other caller may reload or change), with the encoder and the text decoder swapped for
+        their ONNX Runtime drop-ins when the stage is placed there. The MLX parts stay reachable as the drop-ins'
+        `mlx_encoder` / `mlx_decoder`."""
+        if self._net is None:
+            import mlx.core as mx
+            from mlx_whisper.load_models import load_model
 
-        # the same cached model mlx_whisper.transcribe uses, so both paths share one copy; its encoder and decoder
-        # are swapped for this instance's backend (another instance may have set the other one)
-        model = ModelHolder.get_model(str(self.model_dir), mx.float16 if self.fp16 else mx.float32)
-        mlx_encoder = getattr(model.encoder, "mlx_encoder", model.encoder)
-        mlx_decoder = getattr(model.decoder, "mlx_decoder", model.decoder)
-        if self.backend == "onnx":
-            if self._ort is None:
+            model = load_model(str(self.model_dir), mx.float16 if self.fp16 else mx.float32)
+            if self.backend == "onnx":
                 from pipelines.asr.ort import load
 
-                self._ort = load(mlx_encoder, mlx_decoder, model.dims, self.ort_cache)
-            model.encoder, model.decoder = self._ort
-        else:
-            model.encoder, model.decoder = mlx_encoder, mlx_decoder
-        return model
+                model.encoder, model.decoder = load(model.encoder, model.decoder, model.dims, self.ort_cache)
+            self._net = model
+        return self._net
+
+    def _decode(self, model, x, language: str | None, prompt: list[int], temperatures, encoded: bool = False):
+        """One window: greedy, then (with `fallback`) hotter while the result looks like a failure; `x` is a mel
+        window [3000, n_mels], or encoder output [1, positions, n_state] when `encoded`. mlx-whisper's rules."""
+        from mlx_whisper.decoding import DecodingOptions, DecodingTask
+
+        task = _encoded_task() if encoded else DecodingTask
+        for temperature in temperatures:
+            options = DecodingOptions(language=language, temperature=temperature, prompt=prompt, fp16=self.fp16)
+            result = task(model, options).run(x if encoded else x[None])[0]
+            if result.no_speech_prob > NO_SPEECH_MIN:
+                break  # silence: hotter decoding will not find words either
+            if result.compression_ratio <= COMPRESSION_RATIO_MAX and result.avg_logprob >= LOGPROB_MIN:
+                break
+        return result
 
     def _run_trimmed(self, audio: np.ndarray) -> dict:
         """One window of the utterance's mel + margin: encoder on the sliced positions, then decode."""
         import mlx.core as mx
         import mlx.nn as nn
         from mlx_whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram
-        from mlx_whisper.decoding import DecodingOptions
         from mlx_whisper.tokenizer import get_tokenizer
 
-        model = self._model()
-        # padded exactly as transcribe does, so the margin is the same "silence" mel it would see
+        model = self._network()
+        # padded exactly as the full window is, so the margin is the same "silence" mel it would see
         mel = log_mel_spectrogram(audio, n_mels=model.dims.n_mels, padding=N_SAMPLES)  # [frames, n_mels]
         content = audio.size / HOP_LENGTH
         frames = max(content + self.margin_s * SAMPLE_RATE / HOP_LENGTH, self.floor_s * SAMPLE_RATE / HOP_LENGTH)
@@ -188,40 +205,67 @@ class WhisperASR:
         features = encoder.ln_post(x)
 
         language = self.language or (None if self.multilingual else "en")
-        prompt = None
+        prompt = []
         if self.initial_prompt:
             tokenizer = get_tokenizer(self.multilingual, num_languages=model.num_languages, language=language, task="transcribe")
             prompt = tokenizer.encode(" " + self.initial_prompt.strip())
-        for temperature in self.temperatures:
-            options = DecodingOptions(language=language, temperature=temperature, prompt=prompt, fp16=self.fp16)
-            result = _encoded_task()(model, options).run(features)[0]
-            if result.no_speech_prob > NO_SPEECH_MIN:
-                break  # silence: hotter decoding will not find words either
-            if result.compression_ratio <= COMPRESSION_RATIO_MAX and result.avg_logprob >= LOGPROB_MIN:
-                break
+        result = self._decode(model, features, language, prompt, self.temperatures, encoded=True)
         if result.no_speech_prob > NO_SPEECH_MIN and result.avg_logprob <= LOGPROB_MIN:
             return {"text": "", "language": result.language}
         return {"text": result.text, "language": result.language}
 
-    def _run(self, audio: np.ndarray, temperature: float | tuple[float, ...] | None = None) -> dict:
-        import mlx_whisper
+    def _run(self, audio: np.ndarray, temperatures: tuple[float, ...] | None = None) -> dict:
+        """mlx-whisper's `transcribe` as this agent calls it (tested equal to it): 30 s windows of the padded mel,
+        no conditioning on the previous window, no word timestamps. A window that looks like silence is skipped;
+        otherwise its timestamped segments are kept and the next window starts after the last finished one."""
+        import mlx.core as mx
+        from mlx_whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+        from mlx_whisper.tokenizer import get_tokenizer
 
-        self._model()  # load it (mlx_whisper.transcribe takes the same cached copy) with this backend's encoder
-        return mlx_whisper.transcribe(
-            audio,
-            path_or_hf_repo=str(self.model_dir),  # exists (checked), so never a hub lookup
-            language=self.language,
-            initial_prompt=self.initial_prompt,
-            condition_on_previous_text=False,
-            temperature=self.temperatures if temperature is None else temperature,
-            fp16=self.fp16,
-            verbose=None,
-        )
+        model = self._network()
+        dtype = mx.float16 if self.fp16 else mx.float32
+        mel = log_mel_spectrogram(audio, n_mels=model.dims.n_mels, padding=N_SAMPLES)  # [frames, n_mels]
+        content = mel.shape[0] - N_FRAMES
+        language = self.language or (None if self.multilingual else "en")
+        if language is None:  # detected once, on the first window
+            _, probs = model.detect_language(pad_or_trim(mel, N_FRAMES, axis=-2).astype(dtype))
+            language = max(probs, key=probs.get)
+        tokenizer = get_tokenizer(self.multilingual, num_languages=model.num_languages, language=language,
+                                  task="transcribe")
+        prompt = tokenizer.encode(" " + self.initial_prompt.strip()) if self.initial_prompt else []
+        stride = N_FRAMES // model.dims.n_audio_ctx  # mel frames per timestamp step
+        kept: list[int] = []
+        seek = 0
+        while seek < content:
+            size = min(N_FRAMES, content - seek)
+            window = pad_or_trim(mel[seek: seek + size], N_FRAMES, axis=-2).astype(dtype)
+            result = self._decode(model, window, language, prompt, temperatures or self.temperatures)
+            if result.no_speech_prob > NO_SPEECH_MIN and result.avg_logprob <= LOGPROB_MIN:
+                seek += size  # silence
+                continue
+            prompt = []  # the initial prompt leads the first window that is decoded, no later one
+            tokens = np.array(result.tokens, dtype=np.int64)
+            stamp = tokens >= tokenizer.timestamp_begin
+            cuts = (np.flatnonzero(stamp[:-1] & stamp[1:]) + 1).tolist()  # between two timestamps: a segment ends
+            if not cuts:
+                segments = [tokens]
+                seek += size
+            elif stamp[-2:].tolist() == [False, True]:  # the last segment is finished too: the window is done
+                segments = [tokens[a:b] for a, b in zip([0, *cuts], [*cuts, len(tokens)])]
+                seek += size
+            else:  # the last segment runs past the window: drop it and start the next window where it started
+                segments = [tokens[a:b] for a, b in zip([0, *cuts[:-1]], cuts)]
+                seek += int(tokens[cuts[-1] - 1] - tokenizer.timestamp_begin) * stride
+            for segment in segments:  # an instantaneous (same start and end timestamp) or empty segment says nothing
+                instantaneous = bool(cuts) and segment[0] == segment[-1]
+                if not instantaneous and tokenizer.decode([int(t) for t in segment if t < tokenizer.eot]).strip():
+                    kept.extend(int(t) for t in segment)
+        return {"text": tokenizer.decode(kept), "language": language}
 
     def warmup(self) -> None:
         """Load the weights and run one decode so the first real utterance pays no start-up cost."""
         noise = np.random.default_rng(0).normal(0.0, 0.01, SAMPLE_RATE // 2).astype(np.float32)
-        self._run(noise, temperature=0.0)
+        self._run(noise, temperatures=(0.0,))
 
     def transcribe(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Transcript:
         """[T] float32 mono (any rate, resampled to 16 kHz) -> Transcript. Too short or silent -> ""."""
