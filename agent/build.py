@@ -36,12 +36,12 @@ def build_asr(cfg: AgentConfig):
     from pipelines.ortgraph import weights_key
 
     asr_dir = cfg.resolve(cfg.asr.model)
-    asr_backend = asr_placement(cfg).backend
+    placement = asr_placement(cfg)
     asr_cache = None
-    if asr_backend == "onnx" and asr_dir.is_dir():
+    if placement.backend == "onnx" and asr_dir.is_dir():
         asr_cache = cfg.resolve(cfg.asr.ort_cache) / f"whisper-{weights_key(asr_dir)}"  # encoder + decoder graphs
     return WhisperASR(asr_dir, language=cfg.asr.language or None, initial_prompt=cfg.asr.initial_prompt or None,
-                      backend=asr_backend, ort_cache=asr_cache, fallback=cfg.asr.temperature_fallback)
+                      placement=placement, ort_cache=asr_cache, fallback=cfg.asr.temperature_fallback)
 
 
 def build_llm(cfg: AgentConfig):
@@ -49,14 +49,14 @@ def build_llm(cfg: AgentConfig):
     from pipelines.ortgraph import weights_key
 
     model_dir = cfg.resolve(cfg.llm.model)
-    backend, precision = llm_placement(cfg)
-    bits = precision.bits
+    placement = llm_placement(cfg)
+    bits = placement.precision.bits
     ort_cache = None
-    if backend == "onnx" and model_dir.is_dir():
+    if placement.backend == "onnx" and model_dir.is_dir():
         ort_cache = cfg.resolve(cfg.llm.ort_cache) / f"llm-{weights_key(model_dir)}-{'fp32' if bits is None else f'q{bits}'}"
     return ReplyLLM(model_dir, cfg.llm.system_prompt, max_history_turns=cfg.llm.max_history_turns,
                     max_tokens=cfg.llm.max_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed,
-                    backend=backend, quantization=bits, ort_cache=ort_cache,
+                    placement=placement, ort_cache=ort_cache,
                     examples=[tuple(e) for e in cfg.llm.examples], no_repeat_ngram=cfg.llm.no_repeat_ngram)
 
 

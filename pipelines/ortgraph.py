@@ -11,7 +11,8 @@ What is notable here:
 - A build is written once into a cache folder (atomically, stamped) and loaded from there afterwards.
 
 The seam every stage plugs ONNX Runtime in by (TTS, reply LLM, Whisper): `resolve` turns a stage's config
-strings into a `Placement` once (backend + `Precision`); `OrtNet` builds a network's graphs for that precision
+strings into a `Placement` once (backend + `Precision`), which the stage is built with and picks its network
+object from (the stage's own loop runs over either); `OrtNet` builds a network's graphs for that precision
 into its cache folder (or finds them there) and opens their sessions; `empty_kv` / `kv_feeds` are the
 past-cache feeds of a stack these graphs emit.
 """
@@ -65,10 +66,17 @@ class Precision:
 
 
 class Placement(NamedTuple):
-    """Where a stage's network runs: `mlx` (the model of record) or `onnx`, and at what precision."""
+    """Where a stage's network runs: `mlx` (the model of record) or `onnx`, and at what precision. Every stage is
+    given one (TTS, reply LLM, Whisper) and picks its network object from it once: MLXFrames / OrtFrames,
+    MLXTokens / OrtLlama, mlx-whisper's encoder and decoder / their ONNX drop-ins."""
 
-    backend: str
-    precision: Precision
+    backend: str = "mlx"
+    precision: Precision = Precision()
+
+    def check(self, what: str) -> Placement:
+        if self.backend not in ("mlx", "onnx"):
+            raise ValueError(f"{what} backend must be mlx or onnx, not {self.backend!r}")
+        return self
 
 
 def rope_periods(args) -> np.ndarray:

@@ -23,6 +23,7 @@ from pipelines.asr.ct2 import STAMP_NAME, convert_ct2_whisper, find_offline_whis
 from pipelines.asr.whisper import Transcript, WhisperASR
 from pipelines.audio import load_audio
 from pipelines.errors import AudioInputError, CheckpointError, ConfigError, ConversionError
+from pipelines.ortgraph import Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 JFK = ROOT / "tests" / "fixtures" / "jfk.flac"
@@ -435,7 +436,7 @@ def test_hotter_retries_only_when_switched_on(tiny_dir, monkeypatch):
     audio, text = next((a, t) for a, t in shipped_utterances() if t.startswith("Thanks, that is all"))
     for fallback, expected in ((False, [0.0]), (True, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])):
         temperatures.clear()
-        transcript = WhisperASR(tiny_dir, fallback=fallback, backend="onnx").transcribe(audio).text
+        transcript = WhisperASR(tiny_dir, fallback=fallback, placement=Placement("onnx")).transcribe(audio).text
         assert temperatures == expected, (fallback, temperatures, transcript)
 
 
@@ -461,7 +462,7 @@ def test_the_stage_transcribes_as_mlx_whisper_does(tiny_dir, monkeypatch, tmp_pa
              (retry, {"fallback": True})]
     assert long.size > 40 * 16000
     for audio, options in cases:
-        asr = WhisperASR(tiny_dir, backend="onnx", ort_cache=tmp_path / "asr", **options)
+        asr = WhisperASR(tiny_dir, placement=Placement("onnx"), ort_cache=tmp_path / "asr", **options)
         monkeypatch.setattr(ModelHolder, "model", asr._network())  # the reference runs the very same network
         monkeypatch.setattr(ModelHolder, "model_path", str(tiny_dir))
         mx.random.seed(5)

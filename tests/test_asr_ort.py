@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.audio import load_audio
+from pipelines.ortgraph import Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "checkpoints" / "whisper-tiny.en"
@@ -83,8 +84,8 @@ def test_transcripts_are_the_same(tiny_dir, jfk_path, tmp_path):
     vad = Endpointer(input_rate=data.rate)
     turns = [e.utterance.audio for e in vad.process(data.mic) + vad.flush() if isinstance(e, SpeechEnded)]
     clips = [load_audio(jfk_path, 16000)] + turns
-    mlx_asr = WhisperASR(tiny_dir, backend="mlx")
-    ort_asr = WhisperASR(tiny_dir, backend="onnx", ort_cache=tmp_path / "asr")
+    mlx_asr = WhisperASR(tiny_dir, placement=Placement("mlx"))
+    ort_asr = WhisperASR(tiny_dir, placement=Placement("onnx"), ort_cache=tmp_path / "asr")
     for clip in clips:
         a, b = mlx_asr.transcribe(clip).text, ort_asr.transcribe(clip).text
         assert a == b and a
@@ -92,6 +93,6 @@ def test_transcripts_are_the_same(tiny_dir, jfk_path, tmp_path):
     assert type(mlx_asr._network().decoder).__name__ == "TextDecoder"  # each stage owns its network
     assert "my fellow americans" in ort_asr.transcribe(clips[0]).text.lower()
     # the trimmed window: MLX's encoder parts, then the ORT decoder over fewer audio positions
-    mlx_trim = WhisperASR(tiny_dir, backend="mlx", trim=True)
-    ort_trim = WhisperASR(tiny_dir, backend="onnx", trim=True, ort_cache=tmp_path / "asr")
+    mlx_trim = WhisperASR(tiny_dir, placement=Placement("mlx"), trim=True)
+    ort_trim = WhisperASR(tiny_dir, placement=Placement("onnx"), trim=True, ort_cache=tmp_path / "asr")
     assert mlx_trim.transcribe(clips[0]).text == ort_trim.transcribe(clips[0]).text

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.llm.ort import OrtLlama, supported
+from pipelines.ortgraph import Placement, Precision
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = ROOT / "checkpoints" / "smollm2-135m-instruct"
@@ -62,11 +63,11 @@ def test_smollm2_replies_are_the_same_on_onnx_fp32():
     prompt = "You are a helpful assistant. Answer in one short sentence."
     questions = ["Hello there, what is the capital of France?", "What color is the sky on a clear day?"]
     mlx_llm = ReplyLLM(SMOLLM, prompt, max_tokens=24)
-    ort_llm = ReplyLLM(SMOLLM, prompt, max_tokens=24, backend="onnx")
+    ort_llm = ReplyLLM(SMOLLM, prompt, max_tokens=24, placement=Placement("onnx"))
     for q in questions:
         a, b = "".join(mlx_llm.stream(q)), "".join(ort_llm.stream(q))
         assert a == b and len(a) > 10
-    q8 = ReplyLLM(SMOLLM, prompt, max_tokens=24, backend="onnx", quantization=8)
+    q8 = ReplyLLM(SMOLLM, prompt, max_tokens=24, placement=Placement("onnx", Precision(8)))
     assert "Paris" in "".join(q8.stream(questions[0]))  # 8-bit answers the same question the same way
 
 

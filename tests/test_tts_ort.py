@@ -16,6 +16,7 @@ from tts_helpers import (
     two_context_prompt,
 )
 
+from pipelines.ortgraph import Precision
 from pipelines.tts.generator import (
     FrameGenerator,
     GenerationConfig,
@@ -144,8 +145,8 @@ def test_host_sampler_rule():
 
 def test_built_graphs_are_cached(tiny, onnx_fp32, tmp_path):
     folder = tmp_path / "cache"
-    first = OrtFrameModel(tiny.model, quantization=8, cache_dir=folder)
-    again = OrtFrameModel(tiny.model, quantization=8, cache_dir=folder)
+    first = OrtFrameModel(tiny.model, Precision(8), cache_dir=folder)
+    again = OrtFrameModel(tiny.model, Precision(8), cache_dir=folder)
     assert first.built and not again.built  # the second load found the finished build
     assert (folder / "ready.json").is_file() and not list(tmp_path.glob(".building-*"))
     tokens, mask = two_context_prompt(np.random.default_rng(4))
@@ -155,7 +156,7 @@ def test_built_graphs_are_cached(tiny, onnx_fp32, tmp_path):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantised_logits_stay_close_to_fp32(tiny, onnx_fp32, tmp_path, bits):
     """Blockwise int8/int4 cannot be identical to fp32: bound the error and report the agreement."""
-    q = OrtFrameModel(tiny.model, quantization=bits, cache_dir=tmp_path / f"q{bits}")
+    q = OrtFrameModel(tiny.model, Precision(bits), cache_dir=tmp_path / f"q{bits}")
     tokens, mask = two_context_prompt(np.random.default_rng(5))
     forced = greedy(OrtFrames(onnx_fp32), tokens, mask, 6)
     ref = np.stack(ort_step_logits(onnx_fp32, tokens, mask, forced))  # [F, K, V]
@@ -226,7 +227,6 @@ def test_depth_decoder_on_group_query_attention_matches_mlx(tiny_args, tmp_path)
 
 
 def test_cpu_default_is_4_bit_block_64_and_the_block_is_checked():
-    from pipelines.ortgraph import Precision
     from pipelines.tts.load import TTSConfig, resolve_backend
 
     assert resolve_backend(TTSConfig(backend="onnx")) == ("onnx", Precision(4, 64))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.ortgraph import Precision
 from pipelines.tts.generator import GenerationConfig, MLXFrames, OrtFrames
 from pipelines.tts.ort import OrtFrameModel
 from pipelines.tts.weights import random_model
@@ -64,7 +65,7 @@ def main() -> None:
             else:
                 bits = {"fp32": None, "q8": 8, "q4": 4}[name]
                 t0 = time.perf_counter()
-                ort = OrtFrameModel(ck.model, quantization=bits, cache_dir=Path(tmp) / name)
+                ort = OrtFrameModel(ck.model, Precision(bits), cache_dir=Path(tmp) / name)
                 build, backend = time.perf_counter() - t0, OrtFrames(ort)
             prefill, per_frame, codes = run(backend, prompt, a.frames, a.warmup)
             if name == "fp32":

@@ -154,13 +154,14 @@ def our_backend(opts, ck):
 
 def our_ort_model(opts, ck, profile: bool = False):
     from pipelines.tts.load import TTSConfig
+    from pipelines.ortgraph import Precision
     from pipelines.tts.ort import OrtFrameModel
 
     block = TTSConfig().quant_block
     name = "fp32" if not opts.quant else f"q{opts.quant}b{block}"
     cache = ROOT / "checkpoints" / ".ort" / f"bench-{PRESET}-seed{opts.seed}-{name}"
-    return OrtFrameModel(ck.model, quantization=opts.quant or None, cache_dir=cache, progress=True, profile=profile,
-                         block=block)
+    return OrtFrameModel(ck.model, Precision(opts.quant or None, block), cache_dir=cache, progress=True,
+                         profile=profile)
 
 
 def read_bandwidth_gbs(threads: int = 2, mb: int = 512) -> float:

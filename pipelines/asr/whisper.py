@@ -40,6 +40,7 @@ import numpy as np
 
 from pipelines.audio import resample, to_mono_float32
 from pipelines.errors import CheckpointError, ConfigError
+from pipelines.ortgraph import Placement
 
 SAMPLE_RATE = 16_000
 MIN_SECONDS = 0.1  # below this there is no word to find; return "" without running the model
@@ -102,7 +103,7 @@ class WhisperASR:
         trim: bool = False,
         margin_s: float = 2.0,
         floor_s: float = 8.0,
-        backend: str = "mlx",
+        placement: Placement = Placement(),
         ort_cache: Path | None = None,
         fallback: bool = False,
     ):
@@ -142,10 +143,10 @@ class WhisperASR:
         self.trim, self.margin_s, self.floor_s = trim, margin_s, floor_s
         self.temperatures = FALLBACK if fallback else (0.0,)
         self._last: tuple[np.ndarray, Transcript] | None = None  # (16 kHz input, its transcript)
-        if backend not in ("mlx", "onnx"):
-            raise ConfigError(f"asr.backend must be mlx or onnx, got {backend!r}")
+        if placement.backend not in ("mlx", "onnx") or placement.precision.bits is not None:
+            raise ConfigError(f"asr: Whisper runs on mlx or onnx in fp32, not {placement}")
         # encoder and text decoder on ONNX Runtime (pipelines/asr/ort.py); fp16 weights stay on MLX
-        self.backend = runs_on(backend, self.fp16)
+        self.backend = runs_on(placement.backend, self.fp16)
         self.ort_cache = ort_cache
         self._net = None  # this stage's Whisper (`_network`)
 

@@ -70,12 +70,11 @@ class OrtLlama:
 
     name = "onnx"
 
-    def __init__(self, model, shape: LlamaShape, quantization: int | None = None, cache_dir: Path | None = None,
+    def __init__(self, model, shape: LlamaShape, precision: Precision = Precision(), cache_dir: Path | None = None,
                  threads: int | None = None, progress: bool = False):
         self.shape = shape
-        self.quantization = quantization
+        self.precision = precision
         self.embeddings = float_params(model, ("model.embed_tokens",))["model.embed_tokens.weight"]
-        precision = Precision(quantization)
         # spin inside a run only: a pool still spinning after the last token would slow the TTS that follows
         net = OrtNet(cache_dir, FORMAT_VERSION, precision, lambda: build_graph(model, shape), ("llm",),
                      f"building the ONNX reply LLM ({precision.label}, once)" if progress else None,

@@ -18,6 +18,7 @@ from typing import Protocol
 from mlx.utils import tree_flatten
 
 from pipelines.errors import CheckpointError
+from pipelines.ortgraph import Placement
 
 _NEEDED_FILES = ("config.json", "tokenizer.json")
 
@@ -128,8 +129,7 @@ class ReplyLLM:
         seed: int | None = None,
         max_prompt_tokens: int = 2048,
         dequantize: bool | None = None,
-        backend: str = "mlx",
-        quantization: int | None = None,
+        placement: Placement = Placement(),
         ort_cache: Path | None = None,
         examples: list[tuple[str, str]] = (),
         no_repeat_ngram: int = 0,
@@ -167,20 +167,17 @@ class ReplyLLM:
         self.max_prompt_tokens = max_prompt_tokens
         self.seed = seed
         self.temperature = temperature
-        if backend not in ("mlx", "onnx"):
-            raise ValueError(f"reply LLM backend must be mlx or onnx, not {backend!r}")
-        if backend == "onnx":
+        self.placement = placement.check("reply LLM")
+        if placement.backend == "onnx":
             from pipelines.llm.ort import OrtLlama, supported
 
             shape = supported(self.model)
             if shape is None:
                 raise CheckpointError(f"reply LLM {model_dir}: the ONNX backend runs plain Llama models only; "
                                       "use --llm.backend mlx")
-            self.net: TokenNet = OrtLlama(self.model, shape, quantization, ort_cache, progress=True)
+            self.net: TokenNet = OrtLlama(self.model, shape, placement.precision, ort_cache, progress=True)
         else:
             self.net = MLXTokens(self.model)
-        self.backend = backend
-        self.quantization = quantization if backend == "onnx" else None
         self.max_history_turns = max_history_turns
         self._history: list[tuple[str, str]] = []
         self.prompt_cache = PromptCache()

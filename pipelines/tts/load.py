@@ -120,8 +120,7 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
         else:  # a random model is its preset, seed and dtype
             key = f"{key.replace(':', '-')}-seed{config.seed}-{config.dtype}"
         folder = resolve(config.ort_cache) / f"{key}-{precision.tag}"
-        frames = OrtFrames(OrtFrameModel(loaded.model, quantization=bits, cache_dir=folder, progress=progress,
-                                         block=precision.block))
+        frames = OrtFrames(OrtFrameModel(loaded.model, precision, cache_dir=folder, progress=progress))
         loaded.model = None  # the graphs hold every weight now: free the MLX copy (~1 GB for Marvis-250M in fp32)
     else:
         if bits is not None and not any(k.endswith(".scales") for k in _param_names(loaded.model)):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.ortgraph import QUANT_BLOCK, Graph, OrtNet, Precision, float_params, llama_blocks
+from pipelines.ortgraph import Graph, OrtNet, Precision, float_params, llama_blocks
 from pipelines.ortgraph import rope_periods  # noqa: F401  (re-exported for the parity tests)
 
 FORMAT_VERSION = 3  # bump when the graphs change: cached builds of another version are rebuilt
@@ -195,15 +195,15 @@ class OrtCache:
 class OrtFrameModel:
     """The same Marvis network executed by ONNX Runtime, a frame a session run; numpy in, numpy out."""
 
-    def __init__(self, model, quantization: int | None = None, cache_dir: Path | None = None,
-                 threads: int | None = None, progress: bool = False, profile: bool = False, block: int = QUANT_BLOCK):
-        precision = Precision(quantization, block)  # checks both
+    def __init__(self, model, precision: Precision = Precision(), cache_dir: Path | None = None,
+                 threads: int | None = None, progress: bool = False, profile: bool = False):
         a = model.args
         self.args = a
-        self.quantization = quantization
+        self.precision = precision
+        self.quantization = precision.bits
         self.num_codebooks = a.audio_num_codebooks
         self.vocab = a.audio_vocab_size
-        self.block = block if quantization else None
+        self.block = precision.block if precision.bits else None
         # the pool spins inside a run: a frame is many small ops, and waking sleeping workers costs ~1.5 ms a run
         net = OrtNet(cache_dir, FORMAT_VERSION, precision, lambda: build_pieces(model), ("frame",),
                      f"building the ONNX TTS ({precision.label}, once per checkpoint)" if progress else None,
