@@ -137,7 +137,7 @@ class WhisperASR:
                 raise ConfigError(f"asr.language '{language}': {self.model_dir.name} is English-only; use a multilingual model")
             language = code
         self.language = language
-        self.initial_prompt = initial_prompt
+        self.initial_prompt = initial_prompt or None  # "" is no prompt (not a prompt of one space)
         if margin_s < 0 or not 0 < floor_s <= FULL_WINDOW_S:
             raise ConfigError(f"asr: margin_s must be >= 0 and floor_s in (0, 30], got {margin_s}, {floor_s}")
         self.trim, self.margin_s, self.floor_s = trim, margin_s, floor_s

@@ -100,7 +100,7 @@ class MLXTokens:
 
     def tokens(self, ids, cache, max_tokens, temperature, seed, ban):
         import mlx.core as mx
-        from mlx_lm.generate import generate_step
+        from mlx_lm.generate import generate_step, generation_stream, wired_limit
         from mlx_lm.sample_utils import make_sampler
 
         if seed is not None:
@@ -112,10 +112,12 @@ class MLXTokens:
                 logits[..., mx.array(banned)] = -mx.inf
             return logits
 
-        for token, _ in generate_step(mx.array(ids), self.model, max_tokens=max_tokens,
-                                      sampler=make_sampler(temp=temperature), prompt_cache=cache,
-                                      logits_processors=[no_repeats] if ban else None):
-            yield int(token)
+        # wired_limit keeps the weights wired in unified memory while generating (Metal; a no-op on a CPU)
+        with wired_limit(self.model, [generation_stream]):
+            for token, _ in generate_step(mx.array(ids), self.model, max_tokens=max_tokens,
+                                          sampler=make_sampler(temp=temperature), prompt_cache=cache,
+                                          logits_processors=[no_repeats] if ban else None):
+                yield int(token)
 
 
 class ReplyLLM:
