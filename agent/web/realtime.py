@@ -137,7 +137,6 @@ class RealtimeSink(CutSink):
 class _Response:
     id: str
     item_id: str
-    user_item: str
     said: bool = False  # a sentence of it has been narrated
 
 
@@ -425,7 +424,7 @@ class RealtimeSession:
         if not text:
             self._answering = max(0, self._answering - 1)
             return  # no words heard: no response
-        response = self._response = _Response(self._id("resp"), self._id("item"), item)
+        response = self._response = _Response(self._id("resp"), self._id("item"))
         assistant = {"id": response.item_id, "type": "message", "role": "assistant", "object": "realtime.item",
                      "status": "in_progress", "content": []}
         self.send("response.created", response={"id": response.id, "object": "realtime.response",

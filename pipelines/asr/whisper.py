@@ -80,9 +80,13 @@ def _weights_dtype(weights: Path) -> str:
         raise CheckpointError(f"{weights}: not an mlx-whisper weights.npz file; re-convert the model") from None
 
 
+def _weights_file(model_dir: Path) -> Path | None:
+    return next((p for p in (model_dir / "weights.safetensors", model_dir / "weights.npz") if p.is_file()), None)
+
+
 def weights_fp16(model_dir: Path) -> bool:
     """Does this converted model store float16 weights (which stay on MLX whatever asr.backend says)?"""
-    weights = next((p for p in (model_dir / "weights.safetensors", model_dir / "weights.npz") if p.is_file()), None)
+    weights = _weights_file(model_dir)
     return weights is not None and _weights_dtype(weights) == "F16"
 
 
@@ -115,7 +119,7 @@ class WhisperASR:
                 f"{model_dir}: no such Whisper model folder; convert one first (pipelines.asr.ct2.convert_ct2_whisper)"
             )
         config_path = self.model_dir / "config.json"
-        weights = next((p for p in (self.model_dir / "weights.safetensors", self.model_dir / "weights.npz") if p.is_file()), None)
+        weights = _weights_file(self.model_dir)
         if not config_path.is_file() or weights is None:
             raise CheckpointError(f"{self.model_dir}: needs config.json and weights.safetensors; re-convert the model")
         try:
@@ -137,6 +141,8 @@ class WhisperASR:
                 raise ConfigError(f"asr.language '{language}': {self.model_dir.name} is English-only; use a multilingual model")
             language = code
         self.language = language
+        # what decoding is told: English-only models are English; None lets a multilingual model detect it
+        self.decode_language = language or (None if self.multilingual else "en")
         self.initial_prompt = initial_prompt or None  # "" is no prompt (not a prompt of one space)
         if margin_s < 0 or not 0 < floor_s <= FULL_WINDOW_S:
             raise ConfigError(f"asr: margin_s must be >= 0 and floor_s in (0, 30], got {margin_s}, {floor_s}")
@@ -205,7 +211,7 @@ class WhisperASR:
             x, _, _ = block(x)
         features = encoder.ln_post(x)
 
-        language = self.language or (None if self.multilingual else "en")
+        language = self.decode_language
         prompt = []
         if self.initial_prompt:
             tokenizer = get_tokenizer(self.multilingual, num_languages=model.num_languages, language=language, task="transcribe")
@@ -227,7 +233,7 @@ class WhisperASR:
         dtype = mx.float16 if self.fp16 else mx.float32
         mel = log_mel_spectrogram(audio, n_mels=model.dims.n_mels, padding=N_SAMPLES)  # [frames, n_mels]
         content = mel.shape[0] - N_FRAMES
-        language = self.language or (None if self.multilingual else "en")
+        language = self.decode_language
         if language is None:  # detected once, on the first window
             _, probs = model.detect_language(pad_or_trim(mel, N_FRAMES, axis=-2).astype(dtype))
             language = max(probs, key=probs.get)
@@ -275,7 +281,7 @@ class WhisperASR:
         if self._last is not None and _adds_only_quiet(self._last[0], audio):
             return Transcript(self._last[1].text, time.perf_counter() - start, self._last[1].language)
         if audio.size < MIN_SECONDS * SAMPLE_RATE or float(np.abs(audio).max()) < SILENCE_PEAK:
-            return Transcript("", time.perf_counter() - start, self.language or (None if self.multilingual else "en"))
+            return Transcript("", time.perf_counter() - start, self.decode_language)
         if self.trim and audio.size <= FULL_WINDOW_S * SAMPLE_RATE:
             result = self._run_trimmed(audio)
         else:
