@@ -299,6 +299,13 @@ def save(onnx_model, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
+def _ready(folder: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((folder / "ready.json").read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
 def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], progress: str | None,
                  compose: Callable[[dict], dict] | None = None) -> tuple[Path, bool]:
     """The folder holding the built graphs: `folder` if a build with this `stamp` is complete there, else a new
@@ -310,11 +317,8 @@ def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], pr
 
     if folder is not None:
         folder = Path(folder)
-        try:
-            if json.loads((folder / "ready.json").read_text()) == stamp:
-                return folder, False
-        except (OSError, ValueError):
-            pass
+        if _ready(folder, stamp):
+            return folder, False
         folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent if folder else None))
     try:
@@ -334,11 +338,19 @@ def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], pr
         (tmp / "ready.json").write_text(json.dumps(stamp))
         if folder is None:
             return tmp, True
-        if folder.exists():
-            shutil.rmtree(folder)
+        if _ready(folder, stamp):  # another process finished the same build meanwhile, and may be reading it
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder, True
+        if folder.exists():  # a stale or half-written build: moved aside first, so the name is free at once
+            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=folder.parent))
+            try:
+                folder.rename(stale / folder.name)
+            except OSError:  # another process moved it first
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             tmp.rename(folder)
-        except OSError:  # another process finished the same build first
+        except OSError:  # another process put its build in place first
             shutil.rmtree(tmp, ignore_errors=True)
         return folder, True
     except BaseException:

@@ -254,3 +254,40 @@ def test_bench_byte_count_is_the_models_weights(tiny_args, tiny):
     assert frame_bytes(tiny_args, None, 32)["total"] == want
     q4 = frame_bytes(tiny_args, 4, 64)["total"]
     assert q4 == pytest.approx(want / 4 * (0.5 + 4 / 64))  # half a byte a weight + a 4-byte scale per 64
+
+
+def test_a_build_finished_meanwhile_by_another_process_is_kept(tmp_path):
+    """Agents started together (the live tests start several) build the same graphs at once. The one that finishes
+    second must not delete the first one's folder, which that process may be loading its sessions from; a stale
+    build (another stamp) is replaced."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipelines.ortgraph import build_cached
+
+    folder, stamp = tmp_path / "graphs", {"format": 1, "quantization": None, "block": 32}
+
+    def identity() -> dict:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        return {"g": helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])}
+
+    def racing() -> dict:  # while this process builds, another one completes the same build and reads it
+        folder.mkdir()
+        onnx.save(identity()["g"], folder / "g.onnx")
+        (folder / "in-use-by-the-other-process").write_text("")
+        (folder / "ready.json").write_text(json.dumps(stamp))
+        return identity()
+
+    assert build_cached(folder, stamp, racing, None) == (folder, True)
+    assert (folder / "in-use-by-the-other-process").is_file()  # the other process' build was left alone
+    assert not list(tmp_path.glob(".building-*"))
+    newer = {**stamp, "format": 2}
+    assert build_cached(folder, newer, identity, None) == (folder, True)  # a stale build is replaced
+    assert json.loads((folder / "ready.json").read_text()) == newer
+    assert not (folder / "in-use-by-the-other-process").exists() and (folder / "g.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graphs"]  # no building or stale folders left behind
+    assert build_cached(folder, newer, identity, None) == (folder, False)
