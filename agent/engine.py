@@ -18,6 +18,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.conversation import Conversation, Turn
+from agent.events import (
+    Listener,
+    ReplyKeptOut,
+    ReplyStarted,
+    ReplyText,
+    Said,
+    Speculated,
+    SpeculationDropped,
+    SpeculationKept,
+    Transcribed,
+    TurnEnded,
+)
 from agent.metrics import Waterfall, audio_ahead, playback_stalls, summary_line
 from agent.sinks import AudioSink
 from pipelines.llm.form import complete_sentences, reply_problems
@@ -65,13 +77,12 @@ class Speculation:
 
 
 class TurnEngine:
-    def __init__(self, stages: Stages, conversation: Conversation | None = None, recorder=None,
+    def __init__(self, stages: Stages, conversation: Conversation | None = None, emit: Listener | None = None,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
                  jitter_s: float = 0.08):
         self.stages = stages
         self.conversation = conversation or Conversation()
-        self.recorder = recorder
-        self.listener: Callable[[str, dict], None] | None = None  # a transport that narrates turns (Realtime)
+        self.emit: Listener = emit or (lambda event: None)  # the session's listeners (agent.events)
         self.log = log
         self.clock = clock
         self.jitter_s = jitter_s  # the least audio buffered before playback starts (one frame: the first chunk)
@@ -97,11 +108,12 @@ class TurnEngine:
         for stage in (self.stages.asr, self.stages.llm, self.stages.tts):
             stage.warmup()
 
-    def _event(self, kind: str, **data) -> None:
-        if self.recorder is not None:
-            self.recorder.event(kind, **data)
-        if self.listener is not None:
-            self.listener(kind, data)
+    def _reply(self, transcript: str) -> Iterator[str]:
+        """The LLM's reply stream, each piece told to the listeners as it is generated."""
+        self.emit(ReplyStarted())
+        for delta in self.stages.llm.stream(transcript):
+            self.emit(ReplyText(delta))
+            yield delta
 
     def speculate(self, utterance: Utterance, cancelled: Callable[[], bool] = lambda: False) -> Speculation:
         """Transcribe what was said so far and run the LLM until its first sentence is ready (text only)."""
@@ -110,7 +122,7 @@ class TurnEngine:
         transcript = st.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
         spec = Speculation(utterance, transcript, None, [], started, {"asr_final": self.clock()})
         if transcript and not cancelled():
-            spec.replies = iter(st.llm.stream(transcript))
+            spec.replies = self._reply(transcript)
             splitter = SentenceSplitter(st.first_clause_words)
             for delta in spec.replies:
                 spec.marks.setdefault("llm_first_token", self.clock())
@@ -119,8 +131,7 @@ class TurnEngine:
                     break
             else:
                 spec.done = True
-        self._event("speculation", start_s=utterance.start_s, end_s=utterance.end_s, transcript=transcript,
-                    ms=round((self.clock() - started) * 1000, 1))
+        self.emit(Speculated(utterance.start_s, utterance.end_s, transcript, round((self.clock() - started) * 1000, 1)))
         return spec
 
     def run_turn(self, utterance: Utterance, sink: AudioSink, interrupted: Callable[[], bool] = lambda: False,
@@ -139,7 +150,7 @@ class TurnEngine:
         interrupted = lambda: barged_in() or self.stopping.is_set()  # noqa: E731
         if speculation is not None and not speculation.matches(utterance):
             speculation.drop()
-            self._event("speculation_dropped", start_s=speculation.utterance.start_s)
+            self.emit(SpeculationDropped(speculation.utterance.start_s))
             speculation = None
         if speculation is not None:
             # the endpoint came (decided_s - end_s) after the speculation started, on the stream clock
@@ -147,7 +158,7 @@ class TurnEngine:
             now = self.clock()
             shift = max(0.0, decided - now)  # a fast replay got here sooner than a live stream would
             clock = lambda: self.clock() + shift  # noqa: E731
-            self._event("speculation_kept", start_s=utterance.start_s)
+            self.emit(SpeculationKept(utterance.start_s))
         else:
             decided, clock = self.clock(), self.clock
         wf = Waterfall(utterance.decided_s - utterance.end_s, decided)
@@ -161,8 +172,7 @@ class TurnEngine:
         else:
             transcript = st.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
             wf.mark("asr_final", clock())
-        self._event("transcript", text=transcript, start_s=utterance.start_s, end_s=utterance.end_s,
-                    decided_s=utterance.decided_s, reason=utterance.reason)
+        self.emit(Transcribed(transcript, utterance.start_s, utterance.end_s, utterance.decided_s, utterance.reason))
         if not transcript:
             self.log("(heard no words; no turn taken)")
             return None
@@ -192,7 +202,7 @@ class TurnEngine:
         def say(text: str) -> None:
             nonlocal stopped
             wf.mark("first_sentence", clock())
-            self._event("say", text=text)
+            self.emit(Said(text))
             own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
             audio_parts, code_parts = [], []
             began = self.clock()
@@ -218,10 +228,10 @@ class TurnEngine:
 
         if speculation is not None:
             if speculation.replies is None and not speculation.done:  # cancelled before the LLM started
-                speculation.replies = iter(st.llm.stream(transcript))
+                speculation.replies = self._reply(transcript)
             deltas = itertools.chain(speculation.deltas, speculation.replies or ())
         else:
-            deltas = st.llm.stream(transcript)
+            deltas = self._reply(transcript)
         def marked(deltas):
             nonlocal stopped
             for delta in deltas:
@@ -252,7 +262,7 @@ class TurnEngine:
         earlier = [t.reply for t in self.conversation.turns[-window:]] if window else []
         problems = reply_problems(turn.reply, earlier) if turn.reply else []
         if problems:  # kept out of the LLM's history: a small model copies its own slips into later turns
-            self._event("reply_kept_out", problems=problems)
+            self.emit(ReplyKeptOut(problems))
         else:
             st.llm.commit(transcript, turn.reply)
         turn.waterfall = wf.offsets()
@@ -272,14 +282,7 @@ class TurnEngine:
 
     def _finish(self, turn: Turn) -> None:
         self.log("  " + summary_line(turn.index, turn.waterfall))
-        if self.recorder is not None:
-            if turn.user is not None:
-                self.recorder.turn_audio(turn.index, "user", turn.user.audio, turn.user.sample_rate)
-            if turn.agent is not None:
-                self.recorder.turn_audio(turn.index, "agent", turn.agent.audio, turn.agent.sample_rate)
-        self._event("turn", index=turn.index, transcript=turn.transcript, reply=turn.reply,
-                    interrupted=turn.interrupted, waterfall=turn.waterfall, context_turns=turn.context_turns,
-                    agent_frames=0 if turn.agent is None else int(turn.agent.codes.shape[1]))
+        self.emit(TurnEnded(turn))
 
 
 def spoken_sentences(deltas, splitter: SentenceSplitter, max_sentences: int = 0) -> Iterator[str]:

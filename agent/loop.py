@@ -28,6 +28,7 @@ from agent.build import build_stages
 from agent.config import AgentConfig
 from agent.conversation import Conversation
 from agent.engine import Stages, TurnEngine
+from agent.events import Listeners
 from agent.floor import Floor, Step
 from agent.metrics import session_summary, summary_table
 from agent.session import MIC_RATE, SessionRecorder, new_bundle_dir
@@ -83,7 +84,7 @@ class Worker(threading.Thread):
 
     def __init__(self, cfg: AgentConfig, sink: AudioSink, prepare: Callable[[Stages], SessionRecorder | None],
                  log: Log, stages: Stages | None = None, threaded: bool = True,
-                 on_event: Callable[[str, dict], None] | None = None, owner=None):
+                 on_event=None, owner=None):
         super().__init__(name="model-owner", daemon=True)
         self.cfg, self.sink, self.log = cfg, sink, log
         self.prepare = prepare
@@ -197,8 +198,8 @@ class Worker(threading.Thread):
             self.engine = TurnEngine(stages, Conversation(), log=self.log, jitter_s=self.cfg.audio.jitter_ms / 1000)
             if self.stages is None:
                 self.engine.warmup()
-            self.engine.listener = self.on_event
-            self.engine.recorder = self.recorder = self.prepare(stages)
+            self.recorder = self.prepare(stages)
+            self.engine.emit = Listeners(self.recorder.listen if self.recorder is not None else None, self.on_event)
         except BaseException as exc:  # reported by the transport's thread as one line
             self.error = exc
         finally:

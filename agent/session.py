@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.events import Event, TurnEnded
 from agent.metrics import draw_timeline, write_jsonl
 from pipelines.audio import float_to_pcm16, load_audio, save_audio
 from pipelines.errors import AudioInputError, ConfigError
@@ -105,6 +106,17 @@ class SessionRecorder:
                 self._events.flush()
             except OSError as exc:
                 self._failing(exc)
+
+    def listen(self, event: Event) -> None:
+        """The recorder as a session listener (agent.events): each recorded event is a row of events.jsonl at its
+        mic time (the recorder's clock when it has none); a finished turn also writes its audio."""
+        if isinstance(event, TurnEnded):
+            turn = event.turn
+            for who, segment in (("user", turn.user), ("agent", turn.agent)):
+                if segment is not None and segment.audio is not None:
+                    self.turn_audio(turn.index, who, segment.audio, segment.sample_rate)
+        if event.recorded:
+            self.event(event.kind, getattr(event, "t", None), **event.row())
 
     def turn_audio(self, index: int, who: str, audio: np.ndarray, rate: int) -> Path | None:
         if self.failed is not None or self._mic.closed:

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from agent.config import load_config
+from agent.conversation import Turn
+from agent.events import Said, Transcribed, TurnEnded
 from agent.web.realtime import MAX_MESSAGE_BYTES, RATE, RealtimeSession
 
 
@@ -146,11 +148,11 @@ def test_a_text_message_is_answered_on_response_create(session):
 
 def test_engine_events_become_the_response_events(session):
     session._transcribing.append(("item_user", True))
-    session._engine_event("transcript", {"text": "What is the capital of France?", "start_s": 1.0, "end_s": 2.5})
+    session._engine_event(Transcribed("What is the capital of France?", 1.0, 2.5, 3.2, "vad"))
     session.sink.begin_utterance()
-    session._engine_event("say", {"text": "Paris."})
+    session._engine_event(Said("Paris."))
     session.sink.write(np.full(480, 0.1, np.float32))
-    session._engine_event("turn", {"reply": "Paris.", "interrupted": False})
+    session._engine_event(TurnEnded(Turn(0, "What is the capital of France?", reply="Paris.")))
     kinds = [e["type"] for e in session.sent]
     assert kinds == ["conversation.item.input_audio_transcription.completed", "response.created",
                      "response.output_item.added", "response.content_part.added",
@@ -165,7 +167,7 @@ def test_engine_events_become_the_response_events(session):
 
 def test_heard_after_a_cut_is_what_the_client_played(session):
     session._transcribing.append(("item_user", True))
-    session._engine_event("transcript", {"text": "Tell me a story.", "start_s": 0.0, "end_s": 1.0})
+    session._engine_event(Transcribed("Tell me a story.", 0.0, 1.0, 1.7, "vad"))
     item = session._response.item_id
     session.sink.begin_utterance()
     session.sink.write(np.full(RATE, 0.1, np.float32))  # a second of reply sent

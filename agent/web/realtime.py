@@ -404,7 +404,8 @@ class RealtimeSession:
 
     # -- the worker's side: the engine's events become the response's --------------------------------------
 
-    def _engine_event(self, kind: str, data: dict) -> None:
+    def _engine_event(self, event) -> None:
+        kind, data = event.kind, event.row()
         with self._lock:
             if kind == "transcript":
                 self._transcribed(data.get("text", ""), data.get("end_s", 0.0) - data.get("start_s", 0.0))

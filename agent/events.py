@@ -1,0 +1,201 @@
+"""What a session tells whoever follows it: typed events, delivered to a list of listeners.
+
+A session (agent/loop.py) emits two kinds of events on one `Listeners` fan-out:
+
+- the floor's, on the transport's thread, at a mic time `t`: a mute change, a push-to-talk key, a barge-in, a
+  duplex switch, a commit or clear of the user's input, speech starting and stopping, an utterance ended;
+- the turn engine's, on the worker's thread: speculation, the transcript, the reply as it is generated and
+  spoken, a reply kept out of the history, the finished turn.
+
+The session bundle (`agent.session.SessionRecorder.listen`), the browser page's narration and the Realtime
+adapter are listeners like any other: a listener gets every event and picks the types it cares about. Each
+event's `kind` is the `type` of its row in a bundle's events.jsonl (replay reads "mute" and "key" back).
+A listener must be quick and must not raise: it runs on the thread that emitted the event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from agent.conversation import Turn
+    from pipelines.vad import Utterance
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = "event"
+    recorded: ClassVar[bool] = True  # written to the session bundle's events.jsonl
+
+    def row(self) -> dict:
+        """The event's fields as a bundle row records them (without `t`, which the recorder places)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "t"}
+
+
+# ---- the floor's: on the transport's thread, at mic time t ------------------------------------------------
+
+@dataclass(frozen=True)
+class MuteChanged(Event):
+    kind: ClassVar[str] = "mute"
+    t: float
+    on: bool  # the VAD is muted (half-duplex: the agent is speaking)
+
+
+@dataclass(frozen=True)
+class KeyAction(Event):
+    kind: ClassVar[str] = "key"
+    t: float
+    action: str  # "press" | "release"
+
+
+@dataclass(frozen=True)
+class BargedIn(Event):
+    kind: ClassVar[str] = "barge_in"
+    t: float
+
+
+@dataclass(frozen=True)
+class DuplexChanged(Event):
+    kind: ClassVar[str] = "duplex"
+    t: float
+    full: bool
+    echo_cancellation: bool | None = None  # what the page said of the browser's echo canceller
+
+
+@dataclass(frozen=True)
+class TurnDetectionChanged(Event):
+    kind: ClassVar[str] = "turn_detection"
+    t: float
+    on: bool  # the VAD ends turns (off: the transport's commit does)
+
+
+@dataclass(frozen=True)
+class InputCommitted(Event):
+    kind: ClassVar[str] = "commit"
+    t: float  # the transport ended the user's turn: the speech so far is the utterance
+
+
+@dataclass(frozen=True)
+class InputCleared(Event):
+    kind: ClassVar[str] = "clear"
+    t: float  # the transport dropped the user's speech so far
+
+
+@dataclass(frozen=True)
+class SpeechChanged(Event):
+    kind: ClassVar[str] = "speech"
+    recorded: ClassVar[bool] = False  # the utterances' own times are in the transcript rows
+    t: float
+    on: bool  # the user started (True) or stopped (False) speaking
+
+
+@dataclass(frozen=True)
+class UtteranceEnded(Event):
+    kind: ClassVar[str] = "utterance"
+    recorded: ClassVar[bool] = False
+    t: float
+    utterance: Utterance  # the floor ended a user turn: it is answered unless the transport holds it
+
+
+# ---- the turn engine's: on the worker's thread ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Speculated(Event):
+    kind: ClassVar[str] = "speculation"
+    start_s: float
+    end_s: float
+    transcript: str
+    ms: float
+
+
+@dataclass(frozen=True)
+class SpeculationKept(Event):
+    kind: ClassVar[str] = "speculation_kept"
+    start_s: float
+
+
+@dataclass(frozen=True)
+class SpeculationDropped(Event):
+    kind: ClassVar[str] = "speculation_dropped"
+    start_s: float
+
+
+@dataclass(frozen=True)
+class Transcribed(Event):
+    kind: ClassVar[str] = "transcript"
+    text: str  # empty: no words heard, no turn taken
+    start_s: float
+    end_s: float
+    decided_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReplyStarted(Event):
+    kind: ClassVar[str] = "reply_start"
+    recorded: ClassVar[bool] = False  # a reply started on a speculation may be dropped; the next starts afresh
+
+
+@dataclass(frozen=True)
+class ReplyText(Event):
+    kind: ClassVar[str] = "reply"
+    recorded: ClassVar[bool] = False
+    text: str  # a piece of the reply as the LLM generates it (before it is spoken)
+
+
+@dataclass(frozen=True)
+class Said(Event):
+    kind: ClassVar[str] = "say"
+    text: str  # a sentence (or the piece of one) handed to the TTS
+
+
+@dataclass(frozen=True)
+class ReplyKeptOut(Event):
+    kind: ClassVar[str] = "reply_kept_out"
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EchoHeard(Event):
+    kind: ClassVar[str] = "echo"
+    text: str  # an utterance that was the agent's own reply heard back: no turn
+
+
+@dataclass(frozen=True)
+class TurnEnded(Event):
+    kind: ClassVar[str] = "turn"
+    turn: Turn
+
+    def row(self) -> dict:
+        turn = self.turn
+        return {"index": turn.index, "transcript": turn.transcript, "reply": turn.reply,
+                "interrupted": turn.interrupted, "waterfall": turn.waterfall, "context_turns": turn.context_turns,
+                "agent_frames": 0 if turn.agent is None or turn.agent.codes is None else int(turn.agent.codes.shape[1])}
+
+
+Listener = Callable[[Event], None]
+
+
+class Listeners:
+    """The session's fan-out: `emit` calls every listener in the order they were added. Emitted from two
+    threads (the floor's events on the transport's, the engine's on the worker's); the list itself is guarded."""
+
+    def __init__(self, *listeners: Listener | None):
+        self._lock = threading.Lock()
+        self._listeners: list[Listener] = [x for x in listeners if x is not None]
+
+    def add(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(event)
+
+    __call__ = emit
