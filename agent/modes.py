@@ -108,17 +108,17 @@ def replay_utterances(cfg: AgentConfig, data: SessionData) -> Iterator[Utterance
 
 
 def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, log: Log = print,
-               progress: bool = True) -> RunResult:
+               progress: bool = True, stages: Stages | None = None) -> RunResult:
     """Replay a session (or audio files) through the session loop. Fast replay answers each utterance before
     feeding on (deterministic for a seed); `replay.realtime` feeds blocks when a mic would deliver them while
-    the worker answers, as live."""
+    the worker answers, as live. `stages`: models already built (warmed by their owner), instead of the config's."""
     if out is not None:
         check_new_bundle(out)  # before any model loads; the bundle being read is never written to
     data = load_replay_source(sources, gap_s=cfg.vad.silence_ms / 1000 + 1.0)
     log(f"replay: {len(data.mic) / data.rate:.1f} s of audio from {', '.join(map(str, sources))}"
         + (" (push-to-talk keys from the bundle)" if data.keys else ""))
     sink = ReplaySink(24_000, keep=False)
-    worker = Worker(cfg, sink, _prepare(cfg, "replay", out, log), log, threaded=cfg.replay.realtime)
+    worker = Worker(cfg, sink, _prepare(cfg, "replay", out, log), log, stages=stages, threaded=cfg.replay.realtime)
     worker.start()
     worker.wait_ready()
     sink.sample_rate = worker.engine.stages.tts.sample_rate
