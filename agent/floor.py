@@ -1,14 +1,18 @@
-"""Who holds the floor: the one turn-taking rule, shared by live modes and replay.
+"""Who holds the floor: how mic blocks become user turns, shared by every transport and replay.
 
 A `Floor` is fed, block by block, the mic audio, the push-to-talk key actions due at that block and whether the
-agent is speaking; it drives the VAD and returns a `Step` saying what to do: utterances to answer, a barge-in,
-a mute change and the key actions to record, speculation hooks. It owns no thread and no device.
+agent is speaking; it drives the VAD (pipelines/vad.py `Endpointer`, which decides where speech ends) and
+returns a `Step` saying what to do: utterances to answer, a barge-in, a mute change and the key actions to
+record, speculation hooks, and the floor's events in order. It owns no thread and no device; the session loop
+(agent/loop.py) is its only caller.
 
 - hands-free: the VAD endpoints each utterance.
 - push-to-talk: a press begins an utterance, a release ends it; a press always takes the floor (unmutes, and
   stops a reply under way in half-duplex).
 - half-duplex (without barge-in): the VAD is muted while the agent speaks, so it never hears itself.
 - replay passes the recorded mute spans instead: the VAD is then muted exactly as it was live.
+Whatever a transport does to the floor (commit, clear, duplex, turn detection) goes through the session loop,
+which records it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines import vad as vad_events
-from pipelines.vad import Endpointer, SpeechEnded, SpeechStarted, Utterance
-
-# the VAD's "speech paused / resumed" hints, where it emits them
-SpeechPaused = getattr(vad_events, "SpeechPaused", None)
-SpeechResumed = getattr(vad_events, "SpeechResumed", None)
+from agent.events import Event, SpeechChanged, UtteranceEnded
+from pipelines.vad import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, Utterance
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Step:
     utterances: list[Utterance] = field(default_factory=list)  # to answer, in order
     speculate: Utterance | None = None  # speech paused: the utterance so far, worth answering ahead
     drop_speculation: bool = False  # speech resumed: the speculation is stale
+    events: list[Event] = field(default_factory=list)  # speech started / stopped, utterances ended, in order
 
 
 class Floor:
@@ -48,6 +49,25 @@ class Floor:
         self.muted_s = 0.0
         self.started = 0  # utterances begun / ended
         self.ended = 0
+
+    @property
+    def in_speech(self) -> bool:
+        """The user is speaking (hands-free), or holds the key (push-to-talk)."""
+        return self.vad.in_speech
+
+    def set_duplex(self, full: bool) -> None:
+        """Full duplex: the VAD listens while the agent speaks and speech cuts the reply; half: it is muted."""
+        self.half_duplex, self.barge_in = not full, full
+
+    def set_endpointing(self, vad: Endpointer, on: bool) -> None:
+        """Turn detection on (the VAD ends turns, speech cuts a reply) or off (a commit ends them): a new VAD,
+        between turns."""
+        self.vad, self.push_to_talk, self.barge_in = vad, not on, on
+        self.muted = False
+
+    def clear(self) -> None:
+        """Forget the speech under way (nothing of it is answered)."""
+        self.vad.reset()
 
     def _want_mute(self, t: float, speaking: bool, holding: bool) -> bool:
         if holding:
@@ -76,29 +96,32 @@ class Floor:
             if action in ("press", "release"):
                 step.keys.append(action)
         for ev in events + self.vad.process(block):
-            self._apply(ev, step, speaking, pressed)
+            self._apply(ev, step, t, speaking, pressed)
         self.heard_s += len(block) / rate
         self.muted_s += len(block) / rate if self.muted else 0.0
         return step
 
-    def flush(self) -> Step:
-        """End of input: an utterance still open (speaking, or the key held) is answered too."""
+    def flush(self, t: float) -> Step:
+        """End of input (or a transport's commit at mic time `t`): an utterance still open (speaking, or the key
+        held) is ended now."""
         step = Step()
         for ev in self.vad.flush():
-            self._apply(ev, step, False, False)
+            self._apply(ev, step, t, False, False)
         return step
 
-    def _apply(self, ev, step: Step, speaking: bool, pressed: bool) -> None:
+    def _apply(self, ev, step: Step, t: float, speaking: bool, pressed: bool) -> None:
         if isinstance(ev, SpeechStarted):
             self.started += 1
+            step.events.append(SpeechChanged(t, True))
             if speaking and (self.barge_in or (pressed and self.half_duplex)):
                 step.barge_in = True
         elif isinstance(ev, SpeechEnded):
             self.ended += 1
             step.utterances.append(ev.utterance)
-        elif SpeechPaused is not None and isinstance(ev, SpeechPaused):
+            step.events += [SpeechChanged(t, False), UtteranceEnded(t, ev.utterance)]
+        elif isinstance(ev, SpeechPaused):
             step.speculate = ev.utterance
-        elif SpeechResumed is not None and isinstance(ev, SpeechResumed):
+        elif isinstance(ev, SpeechResumed):
             step.speculate, step.drop_speculation = None, True
 
     def why_silent(self, unanswered: int) -> str:

@@ -1,16 +1,21 @@
-"""The session loop every front end drives: mic blocks in, the agent's voice out through a sink.
+"""The session loop every transport drives: mic blocks in, the agent's voice out through a sink.
 
-A transport (the sound card in `chat` and push-to-talk, a recorded session in replay, a browser page in
-`serve`) only feeds mic blocks and provides an `agent.sinks.AudioSink`; `SessionLoop` does the rest, the same
-way for all of them:
+A transport (the sound card in `chat` and push-to-talk, a recorded session in replay, a browser page or a
+Realtime client in `serve`) opens a session with `open_session(cfg, mode, sink, listeners=...)`, feeds it mic
+blocks and calls its methods for what else it does (commit or clear the user's input, switch duplex or turn
+detection, answer a typed message, cut the reply); it follows the conversation through typed events
+(agent/events.py) like the session's own bundle does. It never reaches into the floor, the VAD or the worker.
 
-    feed(t, block, keys)  record the block -> `Floor.step` (turn-taking) -> record what it decided at the
-                          block's mic time (so replay of the bundle decides the same) -> hand it to the worker
+    feed(t, block, keys)  record the block -> `Floor.step` (turn-taking) -> tell the listeners what it decided,
+                          at the block's mic time (the recorder among them, so replay decides the same) ->
+                          hand the utterances to the worker
     close(stopped)        answer and play what is pending (a stop abandons it), then close the bundle
 
-`Worker` owns the models: every MLX/ONNX call runs on its thread (built, warmed up and run there), one
-utterance at a time; the transport's thread only moves blocks. Fast replay runs the worker inline instead
-(`threaded=False`): each utterance is answered before the next block is fed, which keeps it deterministic.
+Threads: the transport's thread runs `feed` and the other session methods, and with them the floor, including
+the VAD's end-of-turn model (Smart Turn, ONNX Runtime) when it is on. The worker's thread (`Worker`) builds, warms
+and runs the ASR, the LLM and the TTS, one utterance at a time; how it gets a thread is its `RunPolicy`: its own
+thread (live), the server's one model thread (`serve`), or none, inline in the caller (fast replay: each
+utterance is answered before the next block is fed, which keeps it deterministic).
 """
 
 from __future__ import annotations
@@ -19,20 +24,34 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from agent.build import build_stages
+from agent.build import build_stages, endpointer
 from agent.config import AgentConfig
 from agent.conversation import Conversation
-from agent.engine import Stages, TurnEngine
-from agent.events import Listeners
+from agent.engine import Speculation, Stages, TurnEngine
+from agent.events import (
+    BargedIn,
+    DuplexChanged,
+    EchoHeard,
+    InputCleared,
+    InputCommitted,
+    KeyAction,
+    Listener,
+    Listeners,
+    MuteChanged,
+    TurnDetectionChanged,
+    UtteranceEnded,
+)
 from agent.floor import Floor, Step
 from agent.metrics import session_summary, summary_table
 from agent.session import MIC_RATE, SessionRecorder, new_bundle_dir
 from agent.sinks import AudioSink
+from pipelines.errors import VoiceAgentError
 from pipelines.vad import Utterance
 
 Log = Callable[[str], None]
@@ -45,15 +64,6 @@ def session_meta(cfg: AgentConfig, mode: str, stages: Stages | None = None, **ex
         meta["tts"] = stages.tts.describe()
         meta["tts_untrained"] = stages.tts.untrained
     return meta
-
-
-def open_recorder(cfg: AgentConfig, mode: str, out: Path | None, stages: Stages, log: Log,
-                  recorder_class=SessionRecorder, **meta) -> SessionRecorder | None:
-    """The session's bundle: `out`, or a new folder under `session.dir`; None when recording is off."""
-    if not cfg.session.record and out is None:
-        return None
-    folder = out or new_bundle_dir(cfg.resolve(cfg.session.dir), mode)
-    return recorder_class(folder, session_meta(cfg, mode, stages, **meta), warn=log)
 
 
 def finish(recorder: SessionRecorder | None, conversation: Conversation, log: Log, why: str | None = None) -> dict:
@@ -71,123 +81,186 @@ def finish(recorder: SessionRecorder | None, conversation: Conversation, log: Lo
     return summary
 
 
-class Worker(threading.Thread):
-    """The model owner: builds the stages (or takes built ones), warms them up, then answers utterances one at
-    a time.
+# ---- what the session hands the worker (one queue, in order) ------------------------------------------------
 
-    An utterance counts as outstanding from `submit()` until its reply has been played out (including what
-    is still in the device's buffer): that is when the agent is "speaking" for half-duplex purposes.
-    Speculation hints (speech paused / resumed) go through the same queue, but do not count as speaking.
-    `prepare(stages)` may wrap the stages for this session (the echo guard, the page's narration) and returns
-    the session's recorder.
+@dataclass(frozen=True)
+class Answer:
+    utterance: Utterance
+    text: str | None = None  # what the user typed instead of speaking (no ASR)
+
+
+@dataclass(frozen=True)
+class Speculate:
+    utterance: Utterance  # speech paused: answer ahead, the endpoint may confirm it
+
+
+@dataclass(frozen=True)
+class DropSpeculation:
+    pass
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Work = Answer | Speculate | DropSpeculation | Stop
+
+
+# ---- how the worker gets a thread --------------------------------------------------------------------------
+
+class Inline:
+    """No thread: the worker sets up and answers in the caller's thread (fast replay, deterministic)."""
+
+    threaded = False
+
+    def start(self, worker: Worker) -> None:
+        worker.setup()
+        worker.raise_error()
+
+    def put(self, worker: Worker, work: Work) -> None:
+        if not isinstance(work, Stop):
+            worker.handle(work)
+            worker.raise_error()
+
+
+class OwnThread:
+    """A thread of the worker's own, fed through its queue (live modes, paced replay)."""
+
+    threaded = True
+
+    def start(self, worker: Worker) -> None:
+        threading.Thread(target=worker.run, name="model-owner", daemon=True).start()
+
+    def put(self, worker: Worker, work: Work) -> None:
+        worker.work.put(work)
+
+
+class SharedThread(OwnThread):
+    """A server's one model thread (an executor with one worker) that every conversation's worker runs on in
+    turn: the models keep one owner, and no thread is made per connection (each new thread that runs the models
+    leaves native memory behind: measured ~4.5 MB a connection)."""
+
+    def __init__(self, executor):
+        self.executor = executor
+
+    def start(self, worker: Worker) -> None:
+        self.executor.submit(worker.run)
+
+
+RunPolicy = Inline | OwnThread | SharedThread
+
+
+class Worker:
+    """The model owner: builds the stages (or takes built ones), warms them up, then answers utterances one at
+    a time on the thread its `RunPolicy` gives it.
+
+    An utterance counts as outstanding from `answer()` until its reply has been played out (including what is
+    still in the device's buffer): that is when the agent is "speaking" for half-duplex purposes. Speculation
+    hints go through the same queue, but do not count as speaking. `outstanding` and `generation` are changed
+    from the transport's thread and the worker's, under `_lock`.
     """
 
-    def __init__(self, cfg: AgentConfig, sink: AudioSink, prepare: Callable[[Stages], SessionRecorder | None],
-                 log: Log, stages: Stages | None = None, threaded: bool = True,
-                 on_event=None, owner=None):
-        super().__init__(name="model-owner", daemon=True)
-        self.cfg, self.sink, self.log = cfg, sink, log
-        self.prepare = prepare
-        self.stages = stages  # built ones (a server's, loaded once), or None: built on this thread
-        self.threaded = threaded
-        # a server's one model thread (an executor with one worker), which every conversation's worker runs on in
-        # turn: the models keep one owner, and no thread is made per connection (each new thread that runs the
-        # models leaves native memory behind: measured ~4.5 MB a connection)
-        self.owner = owner
-        self.on_event = on_event  # the engine's events, as they happen (on this thread)
+    def __init__(self, cfg: AgentConfig, sink: AudioSink, emit: Listener, log: Log,
+                 open_recorder: Callable[[Stages], SessionRecorder | None], stages: Stages | None = None,
+                 run: RunPolicy | None = None, echo_guard: bool = False):
+        self.cfg, self.sink, self.emit, self.log = cfg, sink, emit, log
+        self.open_recorder = open_recorder
+        self.stages = stages  # built ones (a server's, loaded once), or None: built on the worker's thread
+        self.run_policy = run or OwnThread()
+        self.echo_guard = echo_guard
         self.recorder: SessionRecorder | None = None
-        # ("turn" | "speculate", utterance), ("text", (utterance, text)), ("drop", None), ("stop", None)
-        self.work: queue.Queue = queue.Queue()
-        self.outstanding = 0  # turns submitted and not yet played out
+        self.work: queue.Queue[Work] = queue.Queue()
         self.unheard = 0  # utterances the ASR found no words in
         self.ready = threading.Event()
         # set when run() ends: waited on instead of join(), which a Ctrl-C/SIGTERM interrupting it on Python 3.11
         # leaves reporting the thread as stopped while it still runs (the session would close under its turn)
         self.finished = threading.Event()
-        self.generation = 0  # bumped by barge-in / cancel: the running turn sees it changed and stops
         self.error: BaseException | None = None
         self.engine: TurnEngine | None = None
-        self._speculation = None
+        self._lock = threading.Lock()
+        self._outstanding = 0  # turns handed over and not yet played out
+        self._generation = 0  # bumped by barge-in / cancel: the running turn sees it changed and stops
+        self._speculation: Speculation | None = None  # the worker's thread only
+
+    # -- the transport's side ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.threaded and self.owner is not None:
-            self.owner.submit(self.run)
-        elif self.threaded:
-            super().start()
-        else:
-            self._setup()
-            if self.error is not None:
-                raise self.error
+        self.run_policy.start(self)
 
     def wait_ready(self) -> None:
         """Wait for the models; a failure to build them is raised here."""
         self.ready.wait()
+        self.raise_error()
+
+    def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
 
     @property
     def speaking(self) -> bool:
         """An utterance is queued, being answered, or its reply is still playing."""
-        return self.outstanding > 0
+        with self._lock:
+            return self._outstanding > 0
 
-    def _put(self, kind: str, utterance: Utterance | None) -> None:
-        if self.threaded:
-            self.work.put((kind, utterance))
-        else:
-            self._handle(kind, utterance)
-            if self.error is not None:
-                raise self.error
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
 
-    def submit(self, utterance: Utterance) -> None:
-        self.outstanding += 1
-        self._put("turn", utterance)
+    def _put(self, work: Work) -> None:
+        if isinstance(work, Answer):
+            with self._lock:
+                self._outstanding += 1
+        self.run_policy.put(self, work)
 
-    def submit_text(self, text: str, t: float) -> None:
-        """A turn the user typed (at mic time `t`): answered like speech, without the ASR."""
-        self.outstanding += 1
-        empty = np.zeros(0, np.float32)
-        self._put("text", (Utterance(audio=empty, start_s=t, end_s=t, decided_s=t, reason="text",
-                                     audio_start_s=t), text))
+    def answer(self, utterance: Utterance, text: str | None = None) -> None:
+        self._put(Answer(utterance, text))
 
     def speculate(self, utterance: Utterance) -> None:
-        self._put("speculate", utterance)
+        self._put(Speculate(utterance))
 
     def drop_speculation(self) -> None:
-        self._put("drop", None)
+        self._put(DropSpeculation())
 
     def barge_in(self) -> None:
         """Stop the reply under way: the running turn ends, keeping what the user heard."""
-        self.generation += 1
+        with self._lock:
+            self._generation += 1
         self.sink.barge_in()
 
     def cancel(self) -> None:
         """Drop the queued utterances and stop the running turn (Ctrl-C, SIGTERM, a page that left)."""
         while True:
             try:
-                kind, _ = self.work.get_nowait()
+                work = self.work.get_nowait()
             except queue.Empty:
                 break
-            self.outstanding -= kind in ("turn", "text")
+            if isinstance(work, Answer):
+                with self._lock:
+                    self._outstanding -= 1
         if self.engine is not None:
             self.engine.stop()  # at the next LLM token or TTS frame, and no context is prepared after it
         self.barge_in()
 
     def stop(self) -> None:
         """Answer what is queued, then end."""
-        if self.threaded:
-            self.work.put(("stop", None))
+        if self.run_policy.threaded:
+            self.work.put(Stop())
         else:
             self.finished.set()
 
+    # -- the worker's thread ------------------------------------------------------------------------------------
+
     def run(self) -> None:
         try:
-            self._setup()
+            self.setup()
             if self.error is None:
                 self._serve()
         finally:
             self.finished.set()
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
         try:
             if self.stages is None:
                 stages = build_stages(self.cfg, log=self.log)
@@ -195,96 +268,208 @@ class Worker(threading.Thread):
                 self.stages.llm.reset()
                 self.stages.llm.system_prompt = self.cfg.llm.system_prompt
                 stages = dataclasses.replace(self.stages)
-            self.engine = TurnEngine(stages, Conversation(), log=self.log, jitter_s=self.cfg.audio.jitter_ms / 1000)
+            if self.echo_guard:
+                from agent.echo import guard_against_echo
+
+                guard_against_echo(stages, self._heard_echo)
+            self.engine = TurnEngine(stages, Conversation(), emit=self.emit, log=self.log,
+                                     jitter_s=self.cfg.audio.jitter_ms / 1000)
             if self.stages is None:
                 self.engine.warmup()
-            self.recorder = self.prepare(stages)
-            self.engine.emit = Listeners(self.recorder.listen if self.recorder is not None else None, self.on_event)
+            self.recorder = self.open_recorder(stages)
         except BaseException as exc:  # reported by the transport's thread as one line
             self.error = exc
         finally:
             self.ready.set()
 
+    def _heard_echo(self, text: str) -> None:
+        self.log(f"(echo of the agent's own reply: {text!r}; no turn)")
+        self.emit(EchoHeard(text))
+
     def _serve(self) -> None:
         while True:
-            kind, utterance = self.work.get()
-            if kind == "stop":
+            work = self.work.get()
+            if isinstance(work, Stop):
                 return
-            self._handle(kind, utterance)
+            self.handle(work)
             if self.error is not None:
                 return
 
-    def _handle(self, kind: str, utterance: Utterance | None) -> None:
+    def handle(self, work: Work) -> None:
         try:
-            if kind == "drop" and self._speculation is not None:
-                self._speculation.drop()
-                self._speculation = None
-            elif kind == "speculate":  # stops early once anything else is queued
-                self._speculation = self.engine.speculate(utterance, cancelled=lambda: not self.work.empty())
-            elif kind in ("turn", "text"):
-                gen = self.generation
-                text = None
-                if kind == "text":
-                    utterance, text = utterance
-                    if self._speculation is not None:
-                        self._speculation.drop()
-                        self._speculation = None
-                turn = self.engine.run_turn(utterance, self.sink, interrupted=lambda: self.generation != gen,
-                                            speculation=self._speculation, text=text)
-                self.unheard += turn is None and self.generation == gen
-                self._speculation = None
-                if self.sink.played_samples and self.generation == gen:
-                    time.sleep(min(self.sink.output_latency, 1.0))  # still in the device's buffer
+            if isinstance(work, DropSpeculation):
+                self._drop_speculation()
+            elif isinstance(work, Speculate):  # stops early once anything else is queued
+                self._speculation = self.engine.speculate(work.utterance, cancelled=lambda: not self.work.empty())
+            elif isinstance(work, Answer):
+                self._answer(work)
         except BaseException as exc:
             self.error = exc
         finally:
-            self.outstanding -= kind in ("turn", "text")
+            if isinstance(work, Answer):
+                with self._lock:
+                    self._outstanding -= 1
+
+    def _drop_speculation(self) -> None:
+        if self._speculation is not None:
+            self._speculation.drop()
+            self._speculation = None
+
+    def _answer(self, work: Answer) -> None:
+        gen = self.generation
+        if work.text is not None:
+            self._drop_speculation()  # a typed turn was never speculated on
+        turn = self.engine.run_turn(work.utterance, self.sink, interrupted=lambda: self.generation != gen,
+                                    speculation=self._speculation, text=work.text)
+        self._speculation = None
+        if turn is None and self.generation == gen:
+            self.unheard += 1
+        if self.sink.played_samples and self.generation == gen:
+            time.sleep(min(self.sink.output_latency, 1.0))  # still in the device's buffer
 
 
 class SessionLoop:
-    """One conversation over a transport: its floor (turn-taking), its worker (the models), its bundle."""
+    """One conversation over a transport: its floor (turn-taking), its worker (the models), its listeners (the
+    bundle among them). Every method but `close` runs on the transport's thread."""
 
-    def __init__(self, cfg: AgentConfig, floor: Floor, worker: Worker, log: Log):
-        self.cfg, self.floor, self.worker, self.log = cfg, floor, worker, log
+    def __init__(self, cfg: AgentConfig, floor: Floor, worker: Worker | None, listeners: Listeners, log: Log):
+        self.cfg, self.floor, self.worker, self.listeners, self.log = cfg, floor, worker, listeners, log
+        self.sink = worker.sink if worker is not None else None  # no worker: the session only listens
+
+    # -- starting ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build (or borrow) and warm the models, open the bundle, and put the sink at the TTS's rate (blocking:
+        a transport on an event loop calls it off the loop). A failure to build is raised here."""
+        self.worker.start()
+        self.worker.wait_ready()
+        self.sink.set_sample_rate(self.engine.stages.tts.sample_rate)
+
+    @property
+    def engine(self) -> TurnEngine:
+        return self.worker.engine
+
+    @property
+    def conversation(self) -> Conversation:
+        return self.worker.engine.conversation
+
+    @property
+    def recorder(self) -> SessionRecorder | None:
+        return self.worker.recorder if self.worker is not None else None
+
+    @property
+    def bundle(self) -> Path | None:
+        return self.recorder.folder if self.recorder is not None else None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.worker.error
+
+    # -- what a transport asks --------------------------------------------------------------------------------
 
     @property
     def speaking(self) -> bool:
         """The agent is answering or still audible: what half-duplex mutes the VAD for."""
-        return self.worker.speaking or self.worker.sink.is_playing
+        return self.worker is not None and (self.worker.speaking or self.sink.is_playing)
 
-    def feed(self, t: float, block, keys: list[str] = (), answer: bool = True) -> Step:
+    @property
+    def in_speech(self) -> bool:
+        """The user is speaking (or holds the push-to-talk key)."""
+        return self.floor.in_speech
+
+    @property
+    def spoke(self) -> bool:
+        """Did the user begin any utterance?"""
+        return self.floor.started > 0
+
+    def why_silent(self) -> str:
+        return self.floor.why_silent(self.worker.unheard)
+
+    # -- what a transport does --------------------------------------------------------------------------------
+
+    def feed(self, t: float, block: np.ndarray, keys: Sequence[str] = (), answer: bool = True) -> Step:
         """One mic block starting at mic time `t`, with the push-to-talk key actions due at it. With `answer`
-        off, the step's utterances are left to the caller (a transport that answers on request)."""
-        recorder = self.worker.recorder
+        off, the utterances the floor ends are left to the caller (a transport that answers on request: it
+        hears them as `UtteranceEnded` events, and calls `answer`)."""
+        recorder = self.recorder
         if recorder is not None:
             recorder.write_mic(block)
         step = self.floor.step(t, block, list(keys), self.speaking, MIC_RATE)
-        self.hand_over(step, t, answer)
+        self._hand_over(step, t, answer)
         return step
 
-    def hand_over(self, step: Step, t: float, answer: bool = True) -> None:
-        """Record a floor decision at mic time `t` (mute changes, keys, barge-in: what replay re-applies), then
-        pass it to the worker."""
-        recorder, worker = self.worker.recorder, self.worker
-        if recorder is not None:
-            if step.mute is not None:
-                recorder.event("mute", t=t, on=step.mute)
-            for action in step.keys:
-                recorder.event("key", t=t, action=action)
-        if step.drop_speculation:
-            worker.drop_speculation()
-        if step.speculate is not None:
-            worker.speculate(step.speculate)
+    def _hand_over(self, step: Step, t: float, answer: bool = True) -> None:
+        """Tell the listeners what the floor decided at mic time `t` (mute changes and keys first: what replay
+        re-applies), then pass it to the worker."""
+        emit, worker = self.listeners.emit, self.worker
+        if step.mute is not None:
+            emit(MuteChanged(t, step.mute))
+        for action in step.keys:
+            emit(KeyAction(t, action))
+        if worker is not None:
+            if step.drop_speculation:
+                worker.drop_speculation()
+            if step.speculate is not None:
+                worker.speculate(step.speculate)
+            if step.barge_in:
+                worker.barge_in()
         if step.barge_in:
-            worker.barge_in()
-            if recorder is not None:
-                recorder.event("barge_in", t=t)
-        for utterance in step.utterances if answer else ():
-            worker.submit(utterance)
+            emit(BargedIn(t))
+        for event in step.events:
+            emit(event)
+        for utterance in step.utterances if answer and worker is not None else ():
+            worker.answer(utterance)
+
+    def commit(self, t: float, answer: bool = True) -> list[Utterance]:
+        """The transport ends the user's turn now: the speech so far is the utterance (push-to-talk: the key is
+        released). Returns the utterances ended (none when nobody was speaking)."""
+        self.listeners.emit(InputCommitted(t))
+        if self.floor.push_to_talk:
+            return self.feed(t, np.zeros(0, np.float32), ["release"], answer=answer).utterances
+        step = self.floor.flush(t)
+        self._hand_over(step, t, answer)
+        return step.utterances
+
+    def clear(self, t: float) -> None:
+        """The transport drops the user's speech so far: nothing of it is answered."""
+        self.floor.clear()
+        self.listeners.emit(InputCleared(t))
+
+    def set_duplex(self, t: float, full: bool, echo_cancellation: bool | None = None) -> None:
+        """Full duplex (the user may talk over the agent) or half (the VAD is muted while the agent speaks)."""
+        self.floor.set_duplex(full)
+        self.listeners.emit(DuplexChanged(t, full, echo_cancellation))
+
+    def set_turn_detection(self, t: float, on: bool) -> None:
+        """The VAD ends turns (and speech cuts a reply), or the transport's commit does. Between turns only."""
+        if self.floor.in_speech:
+            raise VoiceAgentError("turn detection can change only between turns")
+        self.floor.set_endpointing(endpointer(self.cfg, endpointing=on, log=self.log), on)
+        self.listeners.emit(TurnDetectionChanged(t, on))
+
+    def answer(self, utterance: Utterance) -> None:
+        """Answer an utterance the floor ended (a transport that holds them until asked)."""
+        self.worker.answer(utterance)
+
+    def answer_text(self, text: str, t: float) -> None:
+        """A turn the user typed at mic time `t`: answered like speech, without the ASR."""
+        empty = np.zeros(0, np.float32)
+        self.worker.answer(Utterance(audio=empty, start_s=t, end_s=t, decided_s=t, reason="text", audio_start_s=t),
+                           text)
+
+    def interrupt(self, t: float) -> None:
+        """Cut the reply under way (a client's cancel): the turn keeps what the user heard."""
+        self.worker.barge_in()
+        self.listeners.emit(BargedIn(t))
+
+    def set_instructions(self, text: str) -> None:
+        """The reply model's system prompt from the next turn on (a session not started yet has no model)."""
+        if self.worker is not None and self.worker.engine is not None:
+            self.worker.engine.stages.llm.system_prompt = text
 
     def flush(self, t: float) -> None:
         """End of input: an utterance still open is answered too."""
-        self.hand_over(self.floor.flush(), t)
+        self._hand_over(self.floor.flush(t), t)
 
     def cancel(self) -> None:
         self.worker.cancel()
@@ -308,5 +493,62 @@ class SessionLoop:
             worker.finished.wait(timeout=10)
         if worker.engine is None:
             return {}, stopped
-        why = STOPPED if stopped else self.floor.why_silent(worker.unheard)
+        why = STOPPED if stopped else self.why_silent()
         return finish(worker.recorder, worker.engine.conversation, self.log, why), stopped
+
+
+def open_session(cfg: AgentConfig, mode: str, sink: AudioSink | None, *, listeners: Sequence[Listener] = (),
+                 push_to_talk: bool = False, half_duplex: bool | None = None, barge_in: bool | None = None,
+                 echo_guard: bool | None = None,
+                 mutes: list[tuple[float, float]] | None = None, stages: Stages | None = None,
+                 run: RunPolicy | None = None, out: Path | None = None, listen_only: bool = False, log: Log = print,
+                 meta: dict | None = None) -> SessionLoop:
+    """The one way a transport opens a conversation: its floor, its worker and its bundle, wired to `listeners`.
+
+    `half_duplex` (the VAD is muted while the agent speaks) and `barge_in` (the user's speech cuts the reply):
+    the config's (`audio.*`) unless given. `echo_guard` (default: on with barge-in): an utterance that is the
+    agent's own last reply heard back is no turn. `mutes`: replay's recorded mute spans. `stages`: models already
+    built (a server's); otherwise the worker builds them. `out`: the bundle's folder (default: a new one under
+    `session.dir` when `session.record`); `meta` goes into its session.json (with the mode, the config and what
+    the TTS is). `listen_only`: no models and no bundle, only turn-taking (see `listen`). Call `start()` on the
+    result before feeding it."""
+    half_duplex = cfg.audio.half_duplex if half_duplex is None else half_duplex
+    barge_in = cfg.audio.barge_in if barge_in is None else barge_in
+    floor = Floor(endpointer(cfg, endpointing=not push_to_talk, log=log), push_to_talk=push_to_talk,
+                  half_duplex=half_duplex, barge_in=barge_in, mutes=mutes)
+    fanout = Listeners(*listeners)
+    if listen_only:
+        return SessionLoop(cfg, floor, None, fanout, log)
+
+    def open_recorder(stages: Stages) -> SessionRecorder | None:  # on the worker's thread, once the stages are built
+        if not cfg.session.record and out is None:
+            return None
+        folder = out or new_bundle_dir(cfg.resolve(cfg.session.dir), mode)
+        recorder = SessionRecorder(folder, session_meta(cfg, mode, stages, **(meta or {})), warn=log)
+        fanout.add(recorder.listen)
+        return recorder
+
+    worker = Worker(cfg, sink, fanout.emit, log, open_recorder, stages=stages, run=run,
+                    echo_guard=barge_in if echo_guard is None else echo_guard)
+    return SessionLoop(cfg, floor, worker, fanout, log)
+
+
+def listen(cfg: AgentConfig, blocks: Iterable[tuple[float, np.ndarray, list[str]]], push_to_talk: bool = False,
+           mutes: list[tuple[float, float]] | None = None) -> Iterator[Utterance]:
+    """Turn-taking alone, as a session does it: the utterances the floor ends for these (mic time, block, keys),
+    in order, with no model loaded (where replay would end each turn)."""
+    ended: list[Utterance] = []
+    def heard(event) -> None:
+        if isinstance(event, UtteranceEnded):
+            ended.append(event.utterance)
+
+    loop = open_session(cfg, "listen", None, listeners=[heard], push_to_talk=push_to_talk, mutes=mutes,
+                        listen_only=True)
+    end = 0.0
+    for t, block, keys in blocks:
+        loop.feed(t, block, keys)
+        end = t + len(block) / MIC_RATE
+        yield from ended
+        ended.clear()
+    loop.flush(end)
+    yield from ended

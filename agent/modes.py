@@ -6,9 +6,9 @@
 - push-to-talk: a key starts and ends each turn; VAD endpointing is off.
 Each only reads mic blocks (and key actions) and feeds them to a `SessionLoop` with its sink; who holds the
 floor, what is recorded and how a session closes are the loop's, the same as for the browser page.
-Threads: audio callbacks only copy samples; the loop's worker thread owns every model call; the main thread
-moves mic blocks. `--realtime` replay runs the same way, on the stream clock: audio keeps coming while a turn
-is answered, as from a mic. Fast replay runs the worker inline: each utterance is answered before feeding on,
+Threads: audio callbacks only copy samples; the loop's worker thread runs the ASR, the LLM and the TTS; the main
+thread moves mic blocks through the floor (the VAD, and Smart Turn when it is on). `--realtime` replay runs the
+same way, on the stream clock: audio keeps coming while a turn is answered, as from a mic. Fast replay runs the worker inline: each utterance is answered before feeding on,
 which keeps it deterministic for a seed.
 """
 
@@ -24,21 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.build import endpointer
 from agent.config import AgentConfig
 from agent.conversation import Conversation
 from agent.engine import Stages
-from agent.floor import Floor
-from agent.loop import SessionLoop, Worker, open_recorder
+from agent.loop import Inline, OwnThread, listen, open_session
 from agent.session import (
     MIC_RATE,
     SessionData,
-    SessionRecorder,
     check_new_bundle,
     load_replay_source,
 )
 from agent.sinks import ReplaySink
 from pipelines.audio import resample
+from pipelines.messages import TTS_SAMPLE_RATE
 from pipelines.vad import Utterance
 
 Log = Callable[[str], None]
@@ -53,27 +51,6 @@ class RunResult:
     bundle: Path | None
     conversation: Conversation
     summary: dict
-
-
-def _prepare(cfg: AgentConfig, mode: str, out: Path | None, log: Log) -> Callable[[Stages], SessionRecorder | None]:
-    """The worker's per-session setup for chat, push-to-talk and replay: the echo guard when the user may talk
-    over the agent (its own reply heard back is no turn: live through the speaker, in replay as recorded), and
-    the bundle."""
-
-    def prepare(stages: Stages) -> SessionRecorder | None:
-        if cfg.audio.barge_in:
-            from agent.echo import guard_against_echo
-
-            guard_against_echo(stages, lambda text: log(f"(echo of the agent's own reply: {text!r}; no turn)"))
-        return open_recorder(cfg, mode, out, stages, log)
-
-    return prepare
-
-
-def _replay_floor(cfg: AgentConfig, data: SessionData) -> Floor:
-    vad = endpointer(cfg, endpointing=not data.keys)
-    return Floor(vad, push_to_talk=bool(data.keys), half_duplex=cfg.audio.half_duplex,
-                 barge_in=cfg.audio.barge_in, mutes=data.mutes)
 
 
 def _replay_blocks(cfg: AgentConfig, data: SessionData, progress: bool = False
@@ -99,37 +76,32 @@ def _replay_blocks(cfg: AgentConfig, data: SessionData, progress: bool = False
 
 
 def replay_utterances(cfg: AgentConfig, data: SessionData) -> Iterator[Utterance]:
-    """Feed a session's mic audio through the VAD exactly as a live mic would, applying the recorded
-    half-duplex mutes and push-to-talk keys; yield each utterance as its end is decided."""
-    floor = _replay_floor(cfg, data)
-    for t, block, keys in _replay_blocks(cfg, data):
-        yield from floor.step(t, block, keys, False, MIC_RATE).utterances
-    yield from floor.flush().utterances
+    """Where replay ends each user turn: a session's mic audio through the session's own turn-taking (recorded
+    half-duplex mutes and push-to-talk keys applied), with no model loaded."""
+    return listen(cfg, _replay_blocks(cfg, data), push_to_talk=bool(data.keys), mutes=data.mutes)
 
 
 def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, log: Log = print,
                progress: bool = True, stages: Stages | None = None) -> RunResult:
     """Replay a session (or audio files) through the session loop. Fast replay answers each utterance before
     feeding on (deterministic for a seed); `replay.realtime` feeds blocks when a mic would deliver them while
-    the worker answers, as live. `stages`: models already built (warmed by their owner), instead of the config's."""
+    the worker answers, as live. `stages`: models already built (warmed by their owner), instead of the config's.
+    The recorded half-duplex mutes and push-to-talk keys are applied as they were live."""
     if out is not None:
         check_new_bundle(out)  # before any model loads; the bundle being read is never written to
     data = load_replay_source(sources, gap_s=cfg.vad.silence_ms / 1000 + 1.0)
     log(f"replay: {len(data.mic) / data.rate:.1f} s of audio from {', '.join(map(str, sources))}"
         + (" (push-to-talk keys from the bundle)" if data.keys else ""))
-    sink = ReplaySink(24_000, keep=False)
-    worker = Worker(cfg, sink, _prepare(cfg, "replay", out, log), log, stages=stages, threaded=cfg.replay.realtime)
-    worker.start()
-    worker.wait_ready()
-    sink.sample_rate = worker.engine.stages.tts.sample_rate
-    loop = SessionLoop(cfg, _replay_floor(cfg, data), worker, log)
+    loop = open_session(cfg, "replay", ReplaySink(keep=False), push_to_talk=bool(data.keys), mutes=data.mutes,
+                        stages=stages, run=OwnThread() if cfg.replay.realtime else Inline(), out=out, log=log)
+    loop.start()
     stopped = False
     try:
         for t, block, keys in _replay_blocks(cfg, data, progress):
-            if worker.error is not None:
+            if loop.error is not None:
                 break
             loop.feed(t, block, keys)
-        if worker.error is None:
+        if loop.error is None:
             loop.flush(len(data.mic) / data.rate)
     except KeyboardInterrupt:
         stopped = True
@@ -139,9 +111,9 @@ def run_replay(cfg: AgentConfig, sources: list[Path], out: Path | None = None, l
             raise
     finally:
         summary, stopped = loop.close(stopped)
-    if worker.error is not None:
-        raise worker.error
-    return RunResult(worker.recorder.folder if worker.recorder else None, worker.engine.conversation, summary)
+    if loop.error is not None:
+        raise loop.error
+    return RunResult(loop.bundle, loop.conversation, summary)
 
 
 def _stdin_keys(keys: queue.Queue) -> None:
@@ -177,24 +149,18 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     mode = "push-to-talk" if push_to_talk else "hands-free"
     canceller = EchoCanceller(MIC_RATE) if a.echo_cancellation else None  # the mic minus what the speaker plays
     make_speaker = SpeakerSink if canceller is None else partial(EchoReferenceSpeaker, canceller)
-    sink = PlaybackSink(make_speaker(24_000, device=a.output_device or None, jitter_ms=a.jitter_ms).start())
 
-    worker = Worker(cfg, sink, _prepare(cfg, mode, out, log), log)
-    worker.start()
+    def open_speaker(rate: int):
+        return make_speaker(rate, device=a.output_device or None, jitter_ms=a.jitter_ms).start()
+
+    sink = PlaybackSink(open_speaker(TTS_SAMPLE_RATE), reopen=open_speaker)
+    loop = open_session(cfg, mode, sink, push_to_talk=push_to_talk, out=out, log=log)
     log(f"{mode}: loading models...")
     try:
-        worker.wait_ready()
+        loop.start()
     except BaseException:
         sink.close()
         raise
-    tts_rate = worker.engine.stages.tts.sample_rate
-    if tts_rate != sink.sample_rate:  # Marvis speaks at 24 kHz; another TTS may not
-        sink.close()
-        sink.use(make_speaker(tts_rate, device=a.output_device or None, jitter_ms=a.jitter_ms).start())
-    recorder = worker.recorder
-    floor = Floor(endpointer(cfg, endpointing=not push_to_talk), push_to_talk=push_to_talk,
-                  half_duplex=a.half_duplex, barge_in=a.barge_in)
-    loop = SessionLoop(cfg, floor, worker, log)
     keys: queue.Queue = queue.Queue()
     if push_to_talk and script is None:
         threading.Thread(target=_stdin_keys, args=(keys,), daemon=True).start()
@@ -209,7 +175,7 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     try:
         with MicSource(MIC_RATE, block_ms=a.block_ms, device=a.input_device or None) as mic:
             last_block = time.monotonic()
-            while worker.error is None:
+            while loop.error is None:
                 block = mic.read(timeout=0.5)
                 if block is None:
                     if not mic.active:
@@ -218,10 +184,10 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
                         gone = f"stopped delivering audio ({MIC_STALL_S:.0f} s without a block)"
                     else:
                         continue
-                    worker.cancel()  # the device is gone (unplugged, or its driver failed): save what was heard
-                    kept = f"the session up to then is saved in {recorder.folder}" if recorder else "nothing recorded"
+                    loop.cancel()  # the device is gone (unplugged, or its driver failed): save what was heard
+                    kept = f"the session up to then is saved in {loop.bundle}" if loop.bundle else "nothing recorded"
                     raise VoiceAgentError(f"the microphone {mic.name} {gone} after {mic.stream_time:.1f} s; {kept}; "
-                                          f"plug it back in (or pick another with --audio.input_device) and start again")
+                                          "plug it back in (or pick another with --audio.input_device) and start again")
                 last_block = time.monotonic()
                 if canceller is not None:
                     block = canceller.near_end(block)
@@ -230,7 +196,7 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
                     log(f"warning: the microphone has delivered only zeros for {mic.zeros_s:.0f} s: it is muted, "
                         f"unplugged, or this program may not use it (macOS: System Settings > Privacy > Microphone)")
                 t = mic.stream_time - len(block) / MIC_RATE  # mic time at the start of this block
-                actions = _key_actions(keys, script, t, floor.vad.in_speech) if push_to_talk else []
+                actions = _key_actions(keys, script, t, loop.in_speech) if push_to_talk else []
                 loop.feed(t, block, [a for a in actions if a != "eof"])
                 if "eof" in actions:
                     log("push-to-talk: end of input (stdin closed), stopping")
@@ -246,11 +212,11 @@ def run_live(cfg: AgentConfig, push_to_talk: bool, duration_s: float | None = No
     finally:
         summary, interrupted = loop.close(interrupted)
         sink.close()
-    if worker.error is not None:
-        raise worker.error
+    if loop.error is not None:
+        raise loop.error
     if interrupted:
         log("stopped")
-    return RunResult(recorder.folder if recorder else None, worker.engine.conversation, summary)
+    return RunResult(loop.bundle, loop.conversation, summary)
 
 
 def _read_key_script(path: Path) -> list[tuple[float, str]]:

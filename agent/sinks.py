@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from pipelines.audio import to_mono_float32
+from pipelines.errors import VoiceAgentError
 
 STALL_S = 10.0  # playback that makes no progress for this long is given up (the device or the page stopped)
 
@@ -48,6 +49,8 @@ class AudioSink(Protocol):
     def output_latency(self) -> float:
         """Seconds from hand-off to the listener's ear (a device's buffer); 0 when counted at the ear."""
 
+    def set_sample_rate(self, rate: int) -> None:
+        """Speak at `rate` (the TTS's) from now on; a sink that cannot raises `VoiceAgentError`, naming why."""
     def begin_utterance(self) -> None: ...
     def set_prebuffer(self, seconds: float) -> None:
         """This utterance starts playing once `seconds` of it are buffered (sized from the TTS's rate)."""
@@ -157,12 +160,14 @@ class ReplaySink(CutSink):
         self.sample_rate = sample_rate
         self.keep = keep  # replay does not keep: the bundle has each turn's audio, memory stays flat
         self.on_first_sample: Callable[[float], None] | None = None
-        self.underruns = 0
         self._written: list[np.ndarray] = []
         self._in_utterance = False
         self._played = 0
         self._prebuffer = 1
         self._started = False
+
+    def set_sample_rate(self, rate: int) -> None:
+        self.sample_rate = rate
 
     def _begin(self) -> None:
         self._in_utterance = True
@@ -221,20 +226,29 @@ class PlaybackSink(CutSink):
     (or cut by a barge-in), like `ReplaySink`, whose writes are "played" at once. So the engine's check for an
     interruption after the reply sees a barge-in during playback and keeps only what was heard, and
     `first_sample_played` is in the turn's waterfall even when the TTS was done before the speaker started.
-    `speaker` is an agent/devices.py `SpeakerSink` (or one like it)."""
+    `speaker` is an agent/devices.py `SpeakerSink` (or one like it), started; `reopen(rate)`, when given, opens
+    the same device at another rate (a TTS that does not speak at the speaker's)."""
 
-    def __init__(self, speaker):
+    def __init__(self, speaker, reopen: Callable[[int], object] | None = None):
         super().__init__()
         self.on_first_sample: Callable[[float], None] | None = None  # set by the engine for each turn
         self._first = threading.Event()
-        self.use(speaker)
+        self.reopen = reopen
+        self._use(speaker)
 
     @property
     def sample_rate(self) -> int:
         return self.speaker.sample_rate
 
-    def use(self, speaker) -> None:
-        """Play through this speaker from now on (e.g. one opened at the TTS's sample rate)."""
+    def set_sample_rate(self, rate: int) -> None:
+        if rate == self.speaker.sample_rate:
+            return
+        if self.reopen is None:
+            raise VoiceAgentError(f"the speaker was opened at {self.speaker.sample_rate} Hz and cannot play {rate} Hz")
+        self.speaker.close()
+        self._use(self.reopen(rate))
+
+    def _use(self, speaker) -> None:
         self.speaker = speaker
         speaker.on_first_sample = self._first_sample
 

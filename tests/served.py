@@ -89,3 +89,20 @@ def serve_in_process(body, **factories) -> None:
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+async def closed_with(ws, timeout: float = 30) -> tuple[int, str]:
+    """Read until the server closes the WebSocket; its close code and reason."""
+    from aiohttp import WSMsgType
+
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+            return ws.close_code, (msg.extra or "") if msg.type == WSMsgType.CLOSE else ""
+
+
+async def still_serving(http, port, connect, greeting) -> None:
+    """A new client is served: `connect(http, port)` gets a socket, `greeting(ws)` its first answer."""
+    ws = await connect(http, port)
+    assert await greeting(ws)
+    await ws.close()

@@ -22,15 +22,15 @@ class StandInWorker:
     """Records what the adapter asks of the worker; `speaking` says whether a turn is under way."""
 
     def __init__(self, sink):
-        self.sink, self.recorder = sink, None
+        self.sink, self.recorder, self.engine = sink, None, None
         self.speaking = False
         self.submitted, self.texts, self.barge_ins = [], [], 0
 
-    def submit(self, utterance):
-        self.submitted.append(utterance)
-
-    def submit_text(self, text, t):
-        self.texts.append(text)
+    def answer(self, utterance, text=None):
+        if text is None:
+            self.submitted.append(utterance)
+        else:
+            self.texts.append(text)
 
     def speculate(self, utterance):
         pass
@@ -148,11 +148,11 @@ def test_a_text_message_is_answered_on_response_create(session):
 
 def test_engine_events_become_the_response_events(session):
     session._transcribing.append(("item_user", True))
-    session._engine_event(Transcribed("What is the capital of France?", 1.0, 2.5, 3.2, "vad"))
+    session._event(Transcribed("What is the capital of France?", 1.0, 2.5, 3.2, "vad"))
     session.sink.begin_utterance()
-    session._engine_event(Said("Paris."))
+    session._event(Said("Paris."))
     session.sink.write(np.full(480, 0.1, np.float32))
-    session._engine_event(TurnEnded(Turn(0, "What is the capital of France?", reply="Paris.")))
+    session._event(TurnEnded(Turn(0, "What is the capital of France?", reply="Paris.")))
     kinds = [e["type"] for e in session.sent]
     assert kinds == ["conversation.item.input_audio_transcription.completed", "response.created",
                      "response.output_item.added", "response.content_part.added",
@@ -167,7 +167,7 @@ def test_engine_events_become_the_response_events(session):
 
 def test_heard_after_a_cut_is_what_the_client_played(session):
     session._transcribing.append(("item_user", True))
-    session._engine_event(Transcribed("Tell me a story.", 0.0, 1.0, 1.7, "vad"))
+    session._event(Transcribed("Tell me a story.", 0.0, 1.0, 1.7, "vad"))
     item = session._response.item_id
     session.sink.begin_utterance()
     session.sink.write(np.full(RATE, 0.1, np.float32))  # a second of reply sent

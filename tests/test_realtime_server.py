@@ -12,11 +12,11 @@ import time
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
 
 from agent.web import server as server_module
 from agent.web.realtime import RealtimeSession
 from agent.web.server import CLOSE_BUSY, CLOSE_FLOOD, REALTIME_BURST
+import served
 from served import TOKEN, serve_in_process
 
 
@@ -54,16 +54,15 @@ async def greeted(ws) -> dict:
 
 
 async def still_serving(http, port) -> None:
-    ws = await connect(http, port)
-    assert (await greeted(ws))["type"] == "session.created"
-    await ws.close()
+    await served.still_serving(http, port, connect, lambda ws: _is_greeting(ws))
+
+
+async def _is_greeting(ws) -> bool:
+    return (await greeted(ws))["type"] == "session.created"
 
 
 async def closed_with(ws) -> int:
-    while True:
-        msg = await ws.receive(timeout=30)
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
-            return ws.close_code
+    return (await served.closed_with(ws))[0]
 
 
 @pytest.mark.parametrize("case", ["wrong token", "no token", "another site's page"])

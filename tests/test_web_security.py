@@ -13,8 +13,8 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import WSMsgType
-from served import TOKEN, serve_in_process
+import served
+from served import TOKEN, closed_with, serve_in_process
 
 from agent.web.page import MAX_FRAME_SAMPLES, BrowserSink, PageSession
 from agent.web.server import CLOSE_BUSY, CLOSE_PROTOCOL
@@ -54,18 +54,12 @@ async def hello(ws, mode="hands-free") -> dict:
             return msg
 
 
-async def closed_with(ws) -> tuple[int, str]:
-    """Read until the server closes; the close code and reason."""
-    while True:
-        msg = await ws.receive(timeout=10)
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
-            return ws.close_code, (msg.extra or "") if msg.type == WSMsgType.CLOSE else ""
-
-
 async def still_serving(http, port) -> None:
-    ws = await connect(http, port)
-    assert (await hello(ws))["type"] == "ready"
-    await ws.close()
+    await served.still_serving(http, port, connect, lambda ws: _is_ready(ws))
+
+
+async def _is_ready(ws) -> bool:
+    return (await hello(ws))["type"] == "ready"
 
 
 def test_the_page_needs_the_token_and_the_apps_own_host(tmp_path):

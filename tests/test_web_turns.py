@@ -31,7 +31,7 @@ class SpeakingWorker:
     def barge_in(self) -> None:
         self.barge_ins += 1
 
-    def submit(self, utterance) -> None:
+    def answer(self, utterance, text=None) -> None:
         self.submitted.append(utterance)
 
     def speculate(self, utterance) -> None:
@@ -54,6 +54,7 @@ def converse(tmp_path, mic: np.ndarray, push_to_talk: bool, full_duplex: bool, s
     conversation = PageSession(load_config("default"), sent.append, push_to_talk, full_duplex, log=lambda m: None)
     recorder = SessionRecorder(tmp_path / "bundle", {"mode": conversation.mode})
     conversation.worker = conversation.loop.worker = SpeakingWorker(speaking, conversation.sink, recorder)
+    conversation.loop.listeners.add(recorder.listen)  # the bundle follows the session as a listener
     conversation.started = time.monotonic() - 3600  # the frames come faster than real time here
     keys = dict(keys)  # frame index -> key down?
     for i, start in enumerate(range(0, len(mic), FRAME)):
@@ -121,3 +122,76 @@ def test_a_page_session_in_which_nobody_spoke_says_why(tmp_path):
     assert lines == ["no turn taken: no speech found in 1.0 s of mic audio (too quiet? check the input level, "
                      "vad.energy_margin_db, or that the right microphone is used)"], lines
     assert not page.spoke
+
+
+class HeardQuestion:
+    def transcribe(self, audio, sample_rate=16000):
+        from pipelines.asr.whisper import Transcript
+
+        return Transcript("What is the capital of France?", 0.0, "en")
+
+    def warmup(self):
+        pass
+
+
+class Answers:
+    system_prompt = ""
+    max_history_turns = 2
+
+    def stream(self, text):
+        yield from ("Paris ", "is ", "the ", "capital.")
+
+    def commit(self, user, reply):
+        pass
+
+    def reset(self):
+        pass
+
+    def warmup(self):
+        pass
+
+
+def test_the_page_narrates_the_turn_when_nothing_is_recorded(question, tiny_args, tiny_tokenizer, mimi):
+    """The page's transcript, reply and turn messages are a session listener of their own: with
+    `session.record = false` (no bundle) the page still hears the whole turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.engine import Stages
+    from pipelines.tts.load import TTSConfig
+    from pipelines.tts.prompt import TextTokenizer
+    from pipelines.tts.stage import MarvisTTS
+    from pipelines.tts.weights import random_model
+
+    cfg = load_config("default", [("session.record", "false")])
+    assert cfg.session.record is False
+    owner = ThreadPoolExecutor(1)  # the server's one model thread: MLX work stays on the thread that built it
+    tts = owner.submit(lambda: MarvisTTS(random_model(tiny_args, seed=0), TextTokenizer(tiny_tokenizer), mimi)).result()
+    stages = Stages(HeardQuestion(), Answers(), tts, TTSConfig(seed=0, max_audio_length_ms=480))
+    sent = []
+
+    def send(message):  # the page: it plays each reply at once and says so
+        sent.append(message)
+        if isinstance(message, dict) and message["type"] == "end":
+            page.sink.report_played(message["id"], page.sink._written, final=False)
+
+    page = PageSession(cfg, send, False, False, log=lambda m: None, stages=stages, owner=owner)
+    page.start()
+    page.started = time.monotonic() - 3600  # the frames come faster than real time here
+    for start in range(0, len(question), FRAME):
+        page.mic(question[start:start + FRAME].astype("<i2").tobytes())
+    deadline = time.monotonic() + 120
+    while not any(isinstance(m, dict) and m.get("type") == "turn" for m in sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert page.close() is None  # no bundle
+    owner.shutdown()
+    assert page.loop.error is None
+    messages = [m for m in sent if isinstance(m, dict)]
+    kinds = [m["type"] for m in messages]
+    assert {"type": "transcript", "text": "What is the capital of France?"} in messages
+    # the reply may start on the speculation at the first pause, before the endpoint's transcript
+    assert max(kinds.index("transcript"), kinds.index("reply_start")) < kinds.index("turn")
+    assert "".join(m["text"] for m in messages if m["type"] == "reply") == "Paris is the capital."
+    (turn,) = [m for m in messages if m["type"] == "turn"]
+    assert turn["reply"] == "Paris is the capital." and turn["transcript"] == "What is the capital of France?"
+    assert kinds.count("speech") == 2 and kinds.index("listening") < kinds.index("turn")  # the floor narrates too
+    assert any(isinstance(m, bytes) for m in sent)  # the reply's audio went to the page

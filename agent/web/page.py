@@ -24,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.build import endpointer
 from agent.config import AgentConfig
-from agent.echo import guard_against_echo
 from agent.engine import Stages
-from agent.floor import Floor
-from agent.loop import SessionLoop, Worker, open_recorder
+from agent.events import EchoHeard, Event, MuteChanged, ReplyStarted, ReplyText, SpeechChanged, Transcribed, TurnEnded
+from agent.loop import OwnThread, SharedThread, open_session
 from agent.session import MIC_RATE, SessionRecorder
 from agent.sinks import CutSink, wait_until_played
 from pipelines.audio import float_to_pcm16, pcm16_to_float
@@ -74,6 +72,9 @@ class BrowserSink(CutSink):
         self._written = self._played = 0
         self._in_utterance, self._ended, self._final = True, False, False
         self.send({"type": "utterance", "id": self._id, "rate": self.sample_rate})
+
+    def set_sample_rate(self, rate: int) -> None:
+        self.sample_rate = rate  # each utterance tells the page its rate
 
     def set_prebuffer(self, seconds: float) -> None:
         pass  # the page's worklet keeps its own jitter buffer
@@ -139,42 +140,9 @@ class BrowserSink(CutSink):
         self.gone()
 
 
-class PageRecorder(SessionRecorder):
-    """The session bundle, whose transcript and turn events also go to the page as they are written."""
-
-    def __init__(self, folder: Path, meta: dict, warn: Log, send: Callable[[object], None]):
-        super().__init__(folder, meta, warn=warn)
-        self.send = send
-
-    def event(self, kind: str, t: float | None = None, **data) -> None:
-        super().event(kind, t, **data)
-        if kind == "transcript":
-            self.send({"type": "transcript", "text": data.get("text", "")})
-        elif kind == "turn":
-            self.send({"type": "turn", **{k: data[k] for k in ("index", "transcript", "reply", "interrupted",
-                                                               "waterfall")}})
-
-
-class NarratedReply:
-    """The reply stage, sending each piece of text to the page as it is generated (just before it is spoken).
-    A reply started ahead on a speculation goes on in the turn that keeps it; a dropped one is replaced by the
-    next reply, which starts afresh on the page."""
-
-    def __init__(self, llm, send: Callable[[object], None]):
-        self._llm, self.send = llm, send
-
-    def __getattr__(self, name):
-        return getattr(self._llm, name)
-
-    def stream(self, user_text: str):
-        self.send({"type": "reply_start"})
-        for delta in self._llm.stream(user_text):
-            self.send({"type": "reply", "text": delta})
-            yield delta
-
-
 class PageSession:
-    """One browser conversation: checks the page's messages and feeds its mic frames to the session loop."""
+    """One browser conversation: checks the page's messages, feeds its mic frames to the session loop, and
+    narrates the conversation to the page (`narrate`, a session listener like the bundle)."""
 
     def __init__(self, cfg: AgentConfig, send: Callable[[object], None], push_to_talk: bool, full_duplex: bool,
                  log: Log, stages: Stages | None = None, owner=None):
@@ -182,43 +150,47 @@ class PageSession:
         self.push_to_talk, self.full_duplex = push_to_talk, full_duplex
         self.mode = "push-to-talk" if push_to_talk else "hands-free"
         self.sink = BrowserSink(send)
-        self.floor = Floor(endpointer(cfg, endpointing=not push_to_talk),
-                           push_to_talk=push_to_talk, half_duplex=not full_duplex, barge_in=full_duplex)
-        self.in_speech = False
         self.keys: list[str] = []  # push-to-talk actions, applied on the next mic frame
         self.samples = 0
         self.started: float | None = None
         self._closed: Path | None | bool = False
+        # the page always guards against its own echo: the browser's canceller may leave some of the reply in
+        self.loop = open_session(cfg, self.mode, self.sink, listeners=[self.narrate], push_to_talk=push_to_talk,
+                                 half_duplex=not full_duplex, barge_in=full_duplex, echo_guard=True, stages=stages,
+                                 run=SharedThread(owner) if owner is not None else OwnThread(), log=log,
+                                 meta={"front_end": "browser", "full_duplex": full_duplex})
 
-        def prepare(stages: Stages) -> SessionRecorder | None:
-            stages.llm = NarratedReply(stages.llm, send)
-
-            def on_echo(text: str) -> None:
-                log(f"(echo of the agent's own reply: {text!r}; no turn)")
-                send({"type": "echo", "text": text})
-
-            guard_against_echo(stages, on_echo)
-            return open_recorder(cfg, self.mode, None, stages, log,
-                                 recorder_class=lambda folder, meta, warn: PageRecorder(folder, meta, warn, send),
-                                 front_end="browser", full_duplex=full_duplex)
-
-        self.worker = Worker(cfg, self.sink, prepare, log, stages=stages, owner=owner)
-        self.loop = SessionLoop(cfg, self.floor, self.worker, log)
+    def narrate(self, event: Event) -> None:
+        """The conversation as the page shows it (the worker's thread or the event loop's; `send` queues)."""
+        if isinstance(event, Transcribed):
+            self.send({"type": "transcript", "text": event.text})
+        elif isinstance(event, ReplyStarted):
+            self.send({"type": "reply_start"})
+        elif isinstance(event, ReplyText):
+            self.send({"type": "reply", "text": event.text})
+        elif isinstance(event, TurnEnded):
+            row = event.row()
+            self.send({"type": "turn", **{k: row[k] for k in ("index", "transcript", "reply", "interrupted",
+                                                              "waterfall")}})
+        elif isinstance(event, EchoHeard):
+            self.send({"type": "echo", "text": event.text})
+        elif isinstance(event, MuteChanged):
+            self.send({"type": "listening", "on": not event.on})
+        elif isinstance(event, SpeechChanged):
+            self.send({"type": "speech", "on": event.on})
 
     @property
     def recorder(self) -> SessionRecorder | None:
-        return self.worker.recorder
+        return self.loop.recorder
 
     def start(self) -> None:
         """Build and warm up the models (blocking: call it off the event loop); raise what the worker raised."""
-        self.worker.start()
-        self.worker.wait_ready()
-        self.sink.sample_rate = self.worker.engine.stages.tts.sample_rate
+        self.loop.start()
         self.started = time.monotonic()
 
     def ready(self) -> dict:
         """What the page needs to start: rates, mode, what the TTS is."""
-        tts = self.worker.engine.stages.tts
+        tts = self.loop.engine.stages.tts
         return {"type": "ready", "mode": self.mode, "full_duplex": self.full_duplex,
                 "sample_rate": self.sink.sample_rate, "mic_rate": MIC_RATE, "bundle": None,
                 "tts": {"untrained": bool(tts.untrained), "describe": str(tts.describe())}}
@@ -238,20 +210,12 @@ class PageSession:
         t = self.samples / MIC_RATE
         self.samples += n
         actions, self.keys = self.keys, []
-        step = self.loop.feed(t, block, actions)
-        if step.mute is not None:
-            self.send({"type": "listening", "on": not step.mute})
-        if self.floor.vad.in_speech != self.in_speech:
-            self.in_speech = self.floor.vad.in_speech
-            self.send({"type": "speech", "on": self.in_speech})
+        self.loop.feed(t, block, actions)
 
     def duplex(self, full: bool, echo_cancellation: bool | None) -> None:
         """Full duplex on/off (the page turns it on when the browser's echo canceller runs)."""
-        self.full_duplex = self.floor.barge_in = full
-        self.floor.half_duplex = not full
-        extra = {} if echo_cancellation is None else {"echo_cancellation": echo_cancellation}
-        if self.recorder is not None:
-            self.recorder.event("duplex", t=self.samples / MIC_RATE, full=full, **extra)
+        self.full_duplex = full
+        self.loop.set_duplex(self.samples / MIC_RATE, full, echo_cancellation)
 
     def key(self, down: bool) -> None:
         if not self.push_to_talk:
@@ -261,7 +225,7 @@ class PageSession:
     @property
     def spoke(self) -> bool:
         """Did the user say anything? (A conversation with nothing in it keeps no bundle.)"""
-        return self.floor.started > 0
+        return self.loop.spoke
 
     def close(self) -> Path | None:
         """The page is gone (blocking: off the event loop): answer nothing more, write the bundle's summary."""
@@ -270,7 +234,7 @@ class PageSession:
         self._closed = None
         self.sink.gone()
         self.loop.close(abandon=True)
-        self._closed = self.recorder.folder if self.recorder is not None else None
+        self._closed = self.loop.bundle
         return self._closed
 
 

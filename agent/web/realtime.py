@@ -41,13 +41,13 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from agent.build import endpointer
 from agent.config import AgentConfig
 from agent.engine import Stages
-from agent.floor import Floor
-from agent.loop import SessionLoop, Worker, open_recorder
-from agent.session import MIC_RATE, SessionRecorder
+from agent.events import Event, Said, SpeechChanged, Transcribed, TurnEnded, UtteranceEnded
+from agent.loop import OwnThread, SharedThread, open_session
+from agent.session import MIC_RATE
 from agent.sinks import CutSink
+from pipelines.errors import VoiceAgentError
 from pipelines.audio import float_to_pcm16, pcm16_to_float
 
 RATE = 24_000  # the protocol's PCM16 rate, in and out
@@ -83,6 +83,10 @@ class RealtimeSink(CutSink):
     def _begin(self) -> None:
         self._played, self._in_utterance = 0, True
         self._first_wall, self._truncated = None, None
+
+    def set_sample_rate(self, rate: int) -> None:
+        if rate != RATE:
+            raise VoiceAgentError(f"the TTS speaks at {rate} Hz; the Realtime protocol carries {RATE} Hz")
 
     def set_prebuffer(self, seconds: float) -> None:
         pass  # the client keeps its own playback buffer
@@ -153,9 +157,8 @@ class RealtimeSession:
         self.instructions = cfg.llm.system_prompt
         self.server_vad, self.create_response = True, True
         self.sink = RealtimeSink(self._audio_delta)
-        self.llm = None  # the session's reply stage (instructions go there)
         self._resampler = soxr.ResampleStream(RATE, MIC_RATE, 1, dtype="float32")
-        self.samples = 0  # 16 kHz samples fed to the floor: mic-stream time
+        self.samples = 0  # 16 kHz samples fed to the session: mic-stream time
         self._buffered = 0  # samples appended since the last commit/clear (manual turn detection)
         self._speech_item: str | None = None  # the user item of the speech under way
         self._transcribing: collections.deque[tuple[str, bool]] = collections.deque()  # (user item, is audio)
@@ -164,23 +167,16 @@ class RealtimeSession:
         self._answering = 0  # user inputs handed to the worker whose response has not ended
         self._last_item: str | None = None
         self.spoke = False  # did the user say or type anything (a session with nothing in it keeps no bundle)
-
-        def prepare(stages: Stages) -> SessionRecorder | None:
-            # no echo guard: the client plays the reply and cancels its own echo (a user who repeats the last
-            # reply after it ended is a turn, which the guard would take for an echo)
-            self.llm = stages.llm
-            return open_recorder(cfg, "realtime", None, stages, log, front_end="openai-realtime")
-
-        self.worker = Worker(cfg, self.sink, prepare, log, stages=stages, on_event=self._engine_event, owner=owner)
-        self.loop = SessionLoop(cfg, self._floor(), self.worker, log)
+        # no echo guard: the client plays the reply and cancels its own echo (a user who repeats the last reply
+        # after it ended is a turn, which the guard would take for an echo)
+        self.loop = open_session(cfg, "realtime", self.sink, listeners=[self._event], push_to_talk=False,
+                                 half_duplex=False, barge_in=True, echo_guard=False, stages=stages,
+                                 run=SharedThread(owner) if owner is not None else OwnThread(), log=log,
+                                 meta={"front_end": "openai-realtime"})
 
     @property
-    def floor(self) -> Floor:
-        return self.loop.floor  # replaced when turn detection is switched on or off
-
-    def _floor(self) -> Floor:
-        return Floor(endpointer(self.cfg, endpointing=self.server_vad), push_to_talk=not self.server_vad,
-                     half_duplex=False, barge_in=self.server_vad)
+    def now(self) -> float:
+        return self.samples / MIC_RATE
 
     def _id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids):06d}"
@@ -196,11 +192,7 @@ class RealtimeSession:
 
     def start(self) -> None:
         """Ready the models (blocking: off the event loop), then greet the client with `session.created`."""
-        self.worker.start()
-        self.worker.wait_ready()
-        if self.worker.engine.stages.tts.sample_rate != RATE:
-            raise RuntimeError(f"the TTS speaks at {self.worker.engine.stages.tts.sample_rate} Hz; the Realtime "
-                               f"protocol carries {RATE} Hz")
+        self.loop.start()
         self.send("session.created", session=self._session())
 
     def _session(self) -> dict:
@@ -219,7 +211,7 @@ class RealtimeSession:
         is returned)."""
         self.sink.close()
         self.loop.close(abandon=True)
-        return self.worker.recorder.folder if self.worker.recorder is not None else None
+        return self.loop.bundle
 
     # -- client events --------------------------------------------------------------------------------------
 
@@ -271,12 +263,11 @@ class RealtimeSession:
             server_vad = detection is not None
             self.create_response = bool((detection or {}).get("create_response", True))
             if server_vad != self.server_vad:
-                if self.floor.vad.in_speech or self._buffered:
+                if self.loop.in_speech or self._buffered:
                     raise ProtocolError("invalid_state", "turn detection can change only between turns")
                 self.server_vad = server_vad
-                self.loop.floor = self._floor()
-        if self.llm is not None:
-            self.llm.system_prompt = self.instructions
+                self.loop.set_turn_detection(self.now, server_vad)
+        self.loop.set_instructions(self.instructions)
         self.send("session.updated", session=self._session())
 
     def _append(self, event: dict) -> None:
@@ -285,23 +276,12 @@ class RealtimeSession:
         if block.size == 0:
             return
         keys = []
-        if not self.server_vad and not self.floor.vad.in_speech:
+        if not self.server_vad and not self.loop.in_speech:
             keys = ["press"]  # manual turns: the buffer opens with the first audio after a commit or clear
             self._speech_item = self._id("item")
-        self._feed(block, keys)
-        self._buffered += block.size
-
-    def _feed(self, block: np.ndarray, keys: list[str]) -> None:
-        t = self.samples / MIC_RATE
-        was_speaking = self.floor.vad.in_speech
-        step = self.loop.feed(t, block, keys, answer=False)
+        self.loop.feed(self.now, block, keys, answer=False)  # what it decides comes back as events (`_event`)
         self.samples += block.size
-        if self.server_vad and self.floor.vad.in_speech and not was_speaking:
-            self._speech_item = self._id("item")
-            self.spoke = True
-            self.send("input_audio_buffer.speech_started", audio_start_ms=int(t * 1000), item_id=self._speech_item)
-        for utterance in step.utterances:
-            self._committed(utterance)
+        self._buffered += block.size
 
     def _committed(self, utterance) -> None:
         """The floor ended a user turn (the VAD, or a commit): announce it and answer it (or hold it)."""
@@ -319,21 +299,17 @@ class RealtimeSession:
             self._pending = ("audio", (item, utterance))
 
     def _commit(self, event: dict) -> None:
-        if self.server_vad:
-            if not self.floor.vad.in_speech:
-                raise ProtocolError("input_audio_buffer_commit_empty", "no speech in the input audio buffer")
-            for utterance in self.floor.flush().utterances:  # the speech so far is the turn
-                self._committed(utterance)
-            return
-        if not self._buffered:
+        if self.server_vad and not self.loop.in_speech:
+            raise ProtocolError("input_audio_buffer_commit_empty", "no speech in the input audio buffer")
+        if not self.server_vad and not self._buffered:
             raise ProtocolError("input_audio_buffer_commit_empty", "the input audio buffer is empty")
         self._buffered = 0
-        self._feed(np.zeros(0, np.float32), ["release"])
+        self.loop.commit(self.now, answer=False)  # the speech so far is the turn
 
     def _clear(self, event: dict) -> None:
         self._buffered = 0
         self._speech_item = None
-        self.floor.vad.reset()
+        self.loop.clear(self.now)
         self.send("input_audio_buffer.cleared")
 
     def _item_create(self, event: dict) -> None:
@@ -366,14 +342,14 @@ class RealtimeSession:
         self._transcribing.append((item, kind == "audio"))
         self._answering += 1
         if kind == "audio":
-            self.worker.submit(payload)
+            self.loop.answer(payload)
         else:
-            self.worker.submit_text(payload, self.samples / MIC_RATE)
+            self.loop.answer_text(payload, self.now)
 
     def _response_cancel(self, event: dict) -> None:
         if not self._answering:
             raise ProtocolError("response_cancel_not_active", "there is no response to cancel")
-        self.worker.barge_in()
+        self.loop.interrupt(self.now)
 
     def _truncate(self, event: dict) -> None:
         item = _string(event, "item_id", "item_id")
@@ -402,20 +378,28 @@ class RealtimeSession:
         self.send("conversation.item.done", item=item, previous_item_id=self._last_item)
         self._last_item = item["id"]
 
-    # -- the worker's side: the engine's events become the response's --------------------------------------
+    # -- the session's events become the protocol's ------------------------------------------------------
 
-    def _engine_event(self, event) -> None:
-        kind, data = event.kind, event.row()
+    def _event(self, event: Event) -> None:
+        """A session listener: the floor's events (the socket's thread, inside `handle`) and the engine's (the
+        worker's thread)."""
         with self._lock:
-            if kind == "transcript":
-                self._transcribed(data.get("text", ""), data.get("end_s", 0.0) - data.get("start_s", 0.0))
-            elif kind == "say" and self._response is not None:
-                text = (" " if self._response.said else "") + data.get("text", "")
+            if isinstance(event, SpeechChanged) and event.on and self.server_vad:
+                self._speech_item = self._id("item")
+                self.spoke = True
+                self.send("input_audio_buffer.speech_started", audio_start_ms=int(event.t * 1000),
+                          item_id=self._speech_item)
+            elif isinstance(event, UtteranceEnded):
+                self._committed(event.utterance)
+            elif isinstance(event, Transcribed):
+                self._transcribed(event.text, event.end_s - event.start_s)
+            elif isinstance(event, Said) and self._response is not None:
+                text = (" " if self._response.said else "") + event.text
                 self._response.said = True
                 self.send("response.output_audio_transcript.delta", response_id=self._response.id,
                           item_id=self._response.item_id, output_index=0, content_index=0, delta=text)
-            elif kind == "turn" and self._response is not None:
-                self._finish_response(data.get("reply", ""), bool(data.get("interrupted")))
+            elif isinstance(event, TurnEnded) and self._response is not None:
+                self._finish_response(event.turn.reply, event.turn.interrupted)
 
     def _transcribed(self, text: str, seconds: float) -> None:
         item, audio = self._transcribing.popleft() if self._transcribing else (self._id("item"), True)
