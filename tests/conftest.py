@@ -79,6 +79,15 @@ def jfk_path() -> Path:
     return path
 
 
+def require_checkpoints(*names: str) -> Path:
+    """Skip the test unless every `checkpoints/<name>` is prepared (a non-empty folder); the first one's path."""
+    for name in names:
+        folder = ROOT / "checkpoints" / name
+        if not folder.is_dir() or not any(folder.iterdir()):
+            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh (voice-agent models prepare)")
+    return ROOT / "checkpoints" / names[0]
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
