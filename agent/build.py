@@ -68,7 +68,7 @@ def endpointer(cfg: AgentConfig, endpointing: bool = True, log: Callable[[str], 
             from pipelines.smart_turn import SmartTurn
 
             try:
-                model = SmartTurn(threshold=cfg.vad.smart_turn_threshold)
+                model = SmartTurn()  # its cut, vad.smart_turn_threshold, is the Endpointer's
                 model.warmup()
                 _turn_models["smart_turn"] = model
             except CheckpointError as exc:
