@@ -16,7 +16,7 @@ from tts_helpers import (
     two_context_prompt,
 )
 
-from pipelines.ortgraph import Precision
+from pipelines.ortgraph import Precision, rope_periods
 from pipelines.tts.generator import (
     FrameGenerator,
     GenerationConfig,
@@ -25,7 +25,7 @@ from pipelines.tts.generator import (
     PrefixCache,
     sample_sorted,
 )
-from pipelines.tts.ort import OrtFrameModel, rope_periods
+from pipelines.tts.ort import OrtFrameModel
 from pipelines.tts.prompt import Prompt
 from pipelines.tts.weights import random_model
 
