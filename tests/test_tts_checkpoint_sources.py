@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require_checkpoints
 from pipelines.errors import CheckpointError
 from pipelines.tts.weights import load_checkpoint
 
@@ -164,9 +165,7 @@ def test_transformers_mimi_that_does_not_fit_is_one_line(pretrained, tmp_path):
 
 @pytest.mark.parametrize("name,what", [("whisper-tiny.en", "Whisper model"), ("smollm2-135m-instruct", "text LLM")])
 def test_other_models_are_named(name, what):
-    folder = ROOT / "checkpoints" / name
-    if not folder.is_dir():
-        pytest.skip(f"checkpoints/{name} is not bootstrapped")
+    folder = require_checkpoints(name)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(folder)
     msg = str(err.value)
