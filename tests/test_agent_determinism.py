@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import require_checkpoints
 from agent.config import load_config
 from agent.modes import run_replay
+from conftest import require_checkpoints
 from pipelines.audio import load_audio, save_audio
 from pipelines.tts.weights import random_model, save_checkpoint
 

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import require_checkpoints
 from agent.config import load_config
 from agent.metrics import STAGES
 from agent.session import SessionData, read_session
+from conftest import require_checkpoints
 from virtual_audio import VirtualCard, espeak_pcm16, no_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]

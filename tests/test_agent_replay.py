@@ -12,10 +12,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import require_checkpoints
 from agent.config import ROOT, load_config
 from agent.metrics import STAGES
 from agent.session import read_events, read_session
+from conftest import require_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require_checkpoints
 from agent.echo import is_echo
 from agent.session import read_events, read_session
+from conftest import require_checkpoints
 from virtual_audio import MIC_RATE, PacedDrain, alsa_env, espeak_pcm16, write_asoundrc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from conftest import require_checkpoints
 from agent.config import ROOT
+from conftest import require_checkpoints
 
 SITECUSTOMIZE = '''
 import os, socket

@@ -4,9 +4,9 @@ a precision is honoured on the backend it runs on, and cache folders are named b
 from __future__ import annotations
 
 import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
-import pytest
 
 from conftest import require_checkpoints
 from pipelines.ortgraph import Placement, Precision, cache_folder, quantize_mlx, weights_key
@@ -79,7 +79,7 @@ class Section:  # an [llm] config section's fields, as pipelines.llm.load reads 
 
 def test_llm_on_onnx_caches_its_graphs_by_the_precision_tag(tmp_path, monkeypatch):
     import pipelines.llm.reply as reply
-    from pipelines.llm.load import load_llm, llm_placement
+    from pipelines.llm.load import llm_placement, load_llm
 
     model = tmp_path / "llm"
     model.mkdir()

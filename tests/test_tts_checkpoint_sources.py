@@ -56,11 +56,11 @@ def pretrained_dir(pretrained):
 
 def test_transformers_save_pretrained_loads_with_tied_embedding(reference, pretrained_dir, tiny_tokenizer, mimi):
     from safetensors import safe_open
-    from tts_helpers import prompt_rows, reference_frames
 
     from pipelines.tts.generator import GenerationConfig
     from pipelines.tts.prompt import Prompt, TextTokenizer
     from pipelines.tts.stage import MarvisTTS
+    from tts_helpers import prompt_rows, reference_frames
 
     with safe_open(str(pretrained_dir / "model.safetensors"), "np") as f:
         keys = set(f.keys())
@@ -112,9 +112,9 @@ def test_mimi_from_transformers_codec_model_equals_transformers(pretrained):
     """The codec inside a transformers CSM folder, mapped onto moshi's Mimi: same codes, same audio as
     transformers' own `MimiModel` on real speech."""
     import torch
-    from conftest import SHARED_FIXTURES
     from safetensors import safe_open
 
+    from conftest import SHARED_FIXTURES
     from pipelines.audio import load_audio
     from pipelines.tts.codec import MimiCodec
 

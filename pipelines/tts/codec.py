@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from pipelines.errors import AudioInputError, CheckpointError
 from pipelines.tts.weights import check_fit, rotate_half_to_interleaved

@@ -111,9 +111,8 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
     backend, precision = resolve_backend(config)
     bits = precision.bits
     if backend == "onnx":
-        from pipelines.tts.ort import OrtFrameModel
-
         from pipelines.ortgraph import cache_folder, weights_key
+        from pipelines.tts.ort import OrtFrameModel
 
         if key is None:
             key = weights_key(resolve(spec))
