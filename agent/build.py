@@ -1,4 +1,5 @@
-"""Config -> ready stages. Each stage loads itself from its own config section; this only composes them."""
+"""Config -> ready stages. Each stage is built in one place, in pipelines (`pipelines.{asr,llm,tts}.load`), from
+its own config section, resolving where it runs once; this only composes them."""
 
 from __future__ import annotations
 
@@ -17,47 +18,29 @@ def build_tts(cfg: AgentConfig, checkpoint: str | None = None, log: Callable[[st
 
 
 def asr_placement(cfg: AgentConfig):
-    """Where Whisper runs: `asr.backend` resolved for this machine, at fp32 (`pipelines.asr.whisper.runs_on`)."""
-    from pipelines.asr.whisper import runs_on, weights_fp16
-    from pipelines.ortgraph import resolve
+    """Where Whisper runs (`pipelines.asr.load.asr_placement`)."""
+    from pipelines.asr.load import asr_placement as placement
 
-    placement = resolve(cfg.asr.backend, "none")
-    return placement._replace(backend=runs_on(placement.backend, weights_fp16(cfg.resolve(cfg.asr.model))))
+    return placement(cfg.asr, ROOT)
 
 
 def llm_placement(cfg: AgentConfig):
-    from pipelines.ortgraph import resolve
+    """Where the reply LLM runs, at what precision (`pipelines.llm.load.llm_placement`)."""
+    from pipelines.llm.load import llm_placement as placement
 
-    return resolve(cfg.llm.backend, cfg.llm.quantization)
+    return placement(cfg.llm)
 
 
 def build_asr(cfg: AgentConfig):
-    from pipelines.asr.whisper import WhisperASR
-    from pipelines.ortgraph import weights_key
+    from pipelines.asr.load import load_asr
 
-    asr_dir = cfg.resolve(cfg.asr.model)
-    placement = asr_placement(cfg)
-    asr_cache = None
-    if placement.backend == "onnx" and asr_dir.is_dir():
-        asr_cache = cfg.resolve(cfg.asr.ort_cache) / f"whisper-{weights_key(asr_dir)}"  # encoder + decoder graphs
-    return WhisperASR(asr_dir, language=cfg.asr.language or None, initial_prompt=cfg.asr.initial_prompt or None,
-                      placement=placement, ort_cache=asr_cache, fallback=cfg.asr.temperature_fallback)
+    return load_asr(cfg.asr, root=ROOT)
 
 
 def build_llm(cfg: AgentConfig):
-    from pipelines.llm.reply import ReplyLLM
-    from pipelines.ortgraph import weights_key
+    from pipelines.llm.load import load_llm
 
-    model_dir = cfg.resolve(cfg.llm.model)
-    placement = llm_placement(cfg)
-    bits = placement.precision.bits
-    ort_cache = None
-    if placement.backend == "onnx" and model_dir.is_dir():
-        ort_cache = cfg.resolve(cfg.llm.ort_cache) / f"llm-{weights_key(model_dir)}-{'fp32' if bits is None else f'q{bits}'}"
-    return ReplyLLM(model_dir, cfg.llm.system_prompt, max_history_turns=cfg.llm.max_history_turns,
-                    max_tokens=cfg.llm.max_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed,
-                    placement=placement, ort_cache=ort_cache,
-                    examples=[tuple(e) for e in cfg.llm.examples], no_repeat_ngram=cfg.llm.no_repeat_ngram)
+    return load_llm(cfg.llm, root=ROOT)
 
 
 def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages:
@@ -85,7 +68,7 @@ def endpointer(cfg: AgentConfig, endpointing: bool = True, log: Callable[[str], 
             from pipelines.smart_turn import SmartTurn
 
             try:
-                model = SmartTurn(threshold=cfg.vad.smart_turn_threshold)
+                model = SmartTurn()  # its cut, vad.smart_turn_threshold, is the Endpointer's
                 model.warmup()
                 _turn_models["smart_turn"] = model
             except CheckpointError as exc:

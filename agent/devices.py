@@ -205,12 +205,6 @@ class MicSource(_PortAudioStream):
         """Seconds of audio `read()` has returned: the audio clock at the end of the last block."""
         return self._delivered / self.sample_rate
 
-    @property
-    def latency_s(self) -> float:
-        """PortAudio's input latency estimate (0 before start)."""
-        return self._stream_latency()
-
-
 class SpeakerSink(_PortAudioStream, UtteranceCounts):
     """Plays float32 mono audio through a PortAudio OutputStream, one utterance at a time.
 

@@ -131,7 +131,8 @@ def draw_timeline(rows: list[dict[str, float]], path: Path, title: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.5 * len(rows)))
+    # the legend goes below the plot, never over the bars' ends (where the stalls are drawn)
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.5 * len(rows)), layout="constrained")
     colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(STAGES)))
     for y, row in enumerate(rows):
         start = 0.0
@@ -149,8 +150,7 @@ def draw_timeline(rows: list[dict[str, float]], path: Path, title: str = "") -> 
     ax.invert_yaxis()
     ax.set_xlabel("ms after end of user speech")
     ax.set_title(title or "latency waterfall")
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=4, fontsize=7, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -57,7 +57,7 @@ class Precision:
 
     @property
     def tag(self) -> str:
-        """For cache folder names: fp32, q8b32, q4b64..."""
+        """For cache folder names (`cache_folder`): fp32, q8b32, q4b64..."""
         return "fp32" if self.bits is None else f"q{self.bits}b{self.block}"
 
     def stamp(self, fmt: int) -> dict:
@@ -77,6 +77,32 @@ class Placement(NamedTuple):
         if self.backend not in ("mlx", "onnx"):
             raise ValueError(f"{what} backend must be mlx or onnx, not {self.backend!r}")
         return self
+
+
+def cache_folder(cache_root: Path, name: str, precision: Precision) -> Path:
+    """Where a network's graphs are cached: `{cache_root}/{name}-{precision.tag}`, `name` saying which weights
+    (e.g. `llm-<weights hash>`). The one place a cache folder is named."""
+    return Path(cache_root) / f"{name}-{precision.tag}"
+
+
+def quantize_mlx(model, precision: Precision, embeddings: bool = True) -> None:
+    """An MLX model's Linear (and, with `embeddings`, Embedding) layers at `precision`: `bits` with a scale every
+    `block` weights (MLX's group size), in place. Layers quantised otherwise (a quantised checkpoint) are
+    dequantised and quantised again; already at `precision`, the model is left as it is. fp32: nothing."""
+    import mlx.nn as nn
+    from mlx_lm.utils import dequantize_model
+
+    if precision.bits is None:
+        return
+    bits, group = precision.bits, precision.block
+    held = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    if held and all(m.bits == bits and m.group_size == group for m in held):
+        return
+    if held:
+        dequantize_model(model)
+    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    nn.quantize(model, group_size=group, bits=bits,
+                class_predicate=lambda _, m: isinstance(m, kinds) and m.weight.shape[-1] % group == 0)
 
 
 def rope_periods(args) -> np.ndarray:

@@ -51,16 +51,15 @@ def turn_features(audio_16k: np.ndarray) -> np.ndarray:
 
 
 class SmartTurn:
-    """End-of-turn probability of an utterance so far. Plain object: `warmup()`, `predict(audio)`."""
+    """End-of-turn probability of an utterance so far. Plain object: `warmup()`, `predict(audio)`; where the turn is
+    cut (`vad.smart_turn_threshold`) is the Endpointer's business."""
 
-    def __init__(self, model_path: str | Path | None = None, threshold: float = 0.5, threads: int = 2):
+    def __init__(self, model_path: str | Path | None = None, threads: int = 2):
         import onnxruntime as ort
 
         path = Path(model_path) if model_path is not None else find_smart_turn()
         if not path.is_file():
             raise CheckpointError(f"{path}: no Smart Turn ONNX file there")
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"smart turn threshold must be in (0, 1), got {threshold}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -68,7 +67,6 @@ class SmartTurn:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own types for a corrupt graph
             raise CheckpointError(f"{path}: not a loadable ONNX model ({type(e).__name__})") from None
-        self.threshold = threshold
 
     def warmup(self) -> None:
         self.predict(np.zeros(SAMPLE_RATE, np.float32))
@@ -79,8 +77,3 @@ class SmartTurn:
         features = turn_features(audio)[None]  # [1, 80, 800]
         (probability,) = self._session.run(None, {"input_features": features})
         return float(probability[0, 0])
-
-    def is_complete(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bool:
-        return self.predict(audio, sample_rate) > self.threshold
-
-    __call__ = predict

@@ -14,7 +14,7 @@ samples the endpoint will give if no speech comes back (an earlier cut would los
 Whisper hears the difference). `SpeechResumed` follows if a voiced frame comes back before the turn ends.
 
 Semantic end of turn (`smart_turn`, given a `turn_model`: any callable 16 kHz audio -> probability
-that the speaker has finished, e.g. pipelines.smart_turn.SmartTurn): at that same first silent frame the
+that the speaker has finished, e.g. pipelines.smart_turn.SmartTurn.predict): at that same first silent frame the
 model is asked once about the utterance so far. Above `smart_turn_threshold` the turn ends after
 `complete_silence_ms` (reason 'complete'); otherwise after `silence_ms` as without it (reason
 'silence'). The probability rides on the Utterance. The model sees exactly the audio the stream

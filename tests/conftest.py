@@ -79,6 +79,36 @@ def jfk_path() -> Path:
     return path
 
 
+def require_checkpoints(*names: str) -> Path:
+    """Skip the test unless every `checkpoints/<name>` is prepared (a non-empty folder); the first one's path."""
+    for name in names:
+        folder = ROOT / "checkpoints" / name
+        if not folder.is_dir() or not any(folder.iterdir()):
+            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh (voice-agent models prepare)")
+    return ROOT / "checkpoints" / names[0]
+
+
+def assert_config_holds(cfg, data: dict, defaults=None, where: str = "") -> None:
+    """Every value in `data` (a config file's or overrides' nested dict: section -> key -> value, as written) is
+    what the loaded `cfg` holds, typed as the field's default is (TOML's 3.0 for an int field, "true" for a bool)."""
+    if defaults is None:
+        from agent.config import AgentConfig
+
+        defaults = AgentConfig()
+    for key, value in data.items():
+        got, default = getattr(cfg, key), getattr(defaults, key)
+        if isinstance(value, dict):
+            assert_config_holds(got, value, default, f"{where}{key}.")
+            continue
+        if isinstance(default, bool):
+            want = value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes", "on")
+        elif isinstance(default, (int, float, str)):
+            want = type(default)(value)
+        else:
+            want = value
+        assert got == want, f"{where}{key}: {got!r} != {want!r}"
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from agent.config import CHECKPOINTS, load_config
+from agent.config import load_config
 from agent.modes import run_replay
+from conftest import require_checkpoints
 from pipelines.audio import load_audio, save_audio
 from pipelines.tts.weights import random_model, save_checkpoint
 
@@ -17,9 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_same_seed_same_conversation(tmp_path, jfk_path, tiny_args, tiny_tokenizer):
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     tts = save_checkpoint(random_model(tiny_args, seed=3).model, tmp_path / "tiny-tts")
     shutil.copy(tiny_tokenizer / "tokenizer.json", tts)
     clip = save_audio(tmp_path / "turn.wav", load_audio(jfk_path, 16000)[: 2 * 16000 + 2400], 16000)

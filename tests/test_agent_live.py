@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from agent.config import CHECKPOINTS, load_config
+from agent.config import load_config
 from agent.metrics import STAGES
 from agent.session import SessionData, read_session
+from conftest import require_checkpoints
 from virtual_audio import VirtualCard, espeak_pcm16, no_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +98,7 @@ class LiveRun:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Speech:
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh (voice-agent models prepare)")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     folder = tmp_path_factory.mktemp("espeak")
     question = espeak_pcm16(QUESTION, folder)
     if question is None:

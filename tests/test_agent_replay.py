@@ -12,9 +12,10 @@ import json
 import numpy as np
 import pytest
 
-from agent.config import CHECKPOINTS, ROOT, load_config
+from agent.config import ROOT, load_config
 from agent.metrics import STAGES
 from agent.session import read_events, read_session
+from conftest import require_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +24,7 @@ SPOKEN = [("capital", "france"), ("sky", "clear"), ("thank", "goodbye")]
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory):
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh (voice-agent models prepare)")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     from agent.modes import run_replay
 
     cfg = load_config("demo")

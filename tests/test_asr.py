@@ -473,3 +473,28 @@ def test_the_stage_transcribes_as_mlx_whisper_does(tiny_dir, monkeypatch, tmp_pa
                                         initial_prompt=options.get("initial_prompt"))["text"].strip()
         assert ours == theirs, (options, ours, theirs)
         assert ours or audio is hiss
+
+
+def test_the_stage_is_placed_once_and_float16_weights_stay_on_mlx(synthetic_bin, tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.asr.load import asr_placement, load_asr
+    from pipelines.ortgraph import weights_key
+
+    fp32 = convert_ct2_whisper(synthetic_bin, tmp_path / "fp32")
+    fp16 = convert_ct2_whisper(synthetic_bin, tmp_path / "fp16", dtype="float16")
+
+    def section(model: str, backend: str = "onnx"):  # the [asr] config section's fields
+        return SimpleNamespace(model=model, backend=backend, language="", initial_prompt="", ort_cache="cache",
+                               temperature_fallback=False)
+
+    assert asr_placement(section(str(fp32))) == Placement("onnx")
+    assert asr_placement(section(str(fp16))) == Placement("mlx")  # ONNX Runtime holds fp32 graphs only
+    asr = load_asr(section("fp32"), root=tmp_path)
+    assert asr.backend == "onnx" and asr.ort_cache == tmp_path / "cache" / f"whisper-{weights_key(fp32)}-fp32"
+    half = load_asr(section("fp16"), root=tmp_path)
+    assert half.backend == "mlx" and half.ort_cache is None
+    assert load_asr(section("fp32", "mlx"), root=tmp_path).backend == "mlx"
+    with pytest.raises(ConfigError, match="float16 weights, which run on mlx only") as err:
+        WhisperASR(fp16, placement=Placement("onnx"))
+    assert "\n" not in str(err.value)

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import ROOT, require_checkpoints
 from pipelines.audio import load_audio
 from pipelines.ortgraph import Placement
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "checkpoints" / "whisper-tiny.en"
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def tiny_dir():
-    if not (TINY / "config.json").is_file():
-        pytest.skip("checkpoints/whisper-tiny.en is not prepared (scripts/bootstrap.sh does it)")
-    return TINY
+    return require_checkpoints("whisper-tiny.en")
 
 
 @pytest.fixture(scope="module")

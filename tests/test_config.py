@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
 from agent.cli import _split_overrides
-from agent.config import AgentConfig, load_config
+from agent.config import CONFIG_DIR, AgentConfig, load_config
+from conftest import assert_config_holds
 from pipelines.errors import ConfigError
+
+
+def _toml(path) -> dict:
+    """A preset as written, with the file it `extends` under it."""
+    data = tomllib.loads(path.read_text())
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+
+    return merge(_toml(path.parent / parent), data)
 
 
 @pytest.mark.parametrize("preset", ["default", "push_to_talk", "replay", "demo", "marvis-100m", "whisper-base", "fetched"])
 def test_presets_load(preset):
     cfg = load_config(preset)
-    assert isinstance(cfg, AgentConfig)
+    written = _toml(CONFIG_DIR / f"{preset}.toml")
+    assert written and isinstance(cfg, AgentConfig)
+    assert_config_holds(cfg, written)  # every value the preset (and what it extends) sets is the one loaded
 
 
 def test_preset_values_and_extends():

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import CHECKPOINTS
 from agent.echo import is_echo
 from agent.session import read_events, read_session
+from conftest import require_checkpoints
 from virtual_audio import MIC_RATE, PacedDrain, alsa_env, espeak_pcm16, write_asoundrc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,9 +219,7 @@ class EchoRun:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     folder = tmp_path_factory.mktemp("espeak")
     question = espeak_pcm16(QUESTION, folder)
     if question is None:

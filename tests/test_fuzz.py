@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from agent.config import AgentConfig, load_config
 from agent.session import SessionData, read_session
+from conftest import assert_config_holds
 from pipelines.audio import load_audio
 from pipelines.errors import AudioInputError, ConfigError, VoiceAgentError
 from pipelines.llm.sentences import SentenceSplitter
@@ -52,6 +54,10 @@ def test_any_override_is_a_config_or_one_line(pairs):
         assert "\n" not in str(exc)
         return
     assert isinstance(cfg, AgentConfig)
+    for dotted, value in dict(pairs).items():  # the last override of a key is the one that holds
+        section, key = dotted.split(".") if "." in dotted else (None, dotted)
+        assert_config_holds(cfg if section is None else getattr(cfg, section), {key: value},
+                            AgentConfig() if section is None else getattr(AgentConfig(), section), f"{dotted}: ")
 
 
 @FAST
@@ -66,6 +72,10 @@ def test_any_toml_text_is_a_config_or_one_line(text):
             assert "\n" not in str(exc)
             return
     assert isinstance(cfg, AgentConfig)
+    written = tomllib.loads(text)  # it loaded: the file is TOML whose every value holds, the rest is the defaults
+    assert_config_holds(cfg, written)
+    if not written:
+        assert cfg.to_dict() == AgentConfig().to_dict()
 
 
 json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),

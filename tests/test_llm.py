@@ -260,10 +260,12 @@ def test_prompt_cache_gives_the_same_replies_and_runs_only_new_tokens(smollm2_di
     the shape of the matmul, so a prefill and a cached step may round a near-tie apart (seen on one CPU model:
     "The sky is blue." vs "The sky is usually blue."), which says nothing about the cache."""
     from agent.config import ROOT
-    from pipelines.ortgraph import Placement, weights_key
+    from pipelines.ortgraph import Placement, cache_folder, weights_key
 
-    cache = ROOT / "checkpoints" / ".ort" / f"llm-{weights_key(smollm2_dir)}-fp32" if backend == "onnx" else None
-    kwargs = dict(max_history_turns=4, max_tokens=16, placement=Placement(backend), ort_cache=cache)
+    placement = Placement(backend)
+    cache = (cache_folder(ROOT / "checkpoints" / ".ort", f"llm-{weights_key(smollm2_dir)}", placement.precision)
+             if backend == "onnx" else None)
+    kwargs = dict(max_history_turns=4, max_tokens=16, placement=placement, ort_cache=cache)
     cached, fresh = ReplyLLM(smollm2_dir, SYSTEM, **kwargs), ReplyLLM(smollm2_dir, SYSTEM, **kwargs)
     questions = ["What is the capital of France?", "And of Italy?", "What color is the sky?", "Thanks, goodbye!"]
     runs = []

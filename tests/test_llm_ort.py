@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import require_checkpoints
 from pipelines.llm.ort import OrtLlama, supported
 from pipelines.ortgraph import Placement, Precision
 
@@ -56,8 +57,7 @@ def test_other_architectures_are_refused(tiny_llama):
 
 @pytest.mark.slow
 def test_smollm2_replies_are_the_same_on_onnx_fp32():
-    if not (SMOLLM / "config.json").is_file():
-        pytest.skip("checkpoints/smollm2-135m-instruct is not prepared (scripts/bootstrap.sh does it)")
+    require_checkpoints("smollm2-135m-instruct")
     from pipelines.llm.reply import ReplyLLM
 
     prompt = "You are a helpful assistant. Answer in one short sentence."

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from agent.config import ROOT
+from conftest import require_checkpoints
 
 SITECUSTOMIZE = '''
 import os, socket
@@ -38,8 +39,7 @@ socket.socket.connect, socket.socket.connect_ex = _refuse, _refuse_ex
 @pytest.mark.slow
 @pytest.mark.long
 def test_replay_with_the_network_blocked(tmp_path):
-    if not (ROOT / "checkpoints" / "whisper-tiny.en").is_dir():
-        pytest.skip("checkpoints/whisper-tiny.en is missing: run scripts/bootstrap.sh")
+    require_checkpoints("whisper-tiny.en")
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     attempts = tmp_path / "attempts.txt"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),

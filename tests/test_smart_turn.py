@@ -121,7 +121,7 @@ def test_injected_turn_model_decides_the_silence_needed():
 
 def test_question_ends_fast(smart_turn, say):
     audio = room(0.5, say("What is the capital of France?"), 1.5)
-    (turn,) = ended(Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn), audio)
+    (turn,) = ended(Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn.predict), audio)
     assert turn.reason == "complete" and turn.turn_probability > 0.5
     assert turn.decided_s - turn.end_s <= 0.2 + 1e-9
     (plain,) = ended(Endpointer(AT_600), audio)
@@ -130,7 +130,7 @@ def test_question_ends_fast(smart_turn, say):
 
 def test_mid_sentence_pause_stays_one_turn(smart_turn, say):
     audio = room(0.5, say("I would like to"), 0.5, say("book a table for four people."), 1.5)
-    events = Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn).process(audio)
+    events = Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn.predict).process(audio)
     turns = [e.utterance for e in events if isinstance(e, SpeechEnded)]
     assert len(turns) == 1, [(u.reason, u.turn_probability) for u in turns]
     assert SpeechPaused in map(type, events) and SpeechResumed in map(type, events)
@@ -138,5 +138,5 @@ def test_mid_sentence_pause_stays_one_turn(smart_turn, say):
     # the same pause under a plain 400 ms silence rule splits the sentence
     assert len(ended(Endpointer(VADConfig(silence_ms=400, smart_turn=False)), audio)) == 2
     # replay reproduces the decisions
-    again = [e.utterance for e in Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn).process(audio) if isinstance(e, SpeechEnded)]
+    again = [e.utterance for e in Endpointer(VADConfig(silence_ms=600, smart_turn=True), turn_model=smart_turn.predict).process(audio) if isinstance(e, SpeechEnded)]
     assert [(u.reason, u.turn_probability, u.end_s) for u in again] == [(u.reason, u.turn_probability, u.end_s) for u in turns]

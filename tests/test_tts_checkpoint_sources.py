@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require_checkpoints
 from pipelines.errors import CheckpointError
 from pipelines.tts.weights import load_checkpoint
 
@@ -55,11 +56,11 @@ def pretrained_dir(pretrained):
 
 def test_transformers_save_pretrained_loads_with_tied_embedding(reference, pretrained_dir, tiny_tokenizer, mimi):
     from safetensors import safe_open
-    from tts_helpers import prompt_rows, reference_frames
 
     from pipelines.tts.generator import GenerationConfig
     from pipelines.tts.prompt import Prompt, TextTokenizer
     from pipelines.tts.stage import MarvisTTS
+    from tts_helpers import prompt_rows, reference_frames
 
     with safe_open(str(pretrained_dir / "model.safetensors"), "np") as f:
         keys = set(f.keys())
@@ -111,9 +112,9 @@ def test_mimi_from_transformers_codec_model_equals_transformers(pretrained):
     """The codec inside a transformers CSM folder, mapped onto moshi's Mimi: same codes, same audio as
     transformers' own `MimiModel` on real speech."""
     import torch
-    from conftest import SHARED_FIXTURES
     from safetensors import safe_open
 
+    from conftest import SHARED_FIXTURES
     from pipelines.audio import load_audio
     from pipelines.tts.codec import MimiCodec
 
@@ -164,9 +165,7 @@ def test_transformers_mimi_that_does_not_fit_is_one_line(pretrained, tmp_path):
 
 @pytest.mark.parametrize("name,what", [("whisper-tiny.en", "Whisper model"), ("smollm2-135m-instruct", "text LLM")])
 def test_other_models_are_named(name, what):
-    folder = ROOT / "checkpoints" / name
-    if not folder.is_dir():
-        pytest.skip(f"checkpoints/{name} is not bootstrapped")
+    folder = require_checkpoints(name)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(folder)
     msg = str(err.value)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ROPE
 
+from conftest import ROPE
 from pipelines.tts.model import Model, ModelArgs
 from pipelines.tts.weights import check_weights, detect_format, sanitize
 
@@ -48,10 +48,10 @@ def test_csm1b_real_shape_save_pretrained_loads_and_runs_a_frame(tmp_path):
     import time
 
     from transformers import CsmForConditionalGeneration
-    from tts_helpers import greedy, two_context_prompt
 
     from pipelines.tts.generator import MLXFrames
     from pipelines.tts.weights import load_checkpoint
+    from tts_helpers import greedy, two_context_prompt
 
     start = time.perf_counter()
     default = torch.get_default_dtype()

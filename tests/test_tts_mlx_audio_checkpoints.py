@@ -15,12 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import tiny_tokenizer_dir
 from mlx.utils import tree_flatten
-from tts_helpers import assert_dequantised_on_onnx, greedy, two_context_prompt
 
+from conftest import tiny_tokenizer_dir
 from pipelines.tts.generator import MLXFrames
 from pipelines.tts.weights import load_checkpoint, random_model
+from tts_helpers import assert_dequantised_on_onnx, greedy, two_context_prompt
 
 pytest.importorskip("mlx_audio")
 

@@ -7,16 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tts_helpers import (
-    K,
-    assert_dequantised_on_onnx,
-    greedy,
-    ort_step_logits,
-    our_logits,
-    two_context_prompt,
-)
 
-from pipelines.ortgraph import Precision
+from pipelines.ortgraph import Precision, rope_periods
 from pipelines.tts.generator import (
     FrameGenerator,
     GenerationConfig,
@@ -25,9 +17,17 @@ from pipelines.tts.generator import (
     PrefixCache,
     sample_sorted,
 )
-from pipelines.tts.ort import OrtFrameModel, rope_periods
+from pipelines.tts.ort import OrtFrameModel
 from pipelines.tts.prompt import Prompt
 from pipelines.tts.weights import random_model
+from tts_helpers import (
+    K,
+    assert_dequantised_on_onnx,
+    greedy,
+    ort_step_logits,
+    our_logits,
+    two_context_prompt,
+)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -64,9 +64,8 @@ def test_fp32_logits_match_the_mlx_model(tiny, onnx_fp32):
 
 def test_fp32_greedy_codes_match_mlx_and_transformers(reference, transformers_dir, tmp_path):
     """12 greedy frames with two context segments: ONNX == MLX == transformers' CSM, code for code."""
-    from tts_helpers import prompt_rows, reference_frames
-
     from pipelines.tts.weights import load_checkpoint
+    from tts_helpers import prompt_rows, reference_frames
 
     ck = load_checkpoint(transformers_dir)
     tokens, mask = prompt_rows(np.random.default_rng(2))

@@ -12,12 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tts_helpers import our_logits, prompt_rows, reference_frames  # noqa: E402
-
 from pipelines.tts.generator import GenerationConfig  # noqa: E402
 from pipelines.tts.prompt import Prompt, TextTokenizer  # noqa: E402
 from pipelines.tts.stage import MarvisTTS  # noqa: E402
 from pipelines.tts.weights import load_checkpoint  # noqa: E402
+from tts_helpers import our_logits, prompt_rows, reference_frames  # noqa: E402
 
 K, V = 32, 2051
 

@@ -19,16 +19,23 @@ def prompt_rows(rng):
     rows, masks = [], []
 
     def text(n):
-        t = np.zeros((n, K + 1), np.int32); m = np.zeros_like(t, bool)
-        t[:, -1] = rng.integers(3, 96, n); m[:, -1] = True
-        rows.append(t); masks.append(m)
+        t = np.zeros((n, K + 1), np.int32)
+        m = np.zeros_like(t, bool)
+        t[:, -1] = rng.integers(3, 96, n)
+        m[:, -1] = True
+        rows.append(t)
+        masks.append(m)
 
     def audio(n):
-        t = np.zeros((n + 1, K + 1), np.int32); m = np.zeros_like(t, bool)
-        t[:n, :K] = rng.integers(0, 2048, (n, K)); m[:, :K] = True
-        rows.append(t); masks.append(m)
+        t = np.zeros((n + 1, K + 1), np.int32)
+        m = np.zeros_like(t, bool)
+        t[:n, :K] = rng.integers(0, 2048, (n, K))
+        m[:, :K] = True
+        rows.append(t)
+        masks.append(m)
 
-    text(5); audio(4); text(6); audio(3); text(7)
+    for part, n in ((text, 5), (audio, 4), (text, 6), (audio, 3), (text, 7)):
+        part(n)
     return np.concatenate(rows), np.concatenate(masks)
 
 

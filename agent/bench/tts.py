@@ -153,15 +153,13 @@ def our_backend(opts, ck):
 
 
 def our_ort_model(opts, ck, profile: bool = False):
+    from pipelines.ortgraph import Precision, cache_folder
     from pipelines.tts.load import TTSConfig
-    from pipelines.ortgraph import Precision
     from pipelines.tts.ort import OrtFrameModel
 
-    block = TTSConfig().quant_block
-    name = "fp32" if not opts.quant else f"q{opts.quant}b{block}"
-    cache = ROOT / "checkpoints" / ".ort" / f"bench-{PRESET}-seed{opts.seed}-{name}"
-    return OrtFrameModel(ck.model, Precision(opts.quant or None, block), cache_dir=cache, progress=True,
-                         profile=profile)
+    precision = Precision(opts.quant or None, TTSConfig().quant_block)
+    cache = cache_folder(ROOT / "checkpoints" / ".ort", f"bench-{PRESET}-seed{opts.seed}", precision)
+    return OrtFrameModel(ck.model, precision, cache_dir=cache, progress=True, profile=profile)
 
 
 def read_bandwidth_gbs(threads: int = 2, mb: int = 512) -> float:

@@ -7,9 +7,10 @@ WebSocket per conversation, through one of two adapters over the same session lo
 This module is the HTTP side: routes, who may connect, and moving messages between a socket and its adapter.
 A third transport would be one more adapter and one more route.
 
-Threads: aiohttp's event loop (the main thread) hands each message to the adapter, whose session loop
-(agent/loop.py) runs turn-taking and recording as in `chat` and replay; the loop's worker answers utterances and
-writes to the sink, which hands chunks back to the event loop through a bounded outbox. Every conversation in
+Threads: the models are loaded and warmed on the server's one model thread, before it listens; aiohttp's event loop
+(the main thread) hands each message to the adapter, whose session loop (agent/loop.py) runs turn-taking and
+recording as in `chat` and replay; the loop's worker answers utterances on that same model thread and writes to
+the sink, which hands chunks back to the event loop through a bounded outbox. Every conversation in
 which something was said writes the same bundle as `chat`; one in which nothing was said leaves none.
 
 Security of a local server that owns a microphone: it binds 127.0.0.1 unless told otherwise; a request whose
@@ -108,17 +109,18 @@ class Server:
     """The aiohttp app and its state: the token, the allowed hosts, the models, the one conversation under way."""
 
     def __init__(self, cfg: AgentConfig, host: str = "127.0.0.1", port: int = 8765, log: Log = print,
-                 token: str | None = None, stages=None):
+                 token: str | None = None, stages=None, owner: ThreadPoolExecutor | None = None):
         self.cfg, self.host, self.port, self.log = cfg, host, port, log
         self.stages = stages  # loaded once by `serve()`; None: each conversation loads its own
-        # the one thread the models run on, conversation after conversation (agent.loop.Worker's `owner`)
-        self.owner = ThreadPoolExecutor(1, thread_name_prefix="model-owner") if stages is not None else None
+        # the one thread the models run on, conversation after conversation (agent.loop.Worker's `owner`); `serve()`
+        # loads and warms the models on it too
+        self.owner = owner or (model_thread() if stages is not None else None)
         self.token = token or secrets.token_urlsafe(18)
         self.busy = False
         self.closing: asyncio.Event | None = None  # set while a finished conversation writes its bundle
         self.active: PageSession | RealtimeSession | None = None
         self.bundles: dict[str, Path] = {}  # bundle folders of this run, by name: the only ones served
-        self.conversation_factory = PageSession
+        self.page_factory = PageSession
         self.realtime_factory = RealtimeSession
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_TEXT_BYTES)
         self.app.add_routes([
@@ -315,8 +317,8 @@ class Server:
                 return
             push_to_talk = field(hello, "mode", str) == "push-to-talk"
             full_duplex = bool(hello.get("full_duplex", self.cfg.audio.barge_in and not self.cfg.audio.half_duplex))
-            conversation = self.conversation_factory(self.cfg, send, push_to_talk, full_duplex, self.log,
-                                                     stages=self.stages, owner=self.owner)
+            conversation = self.page_factory(self.cfg, send, push_to_talk, full_duplex, self.log,
+                                             stages=self.stages, owner=self.owner)
             self.active = conversation
             await ws.send_json({"type": "loading"})
             await loop.run_in_executor(None, conversation.start)
@@ -380,6 +382,11 @@ class Server:
                 return
 
 
+def model_thread() -> ThreadPoolExecutor:
+    """The server's one model thread: an executor with one worker."""
+    return ThreadPoolExecutor(1, thread_name_prefix="model-owner")
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -389,10 +396,19 @@ def serve(cfg: AgentConfig, host: str = "127.0.0.1", port: int = 8765, log: Log 
     from agent.build import build_stages
     from agent.engine import TurnEngine
 
+    def load():
+        stages = build_stages(cfg, log=log)
+        TurnEngine(stages, log=log).warmup()
+        return stages
+
     log("voice-agent serve: loading the models (once: every conversation uses them)...")
-    stages = build_stages(cfg, log=log)
-    TurnEngine(stages, log=log).warmup()
-    server = Server(cfg, host, port, log, stages=stages)
+    owner = model_thread()
+    try:  # on the model thread, as every conversation's turns are later: no MLX/ONNX call on the main thread
+        stages = owner.submit(load).result()
+    except BaseException:
+        owner.shutdown(wait=False, cancel_futures=True)
+        raise
+    server = Server(cfg, host, port, log, stages=stages, owner=owner)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: serving on {host}: anyone who can reach this address and has the URL can use your "
             f"microphone through the agent; prefer the default 127.0.0.1")

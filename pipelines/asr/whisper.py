@@ -92,7 +92,8 @@ def weights_fp16(model_dir: Path) -> bool:
 
 def runs_on(backend: str, fp16: bool) -> str:
     """Where Whisper runs given the resolved `asr.backend`: ONNX Runtime holds fp32 graphs only, so float16
-    weights stay on MLX. The one place this rule lives (the stage and the CLI's BLAS check both ask it)."""
+    weights stay on MLX. The one place this rule lives: `pipelines.asr.load.asr_placement` applies it (the stage
+    is built with that placement, the CLI's BLAS check asks it); the stage refuses a placement that breaks it."""
     return "onnx" if backend == "onnx" and not fp16 else "mlx"
 
 
@@ -151,8 +152,11 @@ class WhisperASR:
         self._last: tuple[np.ndarray, Transcript] | None = None  # (16 kHz input, its transcript)
         if placement.backend not in ("mlx", "onnx") or placement.precision.bits is not None:
             raise ConfigError(f"asr: Whisper runs on mlx or onnx in fp32, not {placement}")
-        # encoder and text decoder on ONNX Runtime (pipelines/asr/ort.py); fp16 weights stay on MLX
-        self.backend = runs_on(placement.backend, self.fp16)
+        if runs_on(placement.backend, self.fp16) != placement.backend:  # placed by pipelines.asr.load
+            raise ConfigError(f"asr: {self.model_dir.name} has float16 weights, which run on mlx only (ONNX Runtime "
+                              "holds fp32 graphs); place it with pipelines.asr.load.asr_placement")
+        # encoder and text decoder on ONNX Runtime (pipelines/asr/ort.py) when placed there
+        self.backend = placement.backend
         self.ort_cache = ort_cache
         self._net = None  # this stage's Whisper (`_network`)
 

@@ -130,7 +130,6 @@ class ReplyLLM:
         temperature: float = 0.0,
         seed: int | None = None,
         max_prompt_tokens: int = 2048,
-        dequantize: bool | None = None,
         placement: Placement = Placement(),
         ort_cache: Path | None = None,
         examples: list[tuple[str, str]] = (),
@@ -154,9 +153,15 @@ class ReplyLLM:
             raise CheckpointError(f"reply LLM {model_dir}: cannot load ({type(error).__name__}: {error})") from None
         import mlx.core as mx
 
-        if dequantize is None:  # MLX's CPU quantised matmul is slow: SmolLM2 first token 3.1 s -> 0.3 s in fp32
-            dequantize = mx.default_device() == mx.cpu
-        if dequantize and any(k.endswith(".scales") for k, _ in tree_flatten(self.model.parameters())):
+        self.placement = placement.check("reply LLM")
+        if placement.backend == "mlx" and placement.precision.bits is not None:  # llm.quantization 8 | 4 on MLX
+            from pipelines.ortgraph import quantize_mlx
+
+            quantize_mlx(self.model, placement.precision)
+            mx.eval(self.model.parameters())
+        elif mx.default_device() == mx.cpu and any(k.endswith(".scales") for k, _ in tree_flatten(self.model.parameters())):
+            # the checkpoint's own quantisation, on a CPU: MLX's CPU quantised matmul is slow (SmolLM2 first token
+            # 3.1 s -> 0.3 s in fp32); ONNX Runtime quantises again in its own kernels' layout
             from mlx_lm.utils import dequantize_model
 
             self.model = dequantize_model(self.model)
@@ -169,7 +174,6 @@ class ReplyLLM:
         self.max_prompt_tokens = max_prompt_tokens
         self.seed = seed
         self.temperature = temperature
-        self.placement = placement.check("reply LLM")
         if placement.backend == "onnx":
             from pipelines.llm.ort import OrtLlama, supported
 

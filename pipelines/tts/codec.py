@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from pipelines.errors import AudioInputError, CheckpointError
+from pipelines.tts.weights import check_fit, rotate_half_to_interleaved
 
 SAMPLE_RATE = 24_000
 FRAME_SIZE = 1920  # samples per 80 ms frame
@@ -184,31 +185,14 @@ def transformers_to_moshi(state: dict[str, torch.Tensor], mimi) -> dict[str, tor
             out.update({f"{attn}.{p}_proj.weight": v for p, v in parts.items()})  # left for the fit check to name
             continue
         # transformers stores q/k rows per head as [even dims..., odd dims...] (rotate-half RoPE); moshi pairs them
-        q, k = (_rotate_half_to_interleaved(parts[p], num_heads) for p in "qk")
+        q, k = (rotate_half_to_interleaved(parts[p], num_heads) for p in "qk")
         out[f"{attn}.in_projs.0.weight"] = torch.cat([q, k, parts["v"]])  # [3 * dim, dim]
     return out
 
 
-def _rotate_half_to_interleaved(w: torch.Tensor, num_heads: int) -> torch.Tensor:
-    out_dim, in_dim = w.shape
-    return w.reshape(num_heads, 2, out_dim // num_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
 def _load_moshi_state(mimi, state: dict[str, torch.Tensor], where: str) -> None:
     """`load_state_dict(strict=True)`, with one line naming every tensor that does not fit."""
-    expected = mimi.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    shapes = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
-              if k in expected and v.shape != expected[k].shape]
-
-    def few(items: list[str]) -> str:
-        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
-
-    problems = [f"{what} {len(items)}: {few(items)}"
-                for what, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", shapes)) if items]
-    if problems:
-        raise CheckpointError(f"{where}: the transformers Mimi does not fit moshi's Mimi; " + "; ".join(problems))
+    check_fit(mimi.state_dict(), state, f"{where}: the transformers Mimi does not fit moshi's Mimi")
     mimi.load_state_dict(state, strict=True)
     for module in mimi.modules():
         if hasattr(module, "_embedding") and hasattr(module, "embedding_sum"):

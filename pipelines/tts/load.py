@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import CheckpointError
+from pipelines.paths import local_path
 from pipelines.tts.generator import GenerationConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,7 +33,7 @@ class TTSConfig(GenerationConfig):
     # auto: 4-bit on ONNX Runtime (the frame loop is faster than real time on two cores only there; Marvis'
     # makers publish 4-bit MLX weights too), the checkpoint's own on MLX | none (fp32) | 8 | 4
     quantization: str = "auto"
-    quant_block: int = 64  # ONNX int8/int4: weights per scale (32 | 64 | 128); 64 is the group size of the makers' MLX 4-bit
+    quant_block: int = 64  # int8/int4 weights per scale (32 | 64 | 128), on ONNX and MLX; 64: the makers' MLX 4-bit
     ort_cache: str = "checkpoints/.ort"
     seed: int = 0
     speaker: int = 0  # the agent's voice
@@ -80,8 +81,7 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
     from pipelines.tts.weights import check_tokenizer, load_checkpoint, random_model
 
     def resolve(p: str) -> Path:
-        path = Path(p).expanduser()
-        return path if path.is_absolute() or root is None else root / path
+        return local_path(p, root)
 
     dtype = getattr(mx, config.dtype)
     spec = checkpoint or config.checkpoint
@@ -111,23 +111,21 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
     backend, precision = resolve_backend(config)
     bits = precision.bits
     if backend == "onnx":
+        from pipelines.ortgraph import cache_folder, weights_key
         from pipelines.tts.ort import OrtFrameModel
 
         if key is None:
-            from pipelines.ortgraph import weights_key
-
             key = weights_key(resolve(spec))
         else:  # a random model is its preset, seed and dtype
             key = f"{key.replace(':', '-')}-seed{config.seed}-{config.dtype}"
-        folder = resolve(config.ort_cache) / f"{key}-{precision.tag}"
+        folder = cache_folder(resolve(config.ort_cache), key, precision)
         frames = OrtFrames(OrtFrameModel(loaded.model, precision, cache_dir=folder, progress=progress))
         loaded.model = None  # the graphs hold every weight now: free the MLX copy (~1 GB for Marvis-250M in fp32)
     else:
-        if bits is not None and not any(k.endswith(".scales") for k in _param_names(loaded.model)):
-            import mlx.nn as nn
+        if bits is not None:  # tts.quantization 8 | 4 with a scale every tts.quant_block weights (the Linear layers)
+            from pipelines.ortgraph import quantize_mlx
 
-            nn.quantize(loaded.model, group_size=64, bits=bits,
-                        class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
+            quantize_mlx(loaded.model, precision, embeddings=False)
             loaded.model.quantization_bits = bits
         frames = MLXFrames(loaded.model)
     tts = MarvisTTS(loaded, tokenizer, codec, config, backend=frames)
@@ -142,8 +140,3 @@ def load_tts(config: TTSConfig, root: Path | None = None, checkpoint: str | None
             "with untrained weights nobody can hear whether that costs quality")
     return tts
 
-
-def _param_names(model) -> list[str]:
-    from mlx.utils import tree_flatten
-
-    return [k for k, _ in tree_flatten(model.parameters())]

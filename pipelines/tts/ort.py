@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.ortgraph import Graph, OrtNet, Precision, float_params, llama_blocks
-from pipelines.ortgraph import rope_periods  # noqa: F401  (re-exported for the parity tests)
 
 FORMAT_VERSION = 3  # bump when the graphs change: cached builds of another version are rebuilt
 

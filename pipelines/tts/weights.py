@@ -65,12 +65,12 @@ def detect_format(keys: list[str], where: str = "checkpoint") -> str:
     raise CheckpointError(f"{where}: no Marvis/CSM tensors (expected backbone/decoder layers)")
 
 
-def _rotate_half_to_interleaved(w: mx.array, num_heads: int) -> mx.array:
-    # transformers stores each head's rows as [even dims..., odd dims...] for rotate-half RoPE;
-    # the original checkpoints (and our interleaved RoPE) want them paired (even, odd, even, odd...).
+def rotate_half_to_interleaved(w, num_heads: int):
+    """A q/k projection [heads * head_dim, in] from rotate-half RoPE order to interleaved pairs: transformers stores
+    each head's rows as [even dims..., odd dims...]; the original checkpoints, our RoPE and moshi's pair them
+    (even, odd, even, odd...). An MLX array or a torch tensor (the Mimi of a transformers repo)."""
     out_dim, in_dim = w.shape
-    head_dim = out_dim // num_heads
-    return w.reshape(num_heads, 2, head_dim // 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
+    return w.reshape(num_heads, 2, out_dim // num_heads // 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
 
 
 def sanitize(weights: dict[str, mx.array], args: ModelArgs, fmt: str) -> dict[str, mx.array]:
@@ -89,7 +89,7 @@ def sanitize(weights: dict[str, mx.array], args: ModelArgs, fmt: str) -> dict[st
             if m:
                 part = args.backbone if m.group(1) == "backbone" else args.decoder
                 heads = part.num_heads if m.group(2) == "q" else part.num_kv_heads
-                value = _rotate_half_to_interleaved(value, heads)
+                value = rotate_half_to_interleaved(value, heads)
         elif fmt == "torchtune":
             for old, new in _TORCHTUNE_RENAMES:
                 key = key.replace(old, new)
@@ -130,29 +130,26 @@ def infer_args(weights: dict[str, mx.array]) -> ModelArgs:
     )
 
 
-def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
-    """One error that lists every missing, unexpected and mis-shaped tensor."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    shapes = [
-        f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
-    ]
+def check_fit(expected: dict, got: dict, what: str) -> None:
+    """Tensors `got` (name -> tensor) against the `expected` ones: one `CheckpointError`, "`what`; missing N: ...;
+    unexpected N: ...; mis-shaped N: name (got) != (expected)", naming the first few of each; nothing if they fit."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    shapes = [f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in got and tuple(got[k].shape) != tuple(v.shape)]
 
     def few(items: list[str]) -> str:
         return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
 
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {few(missing)}")
-    if extra:
-        problems.append(f"unexpected {len(extra)}: {few(extra)}")
-    if shapes:
-        problems.append(f"mis-shaped {len(shapes)}: {few(shapes)}")
+    problems = [f"{kind} {len(items)}: {few(items)}"
+                for kind, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", shapes)) if items]
     if problems:
-        raise CheckpointError(f"{where}: checkpoint does not fit the model; " + "; ".join(problems))
+        raise CheckpointError(f"{what}; " + "; ".join(problems))
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
+    """One error that lists every missing, unexpected and mis-shaped tensor."""
+    check_fit(dict(tree_flatten(model.parameters())), weights, f"{where}: checkpoint does not fit the model")
 
 
 def check_tokenizer(tokenizer_dir: Path, args: ModelArgs) -> None:
