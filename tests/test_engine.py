@@ -28,6 +28,8 @@ class ScriptedASR:
 class ScriptedLLM:
     """Yields the reply word by word and logs each step, so the test can see what ran when."""
 
+    max_history_turns = 0  # no earlier reply is checked for copies
+
     def __init__(self, replies, log):
         self.replies, self.log, self.history = list(replies), log, []
 
