@@ -13,13 +13,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from agent.metrics import audio_ahead, playback_stalls
-from agent.sinks import AudioSink
 from pipelines.llm.sentences import clean_for_speech, split_to_fit
 from pipelines.messages import AudioChunk, Segment, TTSStage, VoiceReference
+
+
+class ChunkSink(Protocol):
+    """Where a reply's chunks go as they are made (every `agent.sinks.AudioSink` is one)."""
+
+    def set_prebuffer(self, seconds: float) -> None: ...
+    def write(self, audio: np.ndarray) -> None: ...
 
 
 def _never() -> bool:
@@ -66,7 +73,7 @@ class ReplyVoice:
     clock for those times and for the timeline the stalls are counted on."""
 
     def __init__(self, tts: TTSStage, config, speaker: int, context: Sequence[Segment] = (), *,
-                 sink: AudioSink | None = None, voice: VoiceReference | None = None,
+                 sink: ChunkSink | None = None, voice: VoiceReference | None = None,
                  cancelled: Callable[[], bool] = _never, clock: Callable[[], float] = time.monotonic,
                  least_prebuffer_s: float = 0.0, most_s: float | None = None,
                  mark: Callable[[str, float], None] | None = None, said: Callable[[str], None] | None = None):
