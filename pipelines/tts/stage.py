@@ -2,7 +2,9 @@
 
 A thin composition of the prompt builder (`prompt.py`), the frame loop on a backend (`generator.py`) and the
 Mimi codec (`codec.py`). It holds one `PrefixCache`, so consecutive calls (the sentences of a reply, the turns
-of a conversation) prefill only the rows that are new. `load.py` builds it from a config.
+of a conversation) prefill only the rows that are new. `load.py` builds it from a config. Marvis' frame rules
+reach the turn engine only through the `TTSStage` Protocol (pipelines/messages.py): `max_chars` (the text one
+utterance's frame cap holds) and `prebuffer_s` (how far the measured frame rate falls behind real time).
 """
 
 from __future__ import annotations
