@@ -131,7 +131,7 @@ class ReplyVoice:
             audio.append(chunk_audio)
             codes.append(chunk_codes)
             if self.full:
-                break  # closes the stream: the TTS makes no more than was asked for
+                break  # no further chunk is asked of the TTS: it makes no more than the cap lets out
         self.tts_seconds += self.clock() - began
         if audio:
             joined = None if any(c is None for c in codes) else np.concatenate(codes, axis=1)
