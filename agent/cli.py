@@ -130,8 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--temperature", type=float, help="0 = greedy")
     sp.add_argument("--topk", type=int)
-    sp.add_argument("--max-ms", type=int, help="longest audio to generate")
-    sp.add_argument("--stream", action="store_true", help="generate in streamed chunks (prints each chunk)")
+    sp.add_argument("--max-ms", type=int, help="longest audio to write: the output stops there, mid-word if need be "
+                    "(a sentence longer than one utterance's --tts.max_audio_length_ms is said in parts either way)")
+    sp.add_argument("--stream", action="store_true", help="print each chunk as it is made (the audio is streamed "
+                    "either way, as the agent speaks)")
     sp.add_argument("--codes-out", type=Path, help="also save the Mimi codes [32, frames] as .npy")
 
     sp = sub.add_parser("models", help="prepare the offline default models in checkpoints/")
@@ -179,24 +181,40 @@ def _writable_output(path: Path) -> None:
         path.unlink()
 
 
-def _fit_to_cap(sentences: list[str], gen, log) -> list[str]:
-    """Split a sentence whose text may need more frames than one utterance is allowed (`max_audio_length_ms`)
-    after its last clause mark or word that fits, so the cap never cuts words off; say so."""
-    from pipelines.llm.sentences import MIN_PIECE_CHARS, split_to_fit
-    from pipelines.tts.prompt import chars_that_fit
+def _tell_pieces(tts, sentences: list[str], gen, log) -> int:
+    """Say how each sentence will be spoken: one that may need more frames than one utterance is allowed
+    (`tts.max_audio_length_ms`) is said in parts cut after a clause mark or word that fits, so the cap never cuts
+    words off. Returns how many parts are spoken in all."""
+    from agent.voice import speech_pieces
+    from pipelines.llm.sentences import MIN_PIECE_CHARS
 
-    room = chars_that_fit(gen.max_audio_length_ms, gen.frames_per_char, gen.min_text_frames)
-    out = []
+    room = tts.max_chars(gen)
+    total = 0
     for n, sentence in enumerate(sentences, 1):
-        if room < MIN_PIECE_CHARS and len(sentence) > room:
+        pieces = speech_pieces(tts, sentence, gen)
+        if room < MIN_PIECE_CHARS and any(len(p) > room for p in pieces):
             log(f"warning: sentence {n} ({len(sentence)} characters) may need more than the "
                 f"{gen.max_audio_length_ms:.0f} ms cap: its audio stops there")
-        pieces = split_to_fit(sentence, room)
         if len(pieces) > 1:
             log(f"sentence {n} is longer than one utterance may be ({gen.max_audio_length_ms:.0f} ms): spoken in "
                 f"{len(pieces)} parts")
-        out.extend(pieces)
-    return out
+        total += len(pieces)
+    return total
+
+
+class _ChunkPrinter:
+    """`--stream`: each chunk as it is made, in frames of the whole output."""
+
+    def __init__(self, samples_per_frame: int):
+        self.samples_per_frame, self.samples = samples_per_frame, 0
+
+    def set_prebuffer(self, seconds: float) -> None:
+        pass  # nothing plays
+
+    def write(self, audio) -> None:
+        first = self.samples // self.samples_per_frame
+        self.samples += len(audio)
+        print(f"chunk: frames {first}..{-(-self.samples // self.samples_per_frame) - 1}", file=sys.stderr)
 
 
 def _cmd_tts(args, overrides) -> int:
@@ -205,27 +223,27 @@ def _cmd_tts(args, overrides) -> int:
     import numpy as np
 
     from agent.build import build_tts
+    from agent.voice import ReplyVoice
     from pipelines.audio import load_audio, save_audio
     from pipelines.errors import ConfigError, TextInputError
-    from pipelines.llm.sentences import SentenceSplitter
+    from pipelines.llm.sentences import SentenceSplitter, clean_for_speech
     from pipelines.messages import Segment, VoiceReference
 
     # everything a user can get wrong is checked before the model loads
     cfg = _config(args, overrides)
-    changes = {"temperature": args.temperature, "top_k": args.topk, "max_audio_length_ms": args.max_ms}
+    changes = {"temperature": args.temperature, "top_k": args.topk}
     try:
         gen = dataclasses.replace(cfg.tts, **{k: v for k, v in changes.items() if v is not None})
     except ValueError as exc:
-        raise ConfigError(str(exc).replace("tts.top_k", "--topk").replace("tts.max_audio_length_ms", "--max-ms")) from None
+        raise ConfigError(str(exc).replace("tts.top_k", "--topk")) from None
     if args.max_ms is not None and args.max_ms <= 0:
         raise ConfigError(f"--max-ms must be > 0, got {args.max_ms}")
     if args.speaker < 0:
         raise TextInputError(f"--speaker must be a non-negative integer id, got {args.speaker}")
     splitter = SentenceSplitter()
-    sentences = [s for s in splitter.push(args.text) + splitter.flush() if s.strip()]
+    sentences = [s for s in splitter.push(args.text) + splitter.flush() if clean_for_speech(s)]
     if not sentences:
         raise TextInputError("nothing to say: the text is empty")
-    sentences = _fit_to_cap(sentences, gen, lambda m: print(m, file=sys.stderr))
     if args.voice_match and not args.ref_text:
         raise TextInputError("--voice-match needs --ref-text, the transcript of the reference clip")
     context = []
@@ -236,35 +254,28 @@ def _cmd_tts(args, overrides) -> int:
     voice = VoiceReference(load_audio(args.voice_match, 24_000), args.ref_text) if args.voice_match else None
     _writable_output(args.output)
 
-    tts = build_tts(cfg, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
-    if len(sentences) > 1:
-        print(f"speaking {len(sentences)} sentences one after another, each with the earlier ones as context",
-              file=sys.stderr)
-    audio, codes = [], []
-    for sentence in sentences:  # like the agent: one utterance a sentence, the earlier ones as context
-        if args.stream:
-            parts = []
-            for chunk in tts.stream(sentence, args.speaker, context, voice, gen):
-                print(f"chunk: frames {chunk.first_frame}..{chunk.first_frame + chunk.num_frames - 1}", file=sys.stderr)
-                parts.append(chunk)
-            wave = np.concatenate([c.audio for c in parts]) if parts else np.zeros(0, np.float32)
-            sentence_codes = (np.concatenate([c.codes for c in parts], axis=1) if parts
-                              else np.zeros((tts.num_codebooks, 0), np.int32))
-        else:
-            speech = tts.generate(sentence, args.speaker, context, voice, gen)
-            wave, sentence_codes = speech.audio, speech.codes
-        audio.append(wave)
-        codes.append(sentence_codes)
-        if voice is None and len(wave):
-            context = [*context, Segment(args.speaker, sentence, wave, codes=sentence_codes)]
-    wave, all_codes = np.concatenate(audio), np.concatenate(codes, axis=1)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    tts = build_tts(cfg, checkpoint=args.checkpoint, log=log)
+    parts = _tell_pieces(tts, sentences, gen, log)
+    if parts > 1:
+        log(f"speaking {parts} sentences one after another, each with the earlier ones as context")
+    # as the agent speaks a reply: sentence by sentence, the earlier ones as context (agent/voice.py)
+    speech = ReplyVoice(tts, gen, args.speaker, context, voice=voice,
+                        sink=_ChunkPrinter(tts.samples_per_frame) if args.stream else None,
+                        most_s=None if args.max_ms is None else args.max_ms / 1000)
+    for sentence in sentences:
+        speech.say(sentence)
+    if speech.full:
+        log(f"--max-ms {args.max_ms}: the audio is cut there")
+    wave = speech.audio
+    codes = speech.codes if speech.codes is not None else np.zeros((tts.num_codebooks, 0), np.int32)
     save_audio(args.output, wave, tts.sample_rate)
     if args.codes_out:
         args.codes_out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.codes_out, all_codes)
+        np.save(args.codes_out, codes)
     label = " [UNTRAINED weights: noise, not speech]" if tts.untrained else ""
     print(f"wrote {args.output}: {len(wave) / tts.sample_rate:.2f} s at {tts.sample_rate} Hz, "
-          f"{all_codes.shape[1]} frames{label}")
+          f"{codes.shape[1]} frames{label}")
     return 0
 
 

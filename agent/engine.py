@@ -1,21 +1,28 @@
 """The turn engine: one user utterance in, one spoken reply out, the same for every mode.
 
-utterance -> ASR -> LLM (streamed) -> sentences -> Marvis (streamed, with the conversation as context)
--> audio sink. All MLX work happens in the thread that calls `run_turn` (the modes give it one owner
-thread), never in an audio callback. Each sentence gets the earlier sentences of the same reply as
-context too, so the voice holds within a reply as well as across turns.
+A turn is four steps, each a method that runs (and is tested) alone:
+
+    transcribe  the utterance -> text: the ASR, or what the user typed, or a kept speculation's transcript
+    reply       the LLM's reply as streamed text (a kept speculation's first), read no further than needed
+    speak       each sentence as soon as it is complete -> `ReplyVoice` (agent/voice.py): the TTS, with the
+                conversation and the reply's earlier sentences as context -> the audio sink
+    finish      keep what was played, commit the reply to the LLM's history (unless it has problems), the
+                waterfall, TurnEnded, and the next turn's TTS context prepared while the reply plays
+
+The engine knows the TTS only through `pipelines.messages.TTSStage` (and its config through `VoiceConfig`):
+Marvis or a second TTS speak a reply the same way. All MLX work happens in the thread that calls `run_turn`
+(the modes give it one owner thread), never in an audio callback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-
-import numpy as np
 
 from agent.conversation import Conversation, Turn
 from agent.events import (
@@ -30,14 +37,17 @@ from agent.events import (
     Transcribed,
     TurnEnded,
 )
-from agent.metrics import Waterfall, audio_ahead, playback_stalls, summary_line
+from agent.metrics import Waterfall, summary_line
 from agent.sinks import AudioSink
+from agent.voice import ReplyVoice
 from pipelines.llm.form import complete_sentences, reply_problems
-from pipelines.llm.sentences import SentenceSplitter, clean_for_speech, split_to_fit
-from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage
-from pipelines.tts.load import TTSConfig
-from pipelines.tts.prompt import FRAME_MS, chars_that_fit, frame_cap
+from pipelines.llm.sentences import SentenceSplitter, clean_for_speech
+from pipelines.messages import ASRStage, ReplyStage, Segment, TTSStage, VoiceConfig
 from pipelines.vad import Utterance
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
@@ -45,7 +55,7 @@ class Stages:
     asr: ASRStage
     llm: ReplyStage
     tts: TTSStage
-    tts_config: TTSConfig  # sampling knobs, the agent's and the user's voices, how much context to pass
+    tts_config: VoiceConfig  # the TTS stage's own config: its knobs, the agent's and the user's voices, the context size
     first_clause_words: int = 0  # a long first sentence may start speaking at a clause break (0: sentences only)
     max_sentences: int = 0  # a reply is spoken up to this many sentences; the LLM stops there (0: no limit)
 
@@ -76,6 +86,35 @@ class Speculation:
             self.replies = None
 
 
+class TurnClock:
+    """One turn's clock and waterfall.
+
+    With a kept speculation the turn counts from when the endpoint would have been decided had the
+    speculation run beside the stream (as it does live), and the clock runs ahead by what a fast replay
+    gained on a live stream: work finished by then costs nothing, the rest shows."""
+
+    def __init__(self, utterance: Utterance, clock: Callable[[], float], speculation: Speculation | None = None):
+        self._clock = clock
+        if speculation is not None:
+            # the endpoint came (decided_s - end_s) after the speculation started, on the stream clock
+            self.decided = speculation.started_wall + (utterance.decided_s - speculation.utterance.decided_s)
+            self.shift = max(0.0, self.decided - clock())
+        else:
+            self.decided, self.shift = clock(), 0.0
+        self.waterfall = Waterfall(utterance.decided_s - utterance.end_s, self.decided)
+
+    def now(self) -> float:
+        return self._clock() + self.shift
+
+    def mark(self, stage: str, wall: float | None = None) -> None:
+        """Stamp `stage` at `wall` on this turn's clock (now when not given); the first stamp stands."""
+        self.waterfall.mark(stage, self.now() if wall is None else wall)
+
+    def first_sample(self, wall: float) -> None:
+        """The sink's first-sample callback: `wall` is on the sink's clock (the engine's, unshifted)."""
+        self.waterfall.mark("first_sample_played", wall + self.shift)
+
+
 class TurnEngine:
     def __init__(self, stages: Stages, conversation: Conversation | None = None, emit: Listener | None = None,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
@@ -92,17 +131,9 @@ class TurnEngine:
         """End the running turn at its next LLM token or TTS frame (any thread); the engine takes no new work."""
         self.stopping.set()
 
-    def prebuffer_s(self, text: str, cfg: TTSConfig) -> float:
-        """Audio to buffer before playback starts, from the TTS's measured frame rate and how long this first
-        sentence may run: nothing beyond `jitter_s` when the TTS is faster than real time; otherwise the time
-        it falls behind over the sentence, so that a sentence that can be spoken without a gap is."""
-        tts = self.stages.tts
-        if getattr(tts, "frame_seconds", None) is None:
-            return self.jitter_s
-        per_frame = tts.frame_seconds + tts.decode_seconds / cfg.chunk_frames
-        frame_s = FRAME_MS / 1000
-        frames = frame_cap(clean_for_speech(text), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
-        return max(self.jitter_s, (per_frame / frame_s - 1.0) * frames * frame_s)
+    def prebuffer_s(self, text: str, cfg: VoiceConfig) -> float:
+        """The playback buffer for a reply whose first piece is `text`: the TTS stage's rule, at least `jitter_s`."""
+        return self.stages.tts.prebuffer_s(clean_for_speech(text), cfg, self.jitter_s)
 
     def warmup(self) -> None:
         for stage in (self.stages.asr, self.stages.llm, self.stages.tts):
@@ -115,7 +146,7 @@ class TurnEngine:
             self.emit(ReplyText(delta))
             yield delta
 
-    def speculate(self, utterance: Utterance, cancelled: Callable[[], bool] = lambda: False) -> Speculation:
+    def speculate(self, utterance: Utterance, cancelled: Callable[[], bool] = _never) -> Speculation:
         """Transcribe what was said so far and run the LLM until its first sentence is ready (text only)."""
         st = self.stages
         started = self.clock()
@@ -134,155 +165,133 @@ class TurnEngine:
         self.emit(Speculated(utterance.start_s, utterance.end_s, transcript, round((self.clock() - started) * 1000, 1)))
         return spec
 
-    def run_turn(self, utterance: Utterance, sink: AudioSink, interrupted: Callable[[], bool] = lambda: False,
+    def run_turn(self, utterance: Utterance, sink: AudioSink, interrupted: Callable[[], bool] = _never,
                  speculation: Speculation | None = None, text: str | None = None) -> Turn | None:
         """Answer one utterance. Returns None when the ASR heard no words (no turn is taken).
 
         `text` is what the user typed instead (a Realtime client's text message): no ASR, and the turn has no
         user audio for the TTS context (`utterance` then only gives the turn its times).
 
-        With a matching `speculation`, its transcript and LLM output are used instead of being recomputed. The
-        waterfall then counts from when the endpoint would have been decided had the speculation run in parallel
-        with the stream (as it does live): work finished by then costs nothing, the rest shows.
+        With a matching `speculation`, its transcript and LLM output are used instead of being recomputed; the
+        waterfall then counts as `TurnClock` says.
         """
-        st = self.stages
-        barged_in = interrupted
-        interrupted = lambda: barged_in() or self.stopping.is_set()  # noqa: E731
-        if speculation is not None and not speculation.matches(utterance):
-            speculation.drop()
-            self.emit(SpeculationDropped(speculation.utterance.start_s))
-            speculation = None
-        if speculation is not None:
-            # the endpoint came (decided_s - end_s) after the speculation started, on the stream clock
-            decided = speculation.started_wall + (utterance.decided_s - speculation.utterance.decided_s)
-            now = self.clock()
-            shift = max(0.0, decided - now)  # a fast replay got here sooner than a live stream would
-            clock = lambda: self.clock() + shift  # noqa: E731
-            self.emit(SpeculationKept(utterance.start_s))
-        else:
-            decided, clock = self.clock(), self.clock
-        wf = Waterfall(utterance.decided_s - utterance.end_s, decided)
-        if text is not None:
-            transcript = text.strip()
-            wf.mark("asr_final", clock())
-        elif speculation is not None:
-            transcript = speculation.transcript
-            for stage, wall in speculation.marks.items():
-                wf.mark(stage, max(wall, decided))
-        else:
-            transcript = st.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
-            wf.mark("asr_final", clock())
+        interrupted = functools.partial(self._cut_short, interrupted)
+        speculation = self._kept(speculation, utterance)
+        timing = TurnClock(utterance, self.clock, speculation)
+        transcript = self.transcribe(utterance, timing, speculation, text)
         self.emit(Transcribed(transcript, utterance.start_s, utterance.end_s, utterance.decided_s, utterance.reason))
         if not transcript:
             self.log("(heard no words; no turn taken)")
             return None
         turn = self.conversation.new_turn(transcript)
         self.log(f"you   > {transcript}")
-        context, turn.context_turns = self.conversation.context(st.tts_config.context_segments)
-        sink.on_first_sample = lambda wall: wf.mark("first_sample_played", wall + (clock() - self.clock()))
-        sink.begin_utterance()
+        voice = self.voice(turn, sink, timing, interrupted)
+        deltas = self.reply(transcript, timing, speculation, until=voice.halted)
+        for sentence in spoken_sentences(deltas, SentenceSplitter(self.stages.first_clause_words),
+                                         self.stages.max_sentences):
+            voice.say(sentence)
+        if speculation is not None:
+            speculation.drop()
+        sink.end_of_stream()
+        self.finish(turn, utterance, voice, sink, timing)
+        return turn
 
-        splitter = SentenceSplitter(st.first_clause_words)
-        spoken: list[tuple[str, np.ndarray, np.ndarray]] = []  # sentence, audio, codes
-        timeline: list[tuple[float, int]] = []  # (wall time a chunk was ready, its samples)
-        tts_wall = [0.0]  # seconds spent in the TTS stream, for the RTF the reply achieved
-        prebuffer: list[float] = []  # the playback buffer chosen at the reply's first chunk
-        cfg = dataclasses.replace(st.tts_config, seed=st.tts_config.seed + turn.index)
-        agent_speaker, user_speaker = cfg.speaker, cfg.user_speaker
-        stopped = False
+    # ---- the steps of a turn ---------------------------------------------------------------------------------
 
-        room = chars_that_fit(cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
+    def _cut_short(self, barged_in: Callable[[], bool]) -> bool:
+        return barged_in() or self.stopping.is_set()
 
-        def speak(sentence: str) -> None:
-            # a sentence longer than one utterance's frame cap is spoken in pieces, never cut off by the cap
-            for text in split_to_fit(clean_for_speech(sentence), room):
-                if text and not stopped and not interrupted():
-                    say(text)
+    def _kept(self, speculation: Speculation | None, utterance: Utterance) -> Speculation | None:
+        """`speculation` when it was made on `utterance`; otherwise it is dropped (nothing of it was played)."""
+        if speculation is None:
+            return None
+        if not speculation.matches(utterance):
+            speculation.drop()
+            self.emit(SpeculationDropped(speculation.utterance.start_s))
+            return None
+        self.emit(SpeculationKept(utterance.start_s))
+        return speculation
 
-        def say(text: str) -> None:
-            nonlocal stopped
-            wf.mark("first_sentence", clock())
-            self.emit(Said(text))
-            own = [Segment(agent_speaker, s, codes=c) for s, _, c in spoken]
-            audio_parts, code_parts = [], []
-            began = self.clock()
-            # a later sentence starts while the earlier ones still play: its chunks can be long from the start
-            queued = (lambda: audio_ahead(timeline, st.tts.sample_rate, prebuffer[0], clock())) if prebuffer else None
-            for chunk in st.tts.stream(text, agent_speaker, context + own, config=cfg, cancelled=interrupted,
-                                       ahead=queued):
-                ready = clock()
-                wf.mark("first_tts_chunk", ready)
-                if interrupted():
-                    stopped = True
-                    break
-                if not prebuffer:
-                    prebuffer.append(self.prebuffer_s(text, cfg))
-                    sink.set_prebuffer(prebuffer[0])
-                timeline.append((ready, chunk.audio.size))
-                sink.write(chunk.audio)
-                audio_parts.append(chunk.audio)
-                code_parts.append(chunk.codes)
-            tts_wall[0] += self.clock() - began
-            if audio_parts:
-                spoken.append((text, np.concatenate(audio_parts), np.concatenate(code_parts, axis=1)))
+    def transcribe(self, utterance: Utterance, timing: TurnClock, speculation: Speculation | None = None,
+                   text: str | None = None) -> str:
+        """What the user said: typed `text`, a kept speculation's transcript (its stage times count from the
+        endpoint), or the ASR's."""
+        if text is not None:
+            transcript = text.strip()
+        elif speculation is not None:
+            for stage, wall in speculation.marks.items():
+                timing.mark(stage, max(wall, timing.decided))
+            return speculation.transcript
+        else:
+            transcript = self.stages.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
+        timing.mark("asr_final")
+        return transcript
 
+    def reply(self, transcript: str, timing: TurnClock, speculation: Speculation | None = None,
+              until: Callable[[], bool] = _never) -> Iterator[str]:
+        """The reply's text deltas: a kept speculation's, then the rest of its LLM stream (or a new stream). The
+        LLM is read no further once `until()` says the reply is cut short."""
         if speculation is not None:
             if speculation.replies is None and not speculation.done:  # cancelled before the LLM started
                 speculation.replies = self._reply(transcript)
             deltas = itertools.chain(speculation.deltas, speculation.replies or ())
         else:
             deltas = self._reply(transcript)
-        def marked(deltas):
-            nonlocal stopped
-            for delta in deltas:
-                wf.mark("llm_first_token", clock())
-                yield delta
-                if stopped or interrupted():
-                    stopped = True
-                    return
+        for delta in deltas:
+            timing.mark("llm_first_token")
+            yield delta
+            if until():
+                return
 
-        for sentence in spoken_sentences(marked(deltas), splitter, st.max_sentences):
-            speak(sentence)
-        if speculation is not None:
-            speculation.drop()
-        sink.end_of_stream()
+    def voice(self, turn: Turn, sink: AudioSink, timing: TurnClock,
+              interrupted: Callable[[], bool] = _never) -> ReplyVoice:
+        """The speak step for `turn`: its TTS context from the conversation, its own seed, the sink begun."""
+        st = self.stages
+        context, turn.context_turns = self.conversation.context(st.tts_config.context_segments)
+        cfg = dataclasses.replace(st.tts_config, seed=st.tts_config.seed + turn.index)
+        sink.on_first_sample = timing.first_sample
+        sink.begin_utterance()
+        return ReplyVoice(st.tts, cfg, cfg.speaker, context, sink=sink, cancelled=interrupted, clock=timing.now,
+                          least_prebuffer_s=self.jitter_s, mark=timing.mark, said=self._said)
 
-        if stopped or interrupted():
+    def _said(self, text: str) -> None:
+        self.emit(Said(text))
+
+    def finish(self, turn: Turn, utterance: Utterance, voice: ReplyVoice, sink: AudioSink, timing: TurnClock) -> None:
+        """Close the turn: keep what the user heard, commit the reply, the waterfall, TurnEnded; then get the
+        next turn's TTS context ready."""
+        if voice.halted():
             turn.interrupted = True
-            played = sink.clear()
-            spoken = _truncate_to_played(spoken, played, st.tts.samples_per_frame)
-        turn.reply = " ".join(s for s, _, _ in spoken)
+            voice.keep_played(sink.clear())
+        turn.reply = voice.text
         self.log(f"agent > {turn.reply}" + (" [interrupted]" if turn.interrupted else ""))
         if utterance.audio.size:
-            turn.user = Segment(user_speaker, transcript, utterance.audio, utterance.sample_rate)
-        if spoken:
-            turn.agent = Segment(agent_speaker, turn.reply, np.concatenate([a for _, a, _ in spoken]),
-                                 st.tts.sample_rate, codes=np.concatenate([c for _, _, c in spoken], axis=1))
-        window = getattr(st.llm, "max_history_turns", 0)  # the replies the LLM could copy from its history
-        earlier = [t.reply for t in self.conversation.turns[-window:]] if window else []
-        problems = reply_problems(turn.reply, earlier) if turn.reply else []
-        if problems:  # kept out of the LLM's history: a small model copies its own slips into later turns
-            self.emit(ReplyKeptOut(problems))
-        else:
-            st.llm.commit(transcript, turn.reply)
-        turn.waterfall = wf.offsets()
-        if timeline and not turn.interrupted:
-            turn.waterfall.update(playback_stalls(timeline, st.tts.sample_rate, prebuffer[0]))
-            turn.waterfall["prebuffer_ms"] = round(prebuffer[0] * 1000.0, 1)
-            audio_s = sum(n for _, n in timeline) / st.tts.sample_rate
-            turn.waterfall["tts_rtf"] = round(tts_wall[0] / audio_s, 3)
+            turn.user = Segment(self.stages.tts_config.user_speaker, turn.transcript, utterance.audio,
+                                utterance.sample_rate)
+        turn.agent = voice.segment()
+        self.commit(turn)
+        turn.waterfall = timing.waterfall.offsets()
+        if voice.timeline and not turn.interrupted:
+            turn.waterfall.update(voice.playback())
         self.conversation.append(turn)
-        self._finish(turn)
-        if self.stopping.is_set():
-            return turn
-        # get the next turn's context ready now (Mimi-encode the user's audio, prefill the new rows), while
-        # the reply plays and the user thinks, instead of inside the next turn's latency
-        st.tts.prepare_context(self.conversation.context(st.tts_config.context_segments)[0])
-        return turn
-
-    def _finish(self, turn: Turn) -> None:
         self.log("  " + summary_line(turn.index, turn.waterfall))
         self.emit(TurnEnded(turn))
+        if self.stopping.is_set():
+            return
+        # get the next turn's context ready now (for Marvis: Mimi-encode the user's audio, prefill the new rows),
+        # while the reply plays and the user thinks, instead of inside the next turn's latency
+        self.stages.tts.prepare_context(self.conversation.context(self.stages.tts_config.context_segments)[0])
+
+    def commit(self, turn: Turn) -> None:
+        """The reply into the LLM's history, unless it has problems: a small model copies its own slips into
+        later turns, so such a reply is kept out (and said to the listeners)."""
+        window = self.stages.llm.max_history_turns  # the replies the LLM could copy from its history
+        earlier = [t.reply for t in self.conversation.turns[-window:]] if window else []
+        problems = reply_problems(turn.reply, earlier) if turn.reply else []
+        if problems:
+            self.emit(ReplyKeptOut(problems))
+        else:
+            self.stages.llm.commit(turn.transcript, turn.reply)
 
 
 def spoken_sentences(deltas, splitter: SentenceSplitter, max_sentences: int = 0) -> Iterator[str]:
@@ -305,16 +314,3 @@ def spoken_reply(deltas, first_clause_words: int = 0, max_sentences: int = 0) ->
     """The reply text the engine would speak for an LLM stream (no TTS): for benchmarks of the replies."""
     pieces = spoken_sentences(deltas, SentenceSplitter(first_clause_words), max_sentences)
     return " ".join(t for p in pieces for t in [clean_for_speech(p).strip()] if t)
-
-
-def _truncate_to_played(spoken, played_samples: int, samples_per_frame: int):
-    """Keep only what the user heard: whole sentences, and the played part of the one cut off."""
-    kept, left = [], played_samples
-    for text, audio, codes in spoken:
-        if left <= 0:
-            break
-        n = min(len(audio), left)
-        frames = -(-n // samples_per_frame)
-        kept.append((text, audio[:n], codes[:, :frames]))
-        left -= n
-    return kept

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-TTS_SAMPLE_RATE = 24_000  # Mimi's rate: everything the TTS says is at 24 kHz
+TTS_SAMPLE_RATE = 24_000  # Mimi's rate: all Marvis says; another TTS stage tells its own (`TTSStage.sample_rate`)
 
 
 # ---- conversation -> TTS -----------------------------------------------------------------------------------
@@ -42,14 +42,16 @@ class VoiceReference:
 @dataclass(frozen=True, eq=False)
 class AudioChunk:
     audio: np.ndarray  # [n * samples_per_frame] float32 at sample_rate
-    codes: np.ndarray  # [K, n]
+    codes: np.ndarray | None  # [K, n] codec codes (Marvis' Mimi); None for a TTS that has none
     first_frame: int
     sample_rate: int = TTS_SAMPLE_RATE
     samples_per_frame: int = 1920
 
     @property
     def num_frames(self) -> int:
-        return self.codes.shape[1]
+        if self.codes is not None:
+            return self.codes.shape[1]
+        return -(-self.audio.size // self.samples_per_frame)
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,19 +74,44 @@ class ASRStage(Protocol):
 
 
 class ReplyStage(Protocol):
+    max_history_turns: int  # the past exchanges the LLM is shown: a reply that copies one is kept out of them
+
     def warmup(self) -> None: ...
     def stream(self, user_text: str) -> Iterator[str]: ...
     def commit(self, user_text: str, reply: str) -> None: ...
 
 
+class VoiceConfig(Protocol):
+    """What the turn engine reads of the config a TTS stage takes (Marvis': `pipelines.tts.load.TTSConfig`).
+
+    A frozen dataclass with at least these fields: the engine gives each turn its own `seed` with
+    `dataclasses.replace`, and passes the config to the stage's methods without reading anything else."""
+
+    seed: int
+    speaker: int  # the agent's voice
+    user_speaker: int  # the speaker id of the user's turns in the context
+    context_segments: int  # most conversation segments passed as context
+
+
 class TTSStage(Protocol):
+    """A TTS the turn engine can speak a reply with. Everything the engine needs of it is here: the engine
+    never imports a TTS package, and a second TTS needs no change in it."""
+
     sample_rate: int
-    samples_per_frame: int
-    untrained: bool
+    untrained: bool  # random weights: the audio is noise (said in the session's meta and on the page)
 
     def warmup(self) -> None: ...
     def describe(self) -> str: ...
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), voice: VoiceReference | None = None,
                config=None, cancelled: Callable[[], bool] = lambda: False,
-               ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]: ...
-    def prepare_context(self, context: Sequence[Segment]) -> int: ...
+               ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
+        """`text` spoken as `speaker`, chunk by chunk; stops when `cancelled()`. `ahead()`, when given, is how
+        much audio of the same reply the listener still has queued (a TTS may size its chunks by it)."""
+    def prepare_context(self, context: Sequence[Segment]) -> int:
+        """Get ready for a next `stream` whose context is `context` (0: nothing to do)."""
+    def max_chars(self, config) -> int | None:
+        """The longest text one `stream` call says whole under `config`; the engine says a longer sentence in
+        pieces that fit (None: any length)."""
+    def prebuffer_s(self, text: str, config, least_s: float) -> float:
+        """Audio to buffer before a reply whose first piece is `text` starts playing, at least `least_s`: more
+        when this TTS makes audio slower than real time, so that the piece plays without a gap."""

@@ -95,14 +95,36 @@ def test_tts_speaks_every_sentence_and_splits_one_too_long_for_the_cap(tiny_marv
     audio, rate = sf.read(out)
     assert rate == 24000 and len(audio) == sum(caps) * 1920  # each to its own cap: random weights never stop early
 
-    # 41 characters, no full stop, 2 s a sentence at most: cut at 25 frames unless it is split
+    # 41 characters, no full stop, 2 s an utterance at most: cut at 25 frames unless it is split
     out, codes = tmp_path / "long.wav", tmp_path / "long.npy"
     assert main(["tts", "hello there how are you i am fine thanks", "-o", str(out), "--checkpoint", str(tiny_marvis),
-                 "--max-ms", "2000", "--stream", "--codes-out", str(codes)]) == 0
+                 "--tts.max_audio_length_ms", "2000", "--stream", "--codes-out", str(codes)]) == 0
     err = capsys.readouterr().err
     assert "sentence 1 is longer than one utterance may be (2000 ms): spoken in 2 parts" in err, err
     assert "speaking 2 sentences" in err
     assert np.load(codes).shape[1] > 25 and len(sf.read(out)[0]) == np.load(codes).shape[1] * 1920
+
+
+def test_tts_max_ms_caps_the_whole_output(tiny_marvis, tmp_path, capsys):
+    """`--max-ms` is the longest audio written, whatever the text: not a per-part cap the text is split to fit
+    (that wrote 4.8 s in 5 parts for a 960 ms cap on a 44-character sentence)."""
+    out, codes = tmp_path / "capped.wav", tmp_path / "capped.npy"
+    text = "The quick brown fox jumps over the lazy dog."  # 44 characters: 56 frames by the text cap
+    assert main(["tts", text, "-o", str(out), "--checkpoint", str(tiny_marvis), "--seed", "2", "--max-ms", "960",
+                 "--stream", "--codes-out", str(codes)]) == 0
+    err = capsys.readouterr().err
+    audio, rate = sf.read(out)
+    assert rate == 24000 and len(audio) == 12 * 1920  # 960 ms: random weights never stop sooner
+    assert np.load(codes).shape == (32, 12)
+    assert "--max-ms 960: the audio is cut there" in err and "parts" not in err, err
+    chunks = [line for line in err.splitlines() if line.startswith("chunk: frames")]
+    assert chunks and chunks[-1].endswith("..11")  # the last chunk printed ends at the cap
+    # a cap longer than the text needs changes nothing: two sentences, each to its own length cap
+    out2 = tmp_path / "uncapped.wav"
+    assert main(["tts", "Hello there. How are you?", "-o", str(out2), "--checkpoint", str(tiny_marvis),
+                 "--seed", "2", "--max-ms", "60000"]) == 0
+    assert "cut there" not in capsys.readouterr().err
+    assert len(sf.read(out2)[0]) == ((12 + 12) + (12 + 12)) * 1920
 
 
 def test_tts_offline_default_is_labelled_untrained(tmp_path):

@@ -58,6 +58,8 @@ class EspeakVoice:
     def warmup(self): pass
     def describe(self): return "espeak-ng (test voice)"
     def prepare_context(self, context): return 0
+    def max_chars(self, config): return None
+    def prebuffer_s(self, text, config, least_s): return least_s
 
     def stream(self, text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False, ahead=None):
         wav = Path(tempfile.mkdtemp()) / "reply.wav"

@@ -28,6 +28,8 @@ class ScriptedASR:
 class ScriptedLLM:
     """Yields the reply word by word and logs each step, so the test can see what ran when."""
 
+    max_history_turns = 0  # no earlier reply is checked for copies
+
     def __init__(self, replies, log):
         self.replies, self.log, self.history = list(replies), log, []
 
@@ -271,3 +273,68 @@ def test_replay_sink_first_sample_waits_for_the_prebuffer():
     sink.write(np.zeros(100, np.float32))
     sink.end_of_stream()
     assert len(marks) == 2
+
+
+# ---- the steps alone, on a model-free TTS without codes (tests/tone_tts.py) ----------------------------------
+
+def tone_engine(asr_texts, replies, **tts):
+    from tone_tts import ToneConfig, ToneTTS
+
+    log, events = [], []
+    stages = Stages(ScriptedASR(asr_texts), ScriptedLLM(replies, log), ToneTTS(**tts), ToneConfig())
+    return TurnEngine(stages, Conversation(), emit=events.append, log=lambda m: None), log, events
+
+
+def test_the_engine_knows_no_particular_tts():
+    from pathlib import Path
+
+    import agent.engine
+    import agent.voice
+
+    for module in (agent.engine, agent.voice):
+        source = Path(module.__file__).read_text()
+        assert "pipelines.tts" not in source and "getattr(" not in source, module.__name__
+
+
+def test_a_tts_without_codes_is_cut_to_what_was_played():
+    from tone_tts import RATE
+
+    engine, log, _ = tone_engine(["hello"], ["Paris is the capital. It is in France. It is big."])
+    sink = ReplaySink(RATE)
+    chunks = []
+    real_write = sink.write
+    sink.write = lambda audio: (chunks.append(len(audio)), real_write(audio))
+    # 100-sample chunks, 10 samples a character: the first sentence is 100+100+10, the user speaks 100 into the next
+    turn = engine.run_turn(utterance(), sink, interrupted=lambda: len(chunks) >= 4)
+    assert turn.interrupted and turn.reply == "Paris is the capital. It is in France."
+    assert turn.agent.codes is None and turn.agent.audio.size == sum(chunks) == 310
+    assert turn.agent.sample_rate == RATE
+    assert engine.stages.llm.history == [("hello", turn.reply)]
+    assert not any(e[0] == "llm" and e[1] == "big." for e in log)  # the LLM was read no further
+    assert engine.stages.tts.prepared  # the next turn's context was handed to the stage
+
+
+def test_transcribe_and_reply_are_steps_of_their_own():
+    from agent.engine import TurnClock
+
+    engine, log, _ = tone_engine(["heard"], ["One two. Three four."])
+    utt = utterance()
+    timing = TurnClock(utt, engine.clock)
+    assert engine.transcribe(utt, timing, text="  typed words ") == "typed words"
+    assert engine.stages.asr.texts == ["heard"]  # typed text needs no ASR
+    assert engine.transcribe(utt, timing) == "heard" and engine.stages.asr.texts == []
+    assert list(engine.reply("heard", timing, until=lambda: True)) == ["One "]
+    assert [e for e in log if e[0] == "llm"] == [("llm", "One")]  # cut short: the LLM was read no further
+    assert {"asr_final", "llm_first_token"} <= set(timing.waterfall.offsets())
+
+
+def test_a_reply_that_copies_an_earlier_one_is_kept_out_of_the_llms_history():
+    from agent.events import ReplyKeptOut
+
+    engine, _, events = tone_engine(["hello", "hello again"], ["I am fine, thank you.", "I am fine, thank you."])
+    engine.stages.llm.max_history_turns = 2
+    engine.run_turn(utterance(), ReplaySink(1000))
+    second = engine.run_turn(utterance(seed=1), ReplaySink(1000))
+    assert second.reply == "I am fine, thank you."
+    assert engine.stages.llm.history == [("hello", "I am fine, thank you.")]
+    assert [e.problems for e in events if isinstance(e, ReplyKeptOut)] == [["the same as an earlier reply"]]

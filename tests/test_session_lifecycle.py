@@ -155,6 +155,8 @@ def test_a_cancelled_tts_stream_stops_at_the_next_frame(tiny_tts):
 class _Words:
     """An LLM stand-in (the LLM is not under test) that counts the tokens taken from it."""
 
+    max_history_turns = 0  # no earlier reply is checked for copies
+
     def __init__(self, reply: str):
         self.reply, self.taken, self.history = reply, 0, []
 

@@ -374,3 +374,21 @@ def test_chunks_grow_with_the_audio_ahead_of_the_listener(frame_ms, tiny_args, t
         played_until = max(played_until, t) + n * 0.08
     assert sizes[:2] == [1, 1] and sizes[:-1] == sorted(sizes[:-1])  # they only grow
     assert max(sizes) == (8 if frame_ms == 40 else max(sizes)) and max(sizes) >= 4
+
+
+def test_what_marvis_tells_the_engine(tiny_tts):
+    """The TTSStage methods that keep Marvis' frame rules out of the engine: how much text one utterance may
+    say (its frame cap, spoken slowly) and how long to buffer before the first piece plays."""
+    cfg = GenerationConfig(max_audio_length_ms=1600, frames_per_char=1.0, min_text_frames=2, chunk_frames=8)
+    assert tiny_tts.max_chars(cfg) == 20  # 20 frames, one a character
+    assert tiny_tts.max_chars(dataclasses.replace(cfg, frames_per_char=2.0)) == 10
+    saved = tiny_tts.frame_seconds, tiny_tts.decode_seconds
+    try:
+        tiny_tts.frame_seconds = None
+        assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) == 0.08  # nothing measured yet
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # 0.102 s a frame: RTF 1.275
+        frames = 2 + len("Hello there.")  # its frame cap: under the 20 of max_audio_length_ms
+        assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) == pytest.approx(0.275 * frames * 0.08)
+        assert tiny_tts.prebuffer_s("x" * 200, cfg, 0.08) == pytest.approx(0.275 * 20 * 0.08)  # the time cap
+    finally:
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved

@@ -2,7 +2,9 @@
 
 A thin composition of the prompt builder (`prompt.py`), the frame loop on a backend (`generator.py`) and the
 Mimi codec (`codec.py`). It holds one `PrefixCache`, so consecutive calls (the sentences of a reply, the turns
-of a conversation) prefill only the rows that are new. `load.py` builds it from a config.
+of a conversation) prefill only the rows that are new. `load.py` builds it from a config. Marvis' frame rules
+reach the turn engine only through the `TTSStage` Protocol (pipelines/messages.py): `max_chars` (the text one
+utterance's frame cap holds) and `prebuffer_s` (how far the measured frame rate falls behind real time).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pipelines.errors import CheckpointError
 from pipelines.messages import TTS_SAMPLE_RATE, AudioChunk, Segment, Speech, VoiceReference
 from pipelines.tts.codec import FRAME_SIZE
 from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, PrefixCache
-from pipelines.tts.prompt import FRAME_MS, Prompt, PromptBuilder, TextTokenizer, frame_cap
+from pipelines.tts.prompt import FRAME_MS, Prompt, PromptBuilder, TextTokenizer, chars_that_fit, frame_cap
 
 
 class MarvisTTS:
@@ -62,6 +64,24 @@ class MarvisTTS:
         cfg = config or self.config
         cap = frame_cap((text or "").strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
         return self.prompts.build(text, speaker, context, voice, cap)
+
+    def max_chars(self, config: GenerationConfig | None = None) -> int:
+        """The longest text that fits one utterance's frame cap when spoken slowly (`frames_per_char`): a longer
+        sentence said in one call could be cut off by `max_audio_length_ms` mid-word."""
+        cfg = config or self.config
+        return chars_that_fit(cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
+
+    def prebuffer_s(self, text: str, config: GenerationConfig | None = None, least_s: float = 0.0) -> float:
+        """Audio to buffer before `text` (a reply's first piece) starts playing, from the measured frame rate and
+        the frames `text` may run to: nothing beyond `least_s` when frames come faster than real time (or none
+        has been measured yet); otherwise the time the stream falls behind over `text`, so it plays without a gap."""
+        if self.frame_seconds is None:
+            return least_s
+        cfg = config or self.config
+        per_frame = self.frame_seconds + self.decode_seconds / cfg.chunk_frames  # Mimi's decode, spread over a chunk
+        frame_s = FRAME_MS / 1000
+        frames = frame_cap(text.strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
+        return max(least_s, (per_frame / frame_s - 1.0) * frames * frame_s)
 
     def prepare_context(self, context: Sequence[Segment]) -> int:
         """Get ready for a next call whose context is `context`: encode its audio (cached) and run its rows
@@ -145,8 +165,4 @@ class MarvisTTS:
         cfg = dataclasses.replace(self.config, temperature=0.0, max_audio_length_ms=2 * FRAME_MS, stop_on_eos=False)
         for _ in self.stream("Hi.", 0, config=cfg):
             pass
-        self.prefix.clear()
-
-    def reset(self) -> None:
-        self.prompts.clear()
         self.prefix.clear()

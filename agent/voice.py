@@ -1,0 +1,198 @@
+"""Speaking one reply, sentence by sentence, through any TTS stage (`pipelines.messages.TTSStage`).
+
+Each sentence is cleaned for speech (no markdown or emoji read aloud), cut into the pieces one TTS call may
+say whole (the stage's `max_chars`), and each piece is spoken with the conversation's context plus the
+reply's earlier pieces, so the voice holds within a reply as it does across turns. `ReplyVoice` is the turn
+engine's speak step and the synthesis of `voice-agent tts`; it keeps what one reply has spoken, when each
+chunk was ready, the playback buffer chosen at the first chunk (the stage's `prebuffer_s`) and the seconds
+spent in the TTS. It knows no particular TTS: codes are kept when the stage gives them, never required.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from agent.metrics import audio_ahead, playback_stalls
+from pipelines.llm.sentences import clean_for_speech, split_to_fit
+from pipelines.messages import AudioChunk, Segment, TTSStage, VoiceReference
+
+
+class ChunkSink(Protocol):
+    """Where a reply's chunks go as they are made (every `agent.sinks.AudioSink` is one)."""
+
+    def set_prebuffer(self, seconds: float) -> None: ...
+    def write(self, audio: np.ndarray) -> None: ...
+
+
+def _never() -> bool:
+    return False
+
+
+def _cut(audio: np.ndarray, codes: np.ndarray | None, samples: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first `samples` of `audio`, and the codes of the frames that cover them (codes run evenly along the
+    audio, one frame per `samples_per_frame`, so the share of frames is the share of samples, rounded up)."""
+    n = max(0, min(samples, audio.size))
+    if codes is None:
+        return audio[:n], None
+    frames = -(-n * codes.shape[1] // audio.size) if audio.size else 0
+    return audio[:n], codes[:, :frames]
+
+
+@dataclass(frozen=True, eq=False)
+class Spoken:
+    """One piece of a reply as spoken: its text, its audio, and the TTS's codes for it (None: it has none)."""
+
+    text: str
+    audio: np.ndarray
+    codes: np.ndarray | None = None
+
+    def cut(self, samples: int) -> Spoken:
+        return Spoken(self.text, *_cut(self.audio, self.codes, samples))
+
+
+def speech_pieces(tts: TTSStage, sentence: str, config) -> list[str]:
+    """`sentence` as `tts` says it: markdown and emoji out, then cut (after a clause mark, else between words)
+    into pieces that each fit one call, so no cap cuts a word off."""
+    text = clean_for_speech(sentence)
+    room = tts.max_chars(config)
+    return [p for p in (split_to_fit(text, room) if room is not None else [text]) if p]
+
+
+class ReplyVoice:
+    """One reply spoken sentence by sentence: `say(sentence)` as each sentence is ready.
+
+    `sink` plays the chunks as they come (None: only kept here). `cancelled()` is asked at every chunk (a
+    barge-in, the session stopping): the piece stops there and nothing more is said. `most_s` caps the whole
+    reply's audio (the last chunk is cut to it). `mark(stage, wall)` is told when the first piece starts and its
+    first chunk is ready (a turn's waterfall), `said(text)` each piece as it starts. `clock` is the caller's
+    clock for those times and for the timeline the stalls are counted on."""
+
+    def __init__(self, tts: TTSStage, config, speaker: int, context: Sequence[Segment] = (), *,
+                 sink: ChunkSink | None = None, voice: VoiceReference | None = None,
+                 cancelled: Callable[[], bool] = _never, clock: Callable[[], float] = time.monotonic,
+                 least_prebuffer_s: float = 0.0, most_s: float | None = None,
+                 mark: Callable[[str, float], None] | None = None, said: Callable[[str], None] | None = None):
+        self.tts, self.config, self.speaker = tts, config, speaker
+        self.context = list(context)
+        self.sink, self.voice = sink, voice
+        self.cancelled, self.clock = cancelled, clock
+        self.least_prebuffer_s = least_prebuffer_s
+        self.most_samples = None if most_s is None else max(1, round(most_s * tts.sample_rate))
+        self._mark = mark or (lambda stage, wall: None)
+        self._said = said or (lambda text: None)
+        self.spoken: list[Spoken] = []
+        self.timeline: list[tuple[float, int]] = []  # (clock time a chunk was ready, its samples)
+        self.prebuffer: float | None = None  # seconds buffered before playback, chosen at the first chunk
+        self.written = 0  # samples handed out (before any cut to what was played)
+        self.tts_seconds = 0.0  # time spent in the TTS's stream, for the real-time factor the reply achieved
+        self.stopped = False  # cancelled in the middle of a piece
+        self.full = False  # `most_s` of audio is out
+
+    # ---- speaking ----------------------------------------------------------------------------------------
+
+    def halted(self) -> bool:
+        """Nothing more is to be said: a piece was cut short, or `cancelled()` says so now."""
+        return self.stopped or self.cancelled()
+
+    def say(self, sentence: str) -> None:
+        for text in speech_pieces(self.tts, sentence, self.config):
+            if self.full or self.halted():
+                return
+            self._say_piece(text)
+
+    def _say_piece(self, text: str) -> None:
+        self._mark("first_sentence", self.clock())
+        self._said(text)
+        # a later piece starts while the earlier ones still play: the TTS may make long chunks from the start
+        queued = self.queued_s if self.prebuffer is not None else None
+        audio, codes = [], []
+        began = self.clock()
+        for chunk in self.tts.stream(text, self.speaker, self.context + self.own_context(), self.voice,
+                                     self.config, self.cancelled, queued):
+            ready = self.clock()
+            self._mark("first_tts_chunk", ready)
+            if self.cancelled():
+                self.stopped = True
+                break
+            if self.prebuffer is None:
+                self.prebuffer = self.tts.prebuffer_s(text, self.config, self.least_prebuffer_s)
+                if self.sink is not None:
+                    self.sink.set_prebuffer(self.prebuffer)
+            chunk_audio, chunk_codes = self._within_cap(chunk)
+            self.timeline.append((ready, chunk_audio.size))
+            self.written += chunk_audio.size
+            if self.sink is not None:
+                self.sink.write(chunk_audio)
+            audio.append(chunk_audio)
+            codes.append(chunk_codes)
+            if self.full:
+                break  # no further chunk is asked of the TTS: it makes no more than the cap lets out
+        self.tts_seconds += self.clock() - began
+        if audio:
+            joined = None if any(c is None for c in codes) else np.concatenate(codes, axis=1)
+            self.spoken.append(Spoken(text, np.concatenate(audio), joined))
+
+    def _within_cap(self, chunk: AudioChunk) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.most_samples is None:
+            return chunk.audio, chunk.codes
+        left = self.most_samples - self.written
+        if chunk.audio.size >= left:
+            self.full = True
+        return _cut(chunk.audio, chunk.codes, left)
+
+    def own_context(self) -> list[Segment]:
+        """The reply's earlier pieces as context for the next. Not with a voice reference: that clip sets the
+        voice, and the prompt keeps it next to the text."""
+        if self.voice is not None:
+            return []
+        return [Segment(self.speaker, p.text, p.audio, self.tts.sample_rate, codes=p.codes) for p in self.spoken]
+
+    def queued_s(self) -> float:
+        """Seconds of this reply still queued for a listener who started at the chosen prebuffer."""
+        return audio_ahead(self.timeline, self.tts.sample_rate, self.prebuffer or 0.0, self.clock())
+
+    # ---- what was said -----------------------------------------------------------------------------------
+
+    def keep_played(self, played_samples: int) -> None:
+        """Keep only what the listener heard: whole pieces, and the played part of the one cut off."""
+        kept, left = [], played_samples
+        for piece in self.spoken:
+            if left <= 0:
+                break
+            kept.append(piece.cut(left))
+            left -= piece.audio.size
+        self.spoken = kept
+
+    @property
+    def text(self) -> str:
+        return " ".join(p.text for p in self.spoken)
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate([p.audio for p in self.spoken]) if self.spoken else np.zeros(0, np.float32)
+
+    @property
+    def codes(self) -> np.ndarray | None:
+        """The reply's codes, when the TTS gave codes for every piece."""
+        if not self.spoken or any(p.codes is None for p in self.spoken):
+            return None
+        return np.concatenate([p.codes for p in self.spoken], axis=1)
+
+    def segment(self) -> Segment | None:
+        """The reply as the conversation keeps it (None: nothing was said)."""
+        if not self.spoken:
+            return None
+        return Segment(self.speaker, self.text, self.audio, self.tts.sample_rate, codes=self.codes)
+
+    def playback(self) -> dict[str, float]:
+        """How the reply played: stalls after the first sample, the buffer chosen, the TTS's real-time factor."""
+        out = dict(playback_stalls(self.timeline, self.tts.sample_rate, self.prebuffer))
+        out["prebuffer_ms"] = round(self.prebuffer * 1000.0, 1)
+        audio_s = sum(n for _, n in self.timeline) / self.tts.sample_rate
+        out["tts_rtf"] = round(self.tts_seconds / audio_s, 3)
+        return out
