@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import ConfigError
+from pipelines.tts.load import TTSConfig
+from pipelines.vad import VADConfig
+
 
 def knob(default, lo=None, hi=None):
     """A field with its allowed range [lo, hi], checked when the config loads."""
     return field(default=default, metadata={"range": (lo, hi)})
-
-from pipelines.errors import ConfigError
-from pipelines.tts.load import TTSConfig
-from pipelines.vad import VADConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"

@@ -64,7 +64,7 @@ class Served:
 
 def serve_in_process(body, **factories) -> None:
     """Run `await body(http, port, server)` against a fresh `Server` on 127.0.0.1 (any free port), its adapters
-    replaced by `factories` (e.g. conversation_factory=..., realtime_factory=...: stand-ins without models)."""
+    replaced by `factories` (e.g. page_factory=..., realtime_factory=...: stand-ins without models)."""
     import asyncio
 
     import aiohttp

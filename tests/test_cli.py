@@ -13,6 +13,7 @@ import soundfile as sf
 from agent.cli import main
 from agent.config import ROOT
 from agent.fetch import fetch, resolve_model
+from conftest import require_checkpoints
 from pipelines.errors import VoiceAgentError
 
 
@@ -128,8 +129,7 @@ def test_tts_max_ms_caps_the_whole_output(tiny_marvis, tmp_path, capsys):
 
 
 def test_tts_offline_default_is_labelled_untrained(tmp_path):
-    if not (ROOT / "checkpoints" / "smollm2-135m-instruct" / "tokenizer.json").is_file():
-        pytest.skip("checkpoints/smollm2-135m-instruct is missing: run scripts/bootstrap.sh")
+    require_checkpoints("smollm2-135m-instruct")
     out = tmp_path / "hi.wav"
     ref = tmp_path / "ref.wav"
     sf.write(ref, (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32), 16000)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from agent.conversation import Conversation
-from agent.sinks import ReplaySink
 from agent.engine import Stages, TurnEngine
+from agent.sinks import ReplaySink
 from pipelines.asr.whisper import Transcript
 from pipelines.tts.codec import FRAME_SIZE
 from pipelines.tts.load import TTSConfig

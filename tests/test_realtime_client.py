@@ -16,10 +16,10 @@ import re
 
 import numpy as np
 import pytest
-from served import Served
 
-from agent.config import CHECKPOINTS
 from agent.session import read_events
+from conftest import require_checkpoints
+from served import Served
 
 openai = pytest.importorskip("openai", reason="the openai package (scripts/bootstrap.sh installs it) is the client")
 pytest.importorskip("websockets", reason="openai's realtime client needs websockets")
@@ -31,13 +31,10 @@ WAIT_S = 240  # generous: two shared cores; nothing here asserts on speed
 
 @pytest.fixture(scope="module")
 def question(tmp_path_factory) -> np.ndarray:
+    from pipelines.audio import resample
     from virtual_audio import espeak_pcm16
 
-    from pipelines.audio import resample
-
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh (voice-agent models prepare)")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     pcm = espeak_pcm16("What is the capital of France?", tmp_path_factory.mktemp("speech"))
     if pcm is None:
         pytest.skip("espeak-ng is not installed (Debian: apt install espeak-ng)")

@@ -182,9 +182,8 @@ def test_heard_after_a_cut_is_what_the_client_played(session):
 
 @pytest.fixture(scope="module")
 def question_24k(tmp_path_factory) -> np.ndarray:
-    from virtual_audio import espeak_pcm16
-
     from pipelines.audio import resample
+    from virtual_audio import espeak_pcm16
 
     pcm = espeak_pcm16("What is the capital of France?", tmp_path_factory.mktemp("speech"))
     if pcm is None:

@@ -13,10 +13,10 @@ import time
 import aiohttp
 import pytest
 
+import served
 from agent.web import server as server_module
 from agent.web.realtime import RealtimeSession
 from agent.web.server import CLOSE_BUSY, CLOSE_FLOOD, REALTIME_BURST
-import served
 from served import TOKEN, serve_in_process
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from agent.config import CHECKPOINTS, load_config
+from agent.config import load_config
+from conftest import require_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +55,7 @@ class AnswersFromTheTranscript:
 def replay(tmp_path_factory):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (scripts/bootstrap.sh installs it with apt)")
-    if not (CHECKPOINTS / "whisper-tiny.en").is_dir():
-        pytest.skip("checkpoints/whisper-tiny.en is missing: run scripts/bootstrap.sh (voice-agent models prepare)")
+    require_checkpoints("whisper-tiny.en")
     from agent.build import build_asr
     from agent.engine import Stages
     from agent.modes import run_replay

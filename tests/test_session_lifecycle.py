@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import CHECKPOINTS, ROOT, load_config
-from agent.sinks import ReplaySink
+from agent.config import ROOT, load_config
 from agent.floor import Floor
 from agent.session import SessionRecorder, read_session
+from agent.sinks import ReplaySink
+from conftest import require_checkpoints
 from pipelines.vad import Endpointer, VADConfig
 from virtual_audio import VirtualCard
 
@@ -256,9 +257,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_marvis) -> dict[str, Run]:
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh (voice-agent models prepare)")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     live = ctypes.util.find_library("portaudio") is not None
     # a long reply, so the signal lands while the agent is answering
     common = ["--tts.checkpoint", tiny_marvis, "--llm.max_tokens", "24", "--tts.min_text_frames", "50",
@@ -324,9 +323,7 @@ def test_sigkill_mid_reply_keeps_the_mic_audio_and_the_bundle_replays(runs, kind
 def test_zero_turns_says_why_and_names_only_files_that_exist(tmp_path, tiny_marvis):
     import soundfile as sf
 
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     sf.write(tmp_path / "quiet.wav", np.zeros(2 * RATE, np.int16), RATE)
     out = tmp_path / "bundle"
     proc = _cli("replay", tmp_path / "quiet.wav", "--out", out, "--no-progress", "--tts.checkpoint", tiny_marvis)
@@ -357,9 +354,7 @@ def test_doctor_reports_a_microphone_that_delivers_only_zeros(silent_card):
 
 
 def test_chat_warns_when_the_microphone_delivers_only_zeros(silent_card, tmp_path, tiny_marvis):
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     proc = _cli("chat", "--duration", "4", "--out", tmp_path / "bundle", "--tts.checkpoint", tiny_marvis,
                 env=silent_card.env)
     assert proc.returncode == 0, proc.stderr
@@ -378,9 +373,7 @@ def test_a_microphone_that_goes_away_ends_the_session_in_one_line_and_keeps_it(t
 
     if ctypes.util.find_library("portaudio") is None:
         pytest.skip("PortAudio is not installed (Debian: apt install libportaudio2)")
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     bundle, out, err = tmp_path / "bundle", tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     mic = np.frombuffer((DEMO / "mic.pcm").read_bytes(), "<i2")
     with VirtualCard(tmp_path, mic) as card, open(out, "w") as stdout, open(err, "w") as stderr:

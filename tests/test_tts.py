@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-
-import mlx.core as mx
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
 from pipelines.errors import AudioInputError, CheckpointError, TextInputError
-from pipelines.tts.codec import FRAME_SIZE, SAMPLE_RATE
 from pipelines.messages import Segment, VoiceReference
+from pipelines.tts.codec import FRAME_SIZE, SAMPLE_RATE
 from pipelines.tts.generator import FrameGenerator, GenerationConfig, PrefixCache
 from pipelines.tts.prompt import TextTokenizer, frame_cap
 from pipelines.tts.stage import MarvisTTS

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from agent.config import CHECKPOINTS
 from agent.session import read_session
+from conftest import require_checkpoints
 from served import Served
 from virtual_audio import espeak_pcm16
 
@@ -38,9 +38,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def question_wav(tmp_path_factory) -> Path:
-    for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
-        if not (CHECKPOINTS / name).is_dir():
-            pytest.skip(f"checkpoints/{name} is missing: run scripts/bootstrap.sh (voice-agent models prepare)")
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
     folder = tmp_path_factory.mktemp("speech")
     pcm = espeak_pcm16(QUESTION, folder)
     if pcm is None:
@@ -73,9 +71,9 @@ def chromium(mic_wav: Path, profile: Path):
 def test_a_browser_conversation_is_heard_answered_played_and_recorded(tmp_path, question_wav, tiny_marvis, mode):
     """Hands-free: the VAD ends the turn. Push-to-talk: the space bar is held from before the question until the
     page has sent the whole recording, so the keys decide the turn."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -13,11 +13,11 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-import served
-from served import TOKEN, closed_with, serve_in_process
 
+import served
 from agent.web.page import MAX_FRAME_SAMPLES, BrowserSink, PageSession
 from agent.web.server import CLOSE_BUSY, CLOSE_PROTOCOL
+from served import TOKEN, closed_with, serve_in_process
 
 
 class NoModels(PageSession):
@@ -34,7 +34,7 @@ class NoModels(PageSession):
 
 def scenario(body):
     """Run `body(http, port, server)` against a fresh server on 127.0.0.1 (any free port)."""
-    serve_in_process(body, conversation_factory=NoModels)
+    serve_in_process(body, page_factory=NoModels)
 
 
 def origin(port: int) -> dict:

@@ -47,8 +47,8 @@ from agent.events import Event, Said, SpeechChanged, Transcribed, TurnEnded, Utt
 from agent.loop import OwnThread, SharedThread, open_session
 from agent.session import MIC_RATE
 from agent.sinks import CutSink
-from pipelines.errors import VoiceAgentError
 from pipelines.audio import float_to_pcm16, pcm16_to_float
+from pipelines.errors import VoiceAgentError
 
 RATE = 24_000  # the protocol's PCM16 rate, in and out
 MAX_MESSAGE_BYTES = 1 << 20  # larger events get an error (the socket itself refuses far larger ones)
