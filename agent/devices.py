@@ -211,7 +211,8 @@ class SpeakerSink(_PortAudioStream, UtteranceCounts):
     `write()` converts to int16 and appends to a buffer; the callback copies from it. Counters are for the
     current utterance: `played_samples` is how many samples were handed to PortAudio (they will all be
     heard, `output_latency` seconds later; `clear()` stops handing out more but cannot recall those).
-    After a mid-utterance underrun the sink waits for `jitter_ms` again before resuming (re-buffering).
+    After a mid-utterance underrun the sink waits for `jitter_ms` (or what `set_prebuffer` said once it plays)
+    again before resuming (re-buffering).
     """
 
     def __init__(self, sample_rate: int = 24000, device: int | str | None = None, jitter_ms: int = 120,
@@ -233,6 +234,7 @@ class SpeakerSink(_PortAudioStream, UtteranceCounts):
         self._first_pending = False
         self._played = 0
         self._prebuffer = self.jitter_samples  # samples buffered before this utterance starts playing
+        self._rebuffer = self.jitter_samples  # ... and again after it ran dry
 
     # -- caller side ------------------------------------------------------------------------------------
 
@@ -258,16 +260,20 @@ class SpeakerSink(_PortAudioStream, UtteranceCounts):
                 self._start_utterance()
             self._chunks.append(pcm)
             self._queued += pcm.size
-            if self._queued >= (self._prebuffer if self._played == 0 else self.jitter_samples):
+            if self._queued >= (self._prebuffer if self._played == 0 else self._rebuffer):
                 self._flowing = True
 
     def set_prebuffer(self, seconds: float) -> None:
-        """This utterance starts playing once `seconds` of it are buffered (the engine sizes it from the TTS's
-        measured rate); a re-buffer after an underrun waits for `jitter_ms` as usual."""
+        """Before the utterance plays: it starts once `seconds` of it are buffered (the engine sizes it from the
+        TTS's measured rate). Once it plays: after running dry it resumes once `seconds` are buffered again (the
+        rate dropped mid-reply: one pause instead of many); `jitter_ms` at least."""
+        samples = max(1, round(self.sample_rate * seconds))
         with self._lock:
-            self._prebuffer = max(1, round(self.sample_rate * seconds))
             if self._played == 0:
+                self._prebuffer = samples
                 self._flowing = self._queued >= self._prebuffer
+            else:
+                self._rebuffer = max(self.jitter_samples, samples)
 
     def end_of_stream(self) -> None:
         """No more audio for this utterance: play what is buffered even if it is shorter than the jitter buffer."""
@@ -301,7 +307,7 @@ class SpeakerSink(_PortAudioStream, UtteranceCounts):
 
     def _start_utterance(self) -> None:
         self._in_utterance, self._eos, self._first_pending = True, False, True
-        self._prebuffer = self.jitter_samples
+        self._prebuffer = self._rebuffer = self.jitter_samples
         self._flowing = self._queued >= self.jitter_samples
         self._played = 0
 

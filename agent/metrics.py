@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,44 +46,69 @@ class Waterfall:
         return out
 
 
-def playback_stalls(timeline: list[tuple[float, int]], sample_rate: int, jitter_s: float) -> dict[str, float]:
-    """What a listener hears after the first sample: silence inserted because the next audio was not ready.
+@dataclass
+class Playback:
+    """How a speaker plays a timeline (`play`)."""
 
-    `timeline` is (wall time a chunk was ready, its samples) in order. Playback starts once `jitter_s` of audio
-    is buffered (or when the last chunk is ready) and runs in real time; a chunk that is not ready when the
-    audio before it has played out stalls the speaker for the difference.
-    """
-    buffered, start = 0.0, timeline[-1][0]
-    for ready, samples in timeline:
-        buffered += samples / sample_rate
+    start: float | None = None  # wall time of the first sample (None: not started)
+    end: float = 0.0  # wall time the audio out so far has played out
+    stall_s: float = 0.0  # silence inserted after the first sample
+    stalls: int = 0  # underruns
+    waiting_s: float = 0.0  # audio queued while playback waits to (re)buffer
+
+
+def play(timeline: list[tuple], sample_rate: int, jitter_s: float, complete: bool = True) -> Playback:
+    """Play `timeline` — (wall time a chunk was ready, its samples[, re-buffer seconds]) in order — as a speaker
+    does: start once `jitter_s` of audio is buffered (or with the last chunk), then in real time. A chunk not ready
+    when the audio before it has played out is an underrun; playback resumes once the chunk's re-buffer threshold
+    (seconds from it on) is queued again, or as soon as it is ready without one. `complete`: the timeline is the
+    whole utterance (what is left plays out at its end); otherwise playback may still be waiting for audio."""
+    rate = float(sample_rate)
+    out, buffered = Playback(), 0.0
+    for ready, samples, *_ in timeline:
+        buffered += samples / rate
         if buffered >= jitter_s:
-            start = ready
+            out.start = ready
             break
-    position, stall, stalls = start, 0.0, 0
-    for ready, samples in timeline:
-        if ready > position:
-            stall += ready - position
-            stalls += 1
-            position = ready
-        position += samples / sample_rate
-    return {"stall_ms": round(stall * 1000.0, 1), "stalls": stalls}
+    if out.start is None and complete and timeline:
+        out.start = timeline[-1][0]
+    if out.start is None:
+        out.waiting_s = buffered
+        return out
+    position, i = out.start, 0
+    while i < len(timeline):
+        ready, samples, *rest = timeline[i]
+        if ready > position:  # ran dry: wait for this chunk, and for the re-buffer threshold from it on
+            threshold, resume, queued, j = (rest[0] if rest else 0.0), ready, 0.0, i
+            while j < len(timeline) and (queued < threshold or j == i):
+                resume = max(resume, timeline[j][0])
+                queued += timeline[j][1] / rate
+                j += 1
+            out.stalls += 1
+            if queued < threshold and not complete:  # not enough audio yet: still waiting
+                out.end, out.waiting_s = position, queued
+                return out
+            out.stall_s += resume - position
+            position = resume
+        position += samples / rate
+        i += 1
+    out.end = position
+    return out
 
 
-def audio_ahead(timeline: list[tuple[float, int]], sample_rate: int, jitter_s: float, now: float) -> float:
-    """Seconds of audio still queued for the listener at `now`, playback run as `playback_stalls` runs it
-    (0 before playback starts)."""
-    buffered, start = 0.0, None
-    for ready, samples in timeline:
-        buffered += samples / sample_rate
-        if buffered >= jitter_s:
-            start = ready
-            break
-    if start is None:
-        return 0.0
-    position = start
-    for ready, samples in timeline:
-        position = max(position, ready) + samples / sample_rate
-    return max(0.0, position - now)
+def playback_stalls(timeline: list[tuple], sample_rate: int, jitter_s: float) -> dict[str, float]:
+    """What a listener hears after the first sample: silence inserted because the next audio was not ready."""
+    heard = play(timeline, sample_rate, jitter_s)
+    return {"stall_ms": round(heard.stall_s * 1000.0, 1), "stalls": heard.stalls}
+
+
+def audio_ahead(timeline: list[tuple], sample_rate: int, jitter_s: float, now: float) -> float:
+    """Seconds of audio still queued for the listener at `now`, playback run as `play` runs it (all that is
+    queued while playback waits to start or to re-buffer)."""
+    heard = play(timeline, sample_rate, jitter_s, complete=False)
+    if heard.waiting_s:
+        return heard.waiting_s
+    return max(0.0, heard.end - now)
 
 
 def summary_line(turn_index: int, offsets: dict[str, float]) -> str:

@@ -53,7 +53,9 @@ class AudioSink(Protocol):
         """Speak at `rate` (the TTS's) from now on; a sink that cannot raises `VoiceAgentError`, naming why."""
     def begin_utterance(self) -> None: ...
     def set_prebuffer(self, seconds: float) -> None:
-        """This utterance starts playing once `seconds` of it are buffered (sized from the TTS's rate)."""
+        """Before the utterance plays: it starts once `seconds` of it are buffered (sized from the TTS's rate).
+        Once it plays: if it runs dry, it resumes once `seconds` are buffered again (a sink that does not pause
+        for that may ignore it)."""
     def write(self, audio: np.ndarray) -> None: ...
     def end_of_stream(self) -> None:
         """No more audio for this utterance; returns once it has been played out, cut, or stalled."""
@@ -176,8 +178,10 @@ class ReplaySink(CutSink):
         self._started = False
 
     def set_prebuffer(self, seconds: float) -> None:
-        """Playback (the first sample's time) starts once `seconds` of the utterance are written, as on a speaker."""
-        self._prebuffer = max(1, round(self.sample_rate * seconds))
+        """Playback (the first sample's time) starts once `seconds` of the utterance are written, as on a speaker;
+        after that nothing waits here (the engine counts a re-buffer's pause on its own timeline)."""
+        if not self._started:
+            self._prebuffer = max(1, round(self.sample_rate * seconds))
 
     def _write(self, audio: np.ndarray) -> None:
         audio = to_mono_float32(audio, what="speaker audio")

@@ -4,7 +4,8 @@ Each sentence is cleaned for speech (no markdown or emoji read aloud), cut into 
 say whole (the stage's `max_chars`), and each piece is spoken with the conversation's context plus the
 reply's earlier pieces, so the voice holds within a reply as it does across turns. `ReplyVoice` is the turn
 engine's speak step and the synthesis of `voice-agent tts`; it keeps what one reply has spoken, when each
-chunk was ready, the playback buffer chosen at the first chunk (the stage's `prebuffer_s`) and the seconds
+chunk was ready, the playback buffer chosen at the first chunk from this reply's own rate (the stage's
+`prebuffer_s`), a re-buffer when the rate drops mid-reply, and the seconds
 spent in the TTS. It knows no particular TTS: codes are kept when the stage gives them, never required.
 """
 
@@ -86,8 +87,12 @@ class ReplyVoice:
         self._mark = mark or (lambda stage, wall: None)
         self._said = said or (lambda text: None)
         self.spoken: list[Spoken] = []
-        self.timeline: list[tuple[float, int]] = []  # (clock time a chunk was ready, its samples)
+        # (clock time a chunk was ready, its samples, the re-buffer threshold in force: see agent.metrics.play)
+        self.timeline: list[tuple[float, int, float]] = []
         self.prebuffer: float | None = None  # seconds buffered before playback, chosen at the first chunk
+        self.prebuffer_rtf: float | None = None  # the TTS's real-time factor it was sized from (this reply's)
+        self.rebuffer = 0.0  # seconds a later piece re-buffers if the audio runs dry (the rate dropped mid-reply)
+        self.rebuffers: list[float] = []  # each re-buffer threshold set at a piece boundary
         self.written = 0  # samples handed out (before any cut to what was played)
         self.tts_seconds = 0.0  # time spent in the TTS's stream, for the real-time factor the reply achieved
         self.stopped = False  # cancelled in the middle of a piece
@@ -109,22 +114,19 @@ class ReplyVoice:
         self._mark("first_sentence", self.clock())
         self._said(text)
         # a later piece starts while the earlier ones still play: the TTS may make long chunks from the start
-        queued = self.queued_s if self.prebuffer is not None else None
         audio, codes = [], []
         began = self.clock()
-        for chunk in self.tts.stream(text, self.speaker, self.context + self.own_context(), self.voice,
-                                     self.config, self.cancelled, queued):
+        for n, chunk in enumerate(self.tts.stream(text, self.speaker, self.context + self.own_context(), self.voice,
+                                                  self.config, self.cancelled, self.queued_s)):
             ready = self.clock()
             self._mark("first_tts_chunk", ready)
             if self.cancelled():
                 self.stopped = True
                 break
-            if self.prebuffer is None:
-                self.prebuffer = self.tts.prebuffer_s(text, self.config, self.least_prebuffer_s)
-                if self.sink is not None:
-                    self.sink.set_prebuffer(self.prebuffer)
+            if n == 0:
+                self._size_buffer(text)
             chunk_audio, chunk_codes = self._within_cap(chunk)
-            self.timeline.append((ready, chunk_audio.size))
+            self.timeline.append((ready, chunk_audio.size, self.rebuffer))
             self.written += chunk_audio.size
             if self.sink is not None:
                 self.sink.write(chunk_audio)
@@ -136,6 +138,26 @@ class ReplyVoice:
         if audio:
             joined = None if any(c is None for c in codes) else np.concatenate(codes, axis=1)
             self.spoken.append(Spoken(text, np.concatenate(audio), joined))
+
+    def _size_buffer(self, text: str) -> None:
+        """At a piece's first chunk, from the rate the TTS measures in this very stream: the reply's first piece
+        sets the playback buffer; a later one whose audio will run dry before it is out (the machine got busier)
+        sets a re-buffer, so that playback pauses once at a piece boundary instead of stuttering through it."""
+        need = self.tts.prebuffer_s(text, self.config, self.least_prebuffer_s)
+        if self.prebuffer is None:
+            self.prebuffer, self.prebuffer_rtf = need, self.tts.rtf_now(self.config)
+            if self.sink is not None:
+                self.sink.set_prebuffer(need)
+            return
+        rtf = self.tts.rtf_now(self.config)
+        short = need - self.queued_s()  # seconds this piece falls behind beyond what is queued
+        if rtf is not None and rtf > 1.0 and short > self.least_prebuffer_s:
+            threshold = short / rtf  # the audio made while it falls that far behind
+            if threshold > self.rebuffer:
+                self.rebuffer = threshold
+                self.rebuffers.append(threshold)
+                if self.sink is not None:
+                    self.sink.set_prebuffer(threshold)
 
     def _within_cap(self, chunk: AudioChunk) -> tuple[np.ndarray, np.ndarray | None]:
         if self.most_samples is None:
@@ -153,7 +175,7 @@ class ReplyVoice:
         return [Segment(self.speaker, p.text, p.audio, self.tts.sample_rate, codes=p.codes) for p in self.spoken]
 
     def queued_s(self) -> float:
-        """Seconds of this reply still queued for a listener who started at the chosen prebuffer."""
+        """Seconds of this reply still queued for the listener (all of it while playback waits to start)."""
         return audio_ahead(self.timeline, self.tts.sample_rate, self.prebuffer or 0.0, self.clock())
 
     # ---- what was said -----------------------------------------------------------------------------------
@@ -193,6 +215,10 @@ class ReplyVoice:
         """How the reply played: stalls after the first sample, the buffer chosen, the TTS's real-time factor."""
         out = dict(playback_stalls(self.timeline, self.tts.sample_rate, self.prebuffer))
         out["prebuffer_ms"] = round(self.prebuffer * 1000.0, 1)
-        audio_s = sum(n for _, n in self.timeline) / self.tts.sample_rate
+        if self.prebuffer_rtf is not None:  # why: the rate this reply's first frames were made at
+            out["prebuffer_rtf"] = round(self.prebuffer_rtf, 3)
+        if self.rebuffers:
+            out["rebuffer_ms"] = round(max(self.rebuffers) * 1000.0, 1)
+        audio_s = sum(n for _, n, _ in self.timeline) / self.tts.sample_rate
         out["tts_rtf"] = round(self.tts_seconds / audio_s, 3)
         return out

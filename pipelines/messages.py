@@ -113,5 +113,7 @@ class TTSStage(Protocol):
         """The longest text one `stream` call says whole under `config`; the engine says a longer sentence in
         pieces that fit (None: any length)."""
     def prebuffer_s(self, text: str, config, least_s: float) -> float:
-        """Audio to buffer before a reply whose first piece is `text` starts playing, at least `least_s`: more
-        when this TTS makes audio slower than real time, so that the piece plays without a gap."""
+        """Audio to buffer before `text` (a piece of a reply, the stream under way) plays, at least `least_s`:
+        more when this TTS makes audio slower than real time now, so that the piece plays without a gap."""
+    def rtf_now(self, config) -> float | None:
+        """Seconds of work per second of audio as measured now, in the stream under way (None: not measured)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class EspeakTTS:
         self.binary = path
         self.config = config or EspeakConfig()
         self.calls: list[tuple[str, int, list[tuple[int, str]]]] = []  # (text, speaker, context) per stream
+        self.rtf: float | None = None
 
     def describe(self) -> str:
         version = subprocess.run([self.binary, "--version"], capture_output=True, text=True).stdout.strip()
@@ -76,7 +78,9 @@ class EspeakTTS:
                ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
         cfg = config or self.config
         self.calls.append((text, speaker, [(s.speaker, s.text) for s in context]))
+        began = time.monotonic()
         audio = self.synthesise(text, speaker, cfg)
+        self.rtf = (time.monotonic() - began) / max(audio.size / self.sample_rate, 1e-3)
         step = max(1, round(self.sample_rate * cfg.chunk_ms / 1000))
         for first in range(0, audio.size, step):
             if cancelled():
@@ -92,3 +96,6 @@ class EspeakTTS:
     def prebuffer_s(self, text: str, config: EspeakConfig | None, least_s: float) -> float:
         # the whole piece is made before its first chunk is handed out: from then on every chunk is ready
         return least_s
+
+    def rtf_now(self, config: EspeakConfig | None = None) -> float | None:
+        return self.rtf  # the last piece's synthesis time over its audio

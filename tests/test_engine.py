@@ -248,9 +248,9 @@ def test_prebuffer_follows_the_measured_tts_rate(make_engine, tiny_tts):
         assert engine.prebuffer_s("Hello there.", cfg) == engine.jitter_s  # nothing measured yet
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.050, 0.016
         assert engine.prebuffer_s("Hello there.", cfg) == engine.jitter_s
-        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # 0.102 s a frame: RTF 1.275
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # 0.102 s a frame: RTF 1.275, sized with a fifth to spare
         frames = 12 + len("Hello there.")
-        assert engine.prebuffer_s("Hello there.", cfg) == pytest.approx(0.275 * frames * 0.08)
+        assert engine.prebuffer_s("Hello there.", cfg) == pytest.approx((1.2 * 1.275 - 1) * frames * 0.08)
     finally:
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved
 
@@ -338,3 +338,24 @@ def test_a_reply_that_copies_an_earlier_one_is_kept_out_of_the_llms_history():
     assert second.reply == "I am fine, thank you."
     assert engine.stages.llm.history == [("hello", "I am fine, thank you.")]
     assert [e.problems for e in events if isinstance(e, ReplyKeptOut)] == [["the same as an earlier reply"]]
+
+
+def test_a_rebuffer_makes_one_pause_where_the_rate_dropped():
+    """Playback as a speaker does it: a reply whose second piece comes at half real time stutters chunk after
+    chunk; with the re-buffer threshold its piece set, it pauses once and then plays through."""
+    from agent.metrics import audio_ahead, play, playback_stalls
+
+    rate, frame = 1000, 80  # 80 samples a frame at 1 kHz: 80 ms
+    fast = [(0.04 * i, frame) for i in range(1, 11)]  # 10 frames faster than real time
+    slow_at = fast[-1][0]
+    slow = [(slow_at + 0.16 * i, frame) for i in range(1, 11)]  # 10 frames at half real time
+    plain = playback_stalls(fast + slow, rate, 0.08)
+    assert plain["stalls"] >= 5
+    held = playback_stalls(fast + [(t, n, 0.32) for t, n in slow], rate, 0.08)
+    assert held["stalls"] == 1
+    assert plain["stall_ms"] <= held["stall_ms"] <= plain["stall_ms"] + 100  # about the same silence, in one piece
+    so_far = fast + [(t, n, 0.32) for t, n in slow[:6]]  # the 5th slow chunk ran dry; 2 of 4 are in
+    heard = play(so_far, rate, 0.08, complete=False)
+    assert heard.start is not None and heard.stalls == 1 and heard.waiting_s == pytest.approx(0.16)
+    assert audio_ahead(so_far, rate, 0.08, now=slow[5][0]) == pytest.approx(0.16)
+    assert play(so_far, rate, 0.08).waiting_s == 0  # a whole utterance plays what it has at its end

@@ -336,7 +336,8 @@ def test_chunks_grow_with_the_audio_ahead_of_the_listener(frame_ms, tiny_args, t
     """Chunk sizes follow the measured frame rate (on a simulated clock: each frame takes frame_ms, each Mimi
     call 10 ms): a chunk is as many frames as can be made before the audio already out has played, so a
     listener who started at the first chunk never waits while the TTS is faster than real time, and chunks
-    grow to chunk_frames; slower than real time, every frame goes out as soon as it is made."""
+    grow to chunk_frames; slower than real time, the chunks are chunk_frames long (Mimi's fixed cost a call would
+    make one-frame chunks slower still: the playback buffer, sized from the measured rate, covers the wait)."""
     tiny_tts = make_tts(tiny_args, tiny_tokenizer, mimi, "mlx", tmp_path_factory)
     cfg = GenerationConfig(seed=3, max_audio_length_ms=3200, first_chunk_frames=1, chunk_frames=8, stop_on_eos=False)
     now = [0.0]
@@ -364,8 +365,8 @@ def test_chunks_grow_with_the_audio_ahead_of_the_listener(frame_ms, tiny_args, t
         tiny_tts.clock = time.monotonic
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved
     assert sum(sizes) == 35  # the text's cap: 12 + 23 characters
-    if frame_ms > 80:
-        assert sizes == [1] * 35
+    if frame_ms > 80:  # slower than real time: after the first, chunks amortise Mimi's per-call cost fully
+        assert sizes[:2] == [1, 1] and set(sizes[2:-1]) == {8}  # the rate is known from the second frame
         return
     played_until = ready[0]
     for t, n in zip(ready, sizes):
@@ -385,9 +386,36 @@ def test_what_marvis_tells_the_engine(tiny_tts):
     try:
         tiny_tts.frame_seconds = None
         assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) == 0.08  # nothing measured yet
-        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # 0.102 s a frame: RTF 1.275
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # 0.102 s a frame: RTF 1.275, sized with a fifth to spare
         frames = 2 + len("Hello there.")  # its frame cap: under the 20 of max_audio_length_ms
-        assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) == pytest.approx(0.275 * frames * 0.08)
-        assert tiny_tts.prebuffer_s("x" * 200, cfg, 0.08) == pytest.approx(0.275 * 20 * 0.08)  # the time cap
+        assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) == pytest.approx((1.2 * 1.275 - 1) * frames * 0.08)
+        assert tiny_tts.prebuffer_s("x" * 200, cfg, 0.08) == pytest.approx((1.2 * 1.275 - 1) * 20 * 0.08)  # the time cap
     finally:
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved
+
+
+def test_the_buffer_is_sized_from_this_streams_own_frames(tiny_tts):
+    """A reply that starts on a machine that just got busy: the previous stream ran fast, this one runs slow.
+    The rate that sizes the buffer is the one measured in this stream's first frames, not the earlier one."""
+    cfg = GenerationConfig(seed=0, max_audio_length_ms=800, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
+    now = [0.0]
+    step = [0.01]
+
+    def clock():  # each look at the clock is a little later: `step` apart, as the frames come
+        now[0] += step[0]
+        return now[0]
+
+    tiny_tts.clock = clock
+    for _ in tiny_tts.stream("Hello there.", 0, config=cfg):
+        pass
+    assert tiny_tts.rtf_now(cfg) < 1.0  # an idle machine: faster than real time
+    idle = tiny_tts.prebuffer_s("Hello there.", cfg, 0.08)
+    assert idle == 0.08
+    step[0] = 0.2  # the machine got busy
+    stream = tiny_tts.stream("Hello there.", 0, config=cfg)
+    first = next(stream)
+    assert first.num_frames == 2  # two frames: one frame-to-frame interval of this stream measured
+    assert tiny_tts.frame_seconds < 0.2  # the smoothed rate still remembers the fast stream...
+    assert tiny_tts.rtf_now(cfg) > 2.0  # ...the buffer follows this one
+    assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) > 1.0
+    stream.close()

@@ -69,3 +69,6 @@ class ToneTTS:
 
     def prebuffer_s(self, text: str, config, least_s: float) -> float:
         return least_s + self.extra
+
+    def rtf_now(self, config) -> float | None:
+        return None  # no model: nothing measured

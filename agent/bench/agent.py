@@ -1,11 +1,13 @@
 """Agent latency benchmark: replay a session and print its per-turn waterfall and p50/p90 per stage.
 
-    voice-agent bench agent [SESSION] [--config demo] [--runs 1] [--json out.json] [--dotted.key value ...]
+    voice-agent bench agent [SESSION] [--config demo] [--runs 1] [--load 0,0.5,1] [--json out.json] [--dotted.key value ...]
 
 Offsets are ms after the end of user speech (endpoint in stream time, the rest wall clock after the
 endpoint decision; see agent/metrics.py). The TTS label (trained or UNTRAINED) is printed with the figures.
 When the session has a script (sessions made by scripts/make_demo_session.py), turn-taking is checked against
 it: false endpoints (the user cut off inside a scripted turn) and missed turns (`agent.metrics.endpoint_report`).
+`--load` repeats the whole measurement with another process busy on that share of one core (agent/bench/load.py),
+started before each replay and stopped after it: what a user with a browser or a build running beside gets.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from agent.config import ROOT
 
 
 def main() -> None:
+    from agent.bench.load import busy_core, parse_loads
     from agent.cli import parse_with_config
     from agent.metrics import STAGES, endpoint_report, session_summary, summary_table
     from agent.modes import run_replay
@@ -32,32 +35,41 @@ def main() -> None:
     p.add_argument("--config", default="demo")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--json", type=Path)
+    p.add_argument("--load", default="0", help="shares of one core a competing process uses, e.g. 0,0.5,1")
     args, cfg = parse_with_config(p)
+    loads = parse_loads(args.load)
     print(f"# {' '.join(sys.argv)}")
     print(f"# {platform.machine()} {os.cpu_count()} cores, OpenBLAS preloaded: {'openblas' in os.environ.get('LD_PRELOAD', '')}")
-    rows, lines, turn_taking = [], [], []
     script = load_replay_source([Path(args.session)], gap_s=1.0).events
-    for run in range(args.runs):
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run_replay(cfg, [Path(args.session)], out=Path(tmp) / "bundle", log=lines.append, progress=False)
-            decided = [e["decided_s"] for e in read_events(result.bundle / "events.jsonl", lambda _: None)
-                       if e.get("type") == "transcript"]
-        rows += [t.waterfall for t in result.conversation.turns]
-        turn_taking.append(endpoint_report(script, decided))
-    print(next((line for line in lines if "Marvis TTS" in line), ""))
-    for i, row in enumerate(rows):
-        print(f"turn {i}: " + "  ".join(f"{s}={row[s]:.0f}" for s in [*STAGES, "stall_ms", "stalls", "prebuffer_ms"]
-                                         if s in row) + (f"  tts_rtf={row['tts_rtf']:.2f}" if "tts_rtf" in row else ""))
-    summary = session_summary(rows)
-    print(summary_table(summary))
-    for run, report in enumerate(turn_taking):
-        if report is not None:
-            print(f"turn-taking (run {run}): {report['false_endpoints']} false endpoints"
-                  + (f" (cut at {report['cut_at_s']} s)" if report["cut_at_s"] else "")
-                  + f", {report['missed_turns']} of {report['scripted_turns']} scripted turns missed, "
-                  f"{report['endpoints']} endpoints; vad.silence_ms {cfg.vad.silence_ms}")
+    results = {}
+    for load in loads:
+        rows, lines, turn_taking = [], [], []
+        for _ in range(args.runs):
+            with tempfile.TemporaryDirectory() as tmp, busy_core(load):
+                result = run_replay(cfg, [Path(args.session)], out=Path(tmp) / "bundle", log=lines.append,
+                                    progress=False)
+                decided = [e["decided_s"] for e in read_events(result.bundle / "events.jsonl", lambda _: None)
+                           if e.get("type") == "transcript"]
+            rows += [t.waterfall for t in result.conversation.turns]
+            turn_taking.append(endpoint_report(script, decided))
+        if len(loads) > 1 or load:
+            print(f"\n## another process busy on {load:g} of one core")
+        print(next((line for line in lines if "Marvis TTS" in line), ""))
+        for i, row in enumerate(rows):
+            print(f"turn {i}: " + "  ".join(f"{s}={row[s]:.0f}" for s in [*STAGES, "stall_ms", "stalls", "prebuffer_ms"]
+                                             if s in row) + (f"  tts_rtf={row['tts_rtf']:.2f}" if "tts_rtf" in row else ""))
+        summary = session_summary(rows)
+        print(summary_table(summary))
+        for run, report in enumerate(turn_taking):
+            if report is not None:
+                print(f"turn-taking (run {run}): {report['false_endpoints']} false endpoints"
+                      + (f" (cut at {report['cut_at_s']} s)" if report["cut_at_s"] else "")
+                      + f", {report['missed_turns']} of {report['scripted_turns']} scripted turns missed, "
+                      f"{report['endpoints']} endpoints; vad.silence_ms {cfg.vad.silence_ms}")
+        results[f"{load:g}"] = {"rows": rows, "summary": summary, "turn_taking": turn_taking}
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "summary": summary, "turn_taking": turn_taking}, indent=2))
+        only = results[f"{loads[0]:g}"] if len(loads) == 1 else {"loads": results}
+        args.json.write_text(json.dumps(only, indent=2))
 
 
 if __name__ == "__main__":

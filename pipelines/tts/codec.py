@@ -57,6 +57,12 @@ class MimiCodec:
         self.num_codebooks = num_codebooks
         self.source = "random Mimi (untrained)" if self.random_weights else str(weights)
 
+    def use_threads(self, threads: int) -> None:
+        """Mimi runs on torch's pool: size it to the cores free now (a pool of two on one free core waits at every
+        op for the thread the machine descheduled)."""
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     @torch.no_grad()
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """[T] float32 at 24 kHz -> [K, F] int32 codes."""

@@ -35,7 +35,7 @@ class GenerationConfig:
     min_text_frames: int = 12
     stop_on_eos: bool = True
     chunk_frames: int = 8
-    first_chunk_frames: int = 1  # one frame: first sound as soon as it can be
+    first_chunk_frames: int = 2  # two frames: the first sound as soon as this call's frame rate is measured
 
     def __post_init__(self):
         def bad(name: str, rule: str):

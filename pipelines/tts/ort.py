@@ -203,10 +203,11 @@ class OrtFrameModel:
         self.num_codebooks = a.audio_num_codebooks
         self.vocab = a.audio_vocab_size
         self.block = precision.block if precision.bits else None
-        # the pool spins inside a run: a frame is many small ops, and waking sleeping workers costs ~1.5 ms a run
+        # the pool sleeps, never spins: on two cores with another program busy on one, a spinning pool waited at
+        # every op for its descheduled thread (126 ms a frame vs 71 sleeping; idle 50 vs 59: bench agent --load)
         net = OrtNet(cache_dir, FORMAT_VERSION, precision, lambda: build_pieces(model), ("frame",),
                      f"building the ONNX TTS ({precision.label}, once per checkpoint)" if progress else None,
-                     compose=lambda pieces: compose_frame(pieces, a), threads=threads, spin="run", profile=profile)
+                     compose=lambda pieces: compose_frame(pieces, a), threads=threads, spin=False, profile=profile)
         self.built, self.session = net.built, net.sessions["frame"]
         self._codes = np.zeros(self.num_codebooks, np.int64)
         self._logits = np.zeros((self.num_codebooks, self.vocab), np.float32)

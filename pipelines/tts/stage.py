@@ -10,16 +10,20 @@ utterance's frame cap holds) and `prebuffer_s` (how far the measured frame rate 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipelines.cores import CoreMeter, threads_for
 from pipelines.errors import CheckpointError
 from pipelines.messages import TTS_SAMPLE_RATE, AudioChunk, Segment, Speech, VoiceReference
 from pipelines.tts.codec import FRAME_SIZE
 from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, PrefixCache
 from pipelines.tts.prompt import FRAME_MS, Prompt, PromptBuilder, TextTokenizer, chars_that_fit, frame_cap
+
+RATE_MARGIN = 1.2  # the buffer is sized for a rate this much slower than the one measured
 
 
 class MarvisTTS:
@@ -43,6 +47,8 @@ class MarvisTTS:
         self.clock = time.monotonic
         self.frame_seconds: float | None = None  # measured seconds from frame to frame while streaming, smoothed
         self.decode_seconds = 0.0  # the last Mimi chunk decode
+        self._intervals: list[float] = []  # frame to frame in the current (or last) stream call
+        self.cores = CoreMeter()  # what other programs leave free: sizes Mimi's thread pool at each call
 
     @property
     def untrained(self) -> bool:
@@ -71,17 +77,29 @@ class MarvisTTS:
         cfg = config or self.config
         return chars_that_fit(cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
 
-    def prebuffer_s(self, text: str, config: GenerationConfig | None = None, least_s: float = 0.0) -> float:
-        """Audio to buffer before `text` (a reply's first piece) starts playing, from the measured frame rate and
-        the frames `text` may run to: nothing beyond `least_s` when frames come faster than real time (or none
-        has been measured yet); otherwise the time the stream falls behind over `text`, so it plays without a gap."""
-        if self.frame_seconds is None:
-            return least_s
+    def rtf_now(self, config: GenerationConfig | None = None) -> float | None:
+        """Seconds of work a second of audio at the rate measured now: frame to frame in the current stream call
+        (the last one's before it makes a second frame), Mimi's decode spread over the chunks it settles on. None:
+        not measured."""
+        seconds = float(np.mean(self._intervals)) if self._intervals else self.frame_seconds
+        if seconds is None:
+            return None
         cfg = config or self.config
-        per_frame = self.frame_seconds + self.decode_seconds / cfg.chunk_frames  # Mimi's decode, spread over a chunk
-        frame_s = FRAME_MS / 1000
+        chunk = self._steady_chunk(seconds, cfg.chunk_frames)  # the chunks the stream settles on
+        return (seconds + self.decode_seconds / chunk) / (FRAME_MS / 1000)
+
+    def prebuffer_s(self, text: str, config: GenerationConfig | None = None, least_s: float = 0.0) -> float:
+        """Audio to buffer before `text` starts playing, from the rate measured now (`rtf_now`: this call's own
+        frames once it has two) and the frames `text` may run to: nothing beyond `least_s` when frames come faster
+        than real time (or none has been measured yet); otherwise the time the stream falls behind over `text`, so
+        it plays without a gap."""
+        cfg = config or self.config
+        rtf = self.rtf_now(cfg)
+        if rtf is None:
+            return least_s
         frames = frame_cap(text.strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
-        return max(least_s, (per_frame / frame_s - 1.0) * frames * frame_s)
+        # a fifth more than measured: a few frames' rate is noisy, and a busy machine's frames vary
+        return max(least_s, (RATE_MARGIN * rtf - 1.0) * frames * FRAME_MS / 1000)
 
     def prepare_context(self, context: Sequence[Segment]) -> int:
         """Get ready for a next call whose context is `context`: encode its audio (cached) and run its rows
@@ -97,7 +115,8 @@ class MarvisTTS:
                ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
         """Audio chunks as frames are produced, decoded with one Mimi streaming state per utterance.
 
-        The first chunk is `first_chunk_frames`; after it a chunk grows while the audio already handed out is
+        The first chunk is `first_chunk_frames` (two by default: the caller sizes its playback buffer from this
+        call's own frame rate, `rtf_now`, measured frame to frame); after it a chunk grows while the audio already handed out is
         far enough ahead of a listener who started at the first chunk: as many frames (up to `chunk_frames`)
         as the measured frame rate makes before that audio runs out. So a TTS faster than real time starts
         with one-frame chunks and no gap, then amortises Mimi's per-call cost over longer ones.
@@ -108,9 +127,11 @@ class MarvisTTS:
         prompt = self.build_prompt(text, speaker, context, voice, cfg)
         pending: list[np.ndarray] = []
         first, target = 0, cfg.first_chunk_frames
-        if ahead is not None:
-            target = max(target, self._next_chunk(ahead(), cfg.chunk_frames))
+        if ahead is not None and self.frame_seconds:  # audio still queued: the first chunk may be longer
+            target = max(target, min(cfg.chunk_frames, self._fits(ahead())))
         started = last = None
+        self._intervals = []
+        self.codec.use_threads(threads_for(self.cores.free(), self.cores.cores))
         with self.codec.stream_decoder() as decoder:
             for codes in self.frames.frames(prompt, cfg, self.prefix):
                 if cancelled():
@@ -118,6 +139,7 @@ class MarvisTTS:
                 now = self.clock()
                 if last is not None:  # frame to frame (Mimi's decode is timed on its own)
                     seen = self.frame_seconds
+                    self._intervals.append(now - last)
                     self.frame_seconds = now - last if seen is None else 0.8 * seen + 0.2 * (now - last)
                 last = now
                 pending.append(codes)
@@ -135,12 +157,25 @@ class MarvisTTS:
                 yield self._chunk(decoder, pending, first)
 
     def _next_chunk(self, ahead_s: float, most: int) -> int:
-        if self.frame_seconds is None:  # not measured yet: the smallest step
+        """Frames in the next chunk: as many as fit before the audio ahead of the listener runs out (a quarter of
+        a frame's time spare per frame: the next frames may be slower), and never so few that Mimi's fixed cost
+        per call makes the chunks slower than real time (then the audio would fall behind whatever fits now)."""
+        frame = self.frame_seconds
+        if frame is None:  # not measured yet: the smallest step
             return 1
-        if self.frame_seconds <= 0:
+        if frame <= 0:
             return most
-        # a quarter of a frame's time spare per frame: the rate is measured, the next frames may be slower
-        return int(min(most, max(1, (ahead_s - self.decode_seconds) // (1.25 * self.frame_seconds))))
+        return int(min(most, max(1, self._fits(ahead_s), self._steady_chunk(frame, most))))
+
+    def _fits(self, ahead_s: float) -> int:
+        """Frames that can be made and decoded before `ahead_s` of queued audio runs out."""
+        return int((ahead_s - self.decode_seconds) // (1.25 * self.frame_seconds))
+
+    def _steady_chunk(self, frame: float, most: int) -> int:
+        """The fewest frames a chunk whose share of Mimi's decode keeps the stream at 90 % of real time (`most`
+        when no chunk size can)."""
+        spare = 0.9 * FRAME_MS / 1000 - frame
+        return most if spare <= 0 else max(1, min(most, math.ceil(self.decode_seconds / spare)))
 
     def _chunk(self, decoder, frames: list[np.ndarray], first: int) -> AudioChunk:
         codes = np.stack(frames, axis=1)

@@ -1,0 +1,53 @@
+"""A busy machine: the cores other programs leave free are measured, and the TTS's pools and chunks follow them."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agent.bench.load import busy_core, parse_loads
+from pipelines.cores import CoreMeter, threads_for
+
+
+def test_threads_follow_the_cores_left_free():
+    assert threads_for(2.0, 2) == 2
+    assert threads_for(1.8, 2) == 2
+    assert threads_for(1.33, 2) == 1  # another program on one core of two: a pool of one
+    assert threads_for(0.2, 2) == 1  # never none
+    assert threads_for(7.9, 8) == 8
+
+
+def test_another_busy_process_is_seen(tmp_path):
+    """A busy loop in another process shows as cores taken; this process's own work does not."""
+    meter = CoreMeter(least=0.0)
+    if meter._last is None:
+        pytest.skip("no /proc/stat here: every core counts as free")
+    meter.free()
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:  # our own busy loop: not another program's
+        pass
+    assert meter.free() >= meter.cores - 0.5
+    with busy_core(1.0):
+        time.sleep(0.2)
+        meter.free()
+        time.sleep(0.8)
+        assert meter.others() >= 0.6
+
+
+def test_bench_loads_are_shares_of_one_core():
+    assert parse_loads("0,0.5,1") == [0.0, 0.5, 1.0]
+    for bad in ("2", "-0.5", "half", ""):
+        with pytest.raises(SystemExit, match="--load"):
+            parse_loads(bad)
+
+
+def test_chunks_never_so_small_that_mimi_makes_the_stream_slower_than_real_time(tiny_tts):
+    """Mimi costs ~35 ms a call whatever its length: one-frame chunks at 50 ms a frame would run at 1.06x real
+    time and never catch up. The chunk size has a floor where the decode's share keeps the stream at 90 %."""
+    tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.050, 0.035
+    assert tiny_tts._steady_chunk(0.050, 8) == 2  # 0.050 + 0.035 / 2 = 0.0675 s a frame: under 0.072
+    assert tiny_tts._next_chunk(0.0, 8) == 2  # nothing ahead: still not one frame
+    assert tiny_tts._next_chunk(2.0, 8) == 8  # far ahead: the longest
+    tiny_tts.frame_seconds = 0.075  # slower than 90 % of real time on its own: amortise Mimi all the way
+    assert tiny_tts._next_chunk(0.0, 8) == 8
