@@ -39,89 +39,97 @@ class Event:
 # ---- the floor's: on the transport's thread, at mic time t ------------------------------------------------
 
 @dataclass(frozen=True)
-class MuteChanged(Event):
+class FloorEvent(Event):
+    t: float  # mic-stream seconds: where replay applies it again
+
+
+@dataclass(frozen=True)
+class MuteChanged(FloorEvent):
     kind: ClassVar[str] = "mute"
-    t: float
     on: bool  # the VAD is muted (half-duplex: the agent is speaking)
 
 
 @dataclass(frozen=True)
-class KeyAction(Event):
+class KeyAction(FloorEvent):
     kind: ClassVar[str] = "key"
-    t: float
     action: str  # "press" | "release"
 
 
 @dataclass(frozen=True)
-class BargedIn(Event):
+class BargedIn(FloorEvent):
+    """The user took the floor while the agent spoke (or a client cancelled): the reply is cut."""
+
     kind: ClassVar[str] = "barge_in"
-    t: float
 
 
 @dataclass(frozen=True)
-class DuplexChanged(Event):
+class DuplexChanged(FloorEvent):
     kind: ClassVar[str] = "duplex"
-    t: float
     full: bool
     echo_cancellation: bool | None = None  # what the page said of the browser's echo canceller
 
 
 @dataclass(frozen=True)
-class TurnDetectionChanged(Event):
+class TurnDetectionChanged(FloorEvent):
     kind: ClassVar[str] = "turn_detection"
-    t: float
     on: bool  # the VAD ends turns (off: the transport's commit does)
 
 
 @dataclass(frozen=True)
-class InputCommitted(Event):
+class InputCommitted(FloorEvent):
+    """The transport ended the user's turn: the speech so far is the utterance."""
+
     kind: ClassVar[str] = "commit"
-    t: float  # the transport ended the user's turn: the speech so far is the utterance
 
 
 @dataclass(frozen=True)
-class InputCleared(Event):
+class InputCleared(FloorEvent):
+    """The transport dropped the user's speech so far."""
+
     kind: ClassVar[str] = "clear"
-    t: float  # the transport dropped the user's speech so far
 
 
 @dataclass(frozen=True)
-class SpeechChanged(Event):
+class SpeechChanged(FloorEvent):
     kind: ClassVar[str] = "speech"
     recorded: ClassVar[bool] = False  # the utterances' own times are in the transcript rows
-    t: float
     on: bool  # the user started (True) or stopped (False) speaking
 
 
 @dataclass(frozen=True)
-class UtteranceEnded(Event):
+class UtteranceEnded(FloorEvent):
     kind: ClassVar[str] = "utterance"
     recorded: ClassVar[bool] = False
-    t: float
     utterance: Utterance  # the floor ended a user turn: it is answered unless the transport holds it
 
 
 # ---- the turn engine's: on the worker's thread ---------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Speculated(Event):
+class SpeculationEvent(Event):
+    start_s: float  # the utterance speculated on, by its start in the mic stream
+
+
+@dataclass(frozen=True)
+class Speculated(SpeculationEvent):
     kind: ClassVar[str] = "speculation"
-    start_s: float
     end_s: float
     transcript: str
     ms: float
 
 
 @dataclass(frozen=True)
-class SpeculationKept(Event):
+class SpeculationKept(SpeculationEvent):
+    """The endpoint confirmed the utterance: the speculation's transcript and reply are used."""
+
     kind: ClassVar[str] = "speculation_kept"
-    start_s: float
 
 
 @dataclass(frozen=True)
-class SpeculationDropped(Event):
+class SpeculationDropped(SpeculationEvent):
+    """The user went on speaking: nothing of the speculation was played or kept."""
+
     kind: ClassVar[str] = "speculation_dropped"
-    start_s: float
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ FRAME = 50
 
 @dataclass(frozen=True)
 class ToneConfig:
+    """The fields the engine reads of a TTS config (pipelines.messages.VoiceConfig), nothing else."""
+
     seed: int = 0
     speaker: int = 0
     user_speaker: int = 1
