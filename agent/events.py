@@ -196,9 +196,10 @@ class Listeners:
         self._lock = threading.Lock()
         self._listeners: list[Listener] = [x for x in listeners if x is not None]
 
-    def add(self, listener: Listener) -> None:
+    def add(self, listener: Listener, first: bool = False) -> None:
+        """`first`: before every listener already there (the bundle: what a client is told is on disk)."""
         with self._lock:
-            self._listeners.append(listener)
+            self._listeners.insert(0 if first else len(self._listeners), listener)
 
     def emit(self, event: Event) -> None:
         with self._lock:

@@ -525,7 +525,7 @@ def open_session(cfg: AgentConfig, mode: str, sink: AudioSink | None, *, listene
             return None
         folder = out or new_bundle_dir(cfg.resolve(cfg.session.dir), mode)
         recorder = SessionRecorder(folder, session_meta(cfg, mode, stages, **(meta or {})), warn=log)
-        fanout.add(recorder.listen)
+        fanout.add(recorder.listen, first=True)  # written before any transport tells its client
         return recorder
 
     worker = Worker(cfg, sink, fanout.emit, log, open_recorder, stages=stages, run=run,

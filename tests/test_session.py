@@ -123,3 +123,16 @@ def test_realtime_replay_is_paced_like_a_mic(jfk16):
     utts = list(replay_utterances(cfg, SessionData(mic, 16000)))
     assert time.monotonic() - start >= 2.9
     assert len(utts) == 1
+
+
+def test_the_bundle_hears_an_event_before_any_transport():
+    """The recorder is added to a session's listeners first, so whatever a transport tells its client (a
+    Realtime response.done, the page's turn) is already in the bundle when the client reads it."""
+    from agent.events import Listeners, Said
+
+    heard = []
+    listeners = Listeners(lambda e: heard.append("transport"))
+    listeners.add(lambda e: heard.append("bundle"), first=True)
+    listeners.add(lambda e: heard.append("later"))
+    listeners.emit(Said("hi"))
+    assert heard == ["bundle", "transport", "later"]
