@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import conftest
 from conftest import require_checkpoints
 from pipelines.llm.ort import OrtLlama, supported
 from pipelines.ortgraph import Placement, Precision
@@ -18,15 +19,7 @@ SMOLLM = ROOT / "checkpoints" / "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from mlx_lm.models.llama import Model, ModelArgs
-
-    mx.random.seed(0)
-    args = ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
-                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
-                     rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=256)
-    model = Model(args)
-    mx.eval(model.parameters())
-    return model
+    return conftest.tiny_llama()
 
 
 def test_fp32_logits_match_mlx_lm(tiny_llama, tmp_path):

@@ -8,7 +8,7 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from conftest import require_checkpoints
+from conftest import require_checkpoints, tiny_llama
 from pipelines.ortgraph import Placement, Precision, cache_folder, quantize_mlx, weights_key
 
 
@@ -16,18 +16,6 @@ def quantised(model) -> dict[str, tuple[int, int]]:
     """name -> (bits, group size) of every quantised layer."""
     return {name: (m.bits, m.group_size) for name, m in model.named_modules()
             if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
-
-
-def tiny_llama():
-    from mlx_lm.models.llama import Model, ModelArgs
-
-    mx.random.seed(0)
-    args = ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
-                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
-                     rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=256)
-    model = Model(args)
-    mx.eval(model.parameters())
-    return model
 
 
 def test_cache_folders_are_named_by_the_precision_tag(tmp_path):
