@@ -94,6 +94,8 @@ class OrtLlama:
         cache[:] = out[1:]
         return out[0][0]
 
+    logits = forward
+
     def length(self, cache: list[np.ndarray]) -> int:
         return cache[0].shape[2]
 

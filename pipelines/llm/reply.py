@@ -7,20 +7,30 @@ history matches what the user heard. History is bounded by turns (trimmed to hal
 Each turn's prompt is the last one's (system prompt, history) plus a turn, so the KV cache a generation
 ends with is kept with the tokens it holds (`PromptCache`): the next prompt runs only the tokens after the
 longest shared prefix. Content-addressed, so a dropped speculation or a trimmed history just shares less.
+
+`end_of_turn(user_text)` reads the same model as a text end-of-turn detector: with the user's words in the chat
+template, their trailing punctuation stripped, how likely is the next token to end the sentence (`.` `?` `!`, or
+the end of the message)? "Can you recommend a book about" scores near 0, "What is the capital of France" high.
+Whisper's own punctuation is left out because it does not separate the two (it puts a full stop after a cut-off
+clause as readily as after a question); its prompt is the reply's up to the user's words, so the prompt cache
+makes it cost the user's few tokens, which the reply then shares.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from mlx.utils import tree_flatten
 
 from pipelines.errors import CheckpointError
 from pipelines.ortgraph import Placement
 
 _NEEDED_FILES = ("config.json", "tokenizer.json")
+_TRAILING = ".?!,;:…\"' "  # stripped from the user's words before asking whether they are finished
 
 
 def banned_tokens(reply: list[int], n: int) -> list[int]:
@@ -72,6 +82,9 @@ class TokenNet(Protocol):
 
     def trim(self, cache, keep: int) -> None: ...
 
+    def logits(self, ids: list[int], cache) -> np.ndarray:
+        """Feed `ids` after what `cache` holds (kept in it); the next token's logits [V] as float32."""
+
     def tokens(self, ids: list[int], cache, max_tokens: int, temperature: float, seed: int | None,
                ban: Callable[[list[int]], list[int]] | None) -> Generator[int, None, None]: ...
 
@@ -97,6 +110,13 @@ class MLXTokens:
         from mlx_lm.models.cache import trim_prompt_cache
 
         trim_prompt_cache(cache, cache[0].offset - keep)
+
+    def logits(self, ids, cache) -> np.ndarray:
+        import mlx.core as mx
+
+        out = self.model(mx.array(ids)[None], cache=cache)[0, -1].astype(mx.float32)
+        mx.eval(out)
+        return np.array(out)
 
     def tokens(self, ids, cache, max_tokens, temperature, seed, ban):
         import mlx.core as mx
@@ -206,6 +226,37 @@ class ReplyLLM:
             return
         yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens)
 
+    def end_of_turn(self, user_text: str) -> float:
+        """The probability that `user_text` is a finished message: the next token after its words (trailing
+        punctuation stripped) ends the sentence or the message. 0.0 for no words."""
+        words = user_text.strip().rstrip(_TRAILING).rstrip()
+        if not words:
+            return 0.0
+        messages = self._messages(words, list(self._history))
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        prompt = self.tokenizer.encode(text[: text.rindex(words) + len(words)], add_special_tokens=False)
+        cache, shared = self.prompt_cache.take(prompt)
+        if cache is None:
+            cache = self.net.new_cache()
+        else:
+            self.net.trim(cache, shared)
+        try:
+            logits = self.net.logits(prompt[shared:], cache).astype(np.float64)
+        finally:
+            self.prompt_cache.keep(prompt[: self.net.length(cache)], cache)
+        p = np.exp(logits - logits.max())
+        return float(p[self._ending_ids].sum() / p.sum())
+
+    @functools.cached_property
+    def _ending_ids(self) -> list[int]:
+        """The tokens that end a sentence or the message: `.` `?` `!` and the end-of-message tokens."""
+        ids = set(self.tokenizer.eos_token_ids)
+        for mark in ".?!":
+            encoded = self.tokenizer.encode(mark, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+        return sorted(ids)
+
     def commit(self, user_text: str, reply_text: str) -> None:
         """Append a finished turn. Beyond `max_history_turns` the older half drops out at once: dropping one turn
         a turn would change the prompt right after the system prompt every time, and the prompt cache with it."""
@@ -271,11 +322,15 @@ class ReplyLLM:
             tokens = self._prompt_tokens(user_text, [])
         return tokens
 
-    def _prompt_tokens(self, user_text: str, turns: list[tuple[str, str]]) -> list[int]:
+    def _messages(self, user_text: str, turns: list[tuple[str, str]]) -> list[dict]:
         messages = [{"role": "system", "content": self.system_prompt}]
         for user, reply in [*self.examples, *turns]:
             messages.append({"role": "user", "content": user})
             messages.append({"role": "assistant", "content": reply})
         messages.append({"role": "user", "content": user_text})
+        return messages
+
+    def _prompt_tokens(self, user_text: str, turns: list[tuple[str, str]]) -> list[int]:
+        messages = self._messages(user_text, turns)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
