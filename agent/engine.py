@@ -36,6 +36,8 @@ from agent.events import (
     SpeculationKept,
     Transcribed,
     TurnEnded,
+    TurnJudged,
+    TurnWithdrawn,
 )
 from agent.metrics import Waterfall, summary_line
 from agent.sinks import AudioSink
@@ -146,12 +148,21 @@ class TurnEngine:
             self.emit(ReplyText(delta))
             yield delta
 
-    def speculate(self, utterance: Utterance, cancelled: Callable[[], bool] = _never) -> Speculation:
-        """Transcribe what was said so far and run the LLM until its first sentence is ready (text only)."""
+    def speculate(self, utterance: Utterance, cancelled: Callable[[], bool] = _never,
+                  judge: Callable[[Utterance, float], None] | None = None) -> Speculation:
+        """Transcribe what was said so far and run the LLM until its first sentence is ready (text only).
+        With `judge`, the words are judged first (the reply model's end-of-turn score: `ReplyStage.end_of_turn`)
+        and the verdict handed to `judge` before the reply starts, so the floor can end the turn on it."""
         st = self.stages
         started = self.clock()
         transcript = st.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
         spec = Speculation(utterance, transcript, None, [], started, {"asr_final": self.clock()})
+        if judge is not None and transcript:
+            began = self.clock()
+            probability = st.llm.end_of_turn(transcript)
+            self.emit(TurnJudged(utterance.start_s, utterance.end_s, round(probability, 4),
+                                 round((self.clock() - began) * 1000, 1)))
+            judge(utterance, probability)
         if transcript and not cancelled():
             spec.replies = self._reply(transcript)
             splitter = SentenceSplitter(st.first_clause_words)
@@ -166,8 +177,10 @@ class TurnEngine:
         return spec
 
     def run_turn(self, utterance: Utterance, sink: AudioSink, interrupted: Callable[[], bool] = _never,
-                 speculation: Speculation | None = None, text: str | None = None) -> Turn | None:
-        """Answer one utterance. Returns None when the ASR heard no words (no turn is taken).
+                 speculation: Speculation | None = None, text: str | None = None,
+                 withdrawn: Callable[[], bool] = _never) -> Turn | None:
+        """Answer one utterance. Returns None when the ASR heard no words (no turn is taken), or when the turn
+        was `withdrawn()` (the user went on with it: nothing of the reply is kept; `interrupted()` cuts it).
 
         `text` is what the user typed instead (a Realtime client's text message): no ASR, and the turn has no
         user audio for the TTS context (`utterance` then only gives the turn its times).
@@ -176,6 +189,11 @@ class TurnEngine:
         waterfall then counts as `TurnClock` says.
         """
         interrupted = functools.partial(self._cut_short, interrupted)
+        if withdrawn():
+            if speculation is not None:
+                speculation.drop()
+            self.emit(TurnWithdrawn(utterance.start_s))
+            return None
         speculation = self._kept(speculation, utterance)
         timing = TurnClock(utterance, self.clock, speculation)
         transcript = self.transcribe(utterance, timing, speculation, text)
@@ -192,6 +210,11 @@ class TurnEngine:
             voice.say(sentence)
         if speculation is not None:
             speculation.drop()
+        if withdrawn():
+            sink.clear()
+            self.emit(TurnWithdrawn(utterance.start_s, voice.text))
+            self.log("  (the user went on: this reply is withdrawn)")
+            return None
         sink.end_of_stream()
         self.finish(turn, utterance, voice, sink, timing)
         return turn

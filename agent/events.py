@@ -103,6 +103,15 @@ class UtteranceEnded(FloorEvent):
     utterance: Utterance  # the floor ended a user turn: it is answered unless the transport holds it
 
 
+@dataclass(frozen=True)
+class TurnReopened(FloorEvent):
+    """The user went on speaking soon after the words had ended the turn: the reply to that piece is withdrawn,
+    and the turn, from `start_s`, ends again later with both pieces."""
+
+    kind: ClassVar[str] = "reopen"
+    start_s: float
+
+
 # ---- the turn engine's: on the worker's thread ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -116,6 +125,16 @@ class Speculated(SpeculationEvent):
     end_s: float
     transcript: str
     ms: float
+
+
+@dataclass(frozen=True)
+class TurnJudged(SpeculationEvent):
+    """The words heard so far, judged: the reply model's probability that they are a finished message."""
+
+    kind: ClassVar[str] = "end_of_turn"
+    end_s: float
+    probability: float
+    ms: float  # the judging's own time (the transcript's is in the speculation's)
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,16 @@ class ReplyKeptOut(Event):
 class EchoHeard(Event):
     kind: ClassVar[str] = "echo"
     text: str  # an utterance that was the agent's own reply heard back: no turn
+
+
+@dataclass(frozen=True)
+class TurnWithdrawn(Event):
+    """A reply to a turn the user went on with (reopened): nothing of it is kept, in the history or the bundle's
+    turns; `said` is what had been spoken of it already."""
+
+    kind: ClassVar[str] = "withdrawn"
+    start_s: float
+    said: str = ""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ record, speculation hooks, and the floor's events in order. It owns no thread an
   stops a reply under way in half-duplex).
 - half-duplex (without barge-in): the VAD is muted while the agent speaks, so it never hears itself.
 - replay passes the recorded mute spans instead: the VAD is then muted exactly as it was live.
+- the words: the agent's verdict on a pause (`judge`) may end the turn there; speech soon after continues it
+  (`Step.reopened`: the reply to the piece is withdrawn). While such a turn may still be continued and the
+  agent is not yet audible, half-duplex does not mute the VAD (the user is heard going on).
 Whatever a transport does to the floor (commit, clear, duplex, turn detection) goes through the session loop,
 which records it.
 """
@@ -21,8 +24,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.events import Event, SpeechChanged, UtteranceEnded
-from pipelines.vad import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, Utterance
+from agent.events import Event, SpeechChanged, TurnReopened, UtteranceEnded
+from pipelines.vad import (
+    Endpointer,
+    SpeechEnded,
+    SpeechPaused,
+    SpeechReopened,
+    SpeechResumed,
+    SpeechStarted,
+    Utterance,
+)
 
 
 @dataclass
@@ -35,6 +46,7 @@ class Step:
     utterances: list[Utterance] = field(default_factory=list)  # to answer, in order
     speculate: Utterance | None = None  # speech paused: the utterance so far, worth answering ahead
     drop_speculation: bool = False  # speech resumed: the speculation is stale
+    reopened: bool = False  # speech continued a turn the words had ended: withdraw the reply to it
     events: list[Event] = field(default_factory=list)  # speech started / stopped, utterances ended, in order
 
 
@@ -69,19 +81,23 @@ class Floor:
         """Forget the speech under way (nothing of it is answered)."""
         self.vad.reset()
 
-    def _want_mute(self, t: float, speaking: bool, holding: bool) -> bool:
+    def _want_mute(self, t: float, speaking: bool, holding: bool, audible: bool) -> bool:
         if holding:
             return False
         if self.mutes is not None:
             return any(a <= t < b for a, b in self.mutes)
+        if self.vad.reopenable and not audible:
+            return False  # the user may go on with the turn the words ended: keep listening until the agent speaks
         return self.half_duplex and not self.barge_in and speaking
 
-    def step(self, t: float, block: np.ndarray, keys: list[str], speaking: bool, rate: int) -> Step:
-        """`block` starts at mic time `t`; `keys` are the key actions due at `t`."""
+    def step(self, t: float, block: np.ndarray, keys: list[str], speaking: bool, rate: int,
+             audible: bool = False) -> Step:
+        """`block` starts at mic time `t`; `keys` are the key actions due at `t`. `speaking`: the agent is
+        answering or audible; `audible`: its voice is playing."""
         step = Step()
         pressed = self.push_to_talk and "press" in keys
         holding = self.push_to_talk and (self.vad.in_speech or pressed)
-        mute = self._want_mute(t, speaking, holding)
+        mute = self._want_mute(t, speaking, holding, audible)
         if mute != self.muted:
             self.muted = step.mute = mute
             self.vad.mute(mute)
@@ -101,6 +117,13 @@ class Floor:
         self.muted_s += len(block) / rate if self.muted else 0.0
         return step
 
+    def judge(self, t: float, end_s: float, probability: float) -> Step:
+        """The words' verdict (at mic time `t`) on the pause whose utterance so far ended at `end_s`."""
+        step = Step()
+        for ev in self.vad.judge(end_s, probability):
+            self._apply(ev, step, t, False, False)
+        return step
+
     def flush(self, t: float) -> Step:
         """End of input (or a transport's commit at mic time `t`): an utterance still open (speaking, or the key
         held) is ended now."""
@@ -110,9 +133,13 @@ class Floor:
         return step
 
     def _apply(self, ev, step: Step, t: float, speaking: bool, pressed: bool) -> None:
-        if isinstance(ev, SpeechStarted):
-            self.started += 1
-            step.events.append(SpeechChanged(t, True))
+        if isinstance(ev, (SpeechStarted, SpeechReopened)):
+            if isinstance(ev, SpeechReopened):
+                step.reopened = True
+                step.events += [SpeechChanged(t, True), TurnReopened(t, ev.start_s)]
+            else:
+                self.started += 1
+                step.events.append(SpeechChanged(t, True))
             if speaking and (self.barge_in or (pressed and self.half_duplex)):
                 step.barge_in = True
         elif isinstance(ev, SpeechEnded):

@@ -45,6 +45,7 @@ from agent.events import (
     Listeners,
     MuteChanged,
     TurnDetectionChanged,
+    TurnWithdrawn,
     UtteranceEnded,
 )
 from agent.floor import Floor, Step
@@ -87,6 +88,7 @@ def finish(recorder: SessionRecorder | None, conversation: Conversation, log: Lo
 class Answer:
     utterance: Utterance
     text: str | None = None  # what the user typed instead of speaking (no ASR)
+    n: int = 0  # the worker numbers its answers (what `withdraw` names)
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,8 @@ class Worker:
     a time on the thread its `RunPolicy` gives it.
 
     An utterance counts as outstanding from `answer()` until its reply has been played out (including what is
-    still in the device's buffer): that is when the agent is "speaking" for half-duplex purposes. Speculation
+    still in the device's buffer), unless it was withdrawn: that is when the agent is "speaking" for
+    half-duplex purposes. Speculation
     hints go through the same queue, but do not count as speaking. `outstanding` and `generation` are changed
     from the transport's thread and the worker's, under `_lock`.
     """
@@ -179,9 +182,13 @@ class Worker:
         self.error: BaseException | None = None
         self.engine: TurnEngine | None = None
         self._lock = threading.Lock()
-        self._outstanding = 0  # turns handed over and not yet played out
+        self._outstanding: set[int] = set()  # the answers handed over and not yet played out, by number
         self._generation = 0  # bumped by barge-in / cancel: the running turn sees it changed and stops
+        self._answers = 0  # answers handed over
+        self._withdrawn: set[int] = set()  # answers to turns the user went on with: nothing of them is kept
         self._speculation: Speculation | None = None  # the worker's thread only
+        # the words' verdict on a pause, from the speculation (the worker's thread) to the floor: None = not judged
+        self.judge: Callable[[Utterance, float], None] | None = None
 
     # -- the transport's side ---------------------------------------------------------------------------------
 
@@ -201,7 +208,7 @@ class Worker:
     def speaking(self) -> bool:
         """An utterance is queued, being answered, or its reply is still playing."""
         with self._lock:
-            return self._outstanding > 0
+            return bool(self._outstanding - self._withdrawn)
 
     @property
     def generation(self) -> int:
@@ -211,11 +218,28 @@ class Worker:
     def _put(self, work: Work) -> None:
         if isinstance(work, Answer):
             with self._lock:
-                self._outstanding += 1
+                self._answers += 1
+                self._outstanding.add(self._answers)
+                work = dataclasses.replace(work, n=self._answers)
         self.run_policy.put(self, work)
 
-    def answer(self, utterance: Utterance, text: str | None = None) -> None:
+    def answer(self, utterance: Utterance, text: str | None = None) -> int:
+        """Hand an utterance over to be answered; returns its number (for `withdraw`)."""
         self._put(Answer(utterance, text))
+        return self._answers
+
+    def withdraw(self, n: int) -> None:
+        """The user went on with the turn answer `n` was for: it stops (queued: it never starts), and nothing of
+        it is kept."""
+        with self._lock:
+            self._withdrawn.add(n)
+            self._generation += 1
+        self.sink.barge_in()
+        self._put(DropSpeculation())
+
+    def withdrawn(self, n: int) -> bool:
+        with self._lock:
+            return n in self._withdrawn
 
     def speculate(self, utterance: Utterance) -> None:
         self._put(Speculate(utterance))
@@ -238,7 +262,7 @@ class Worker:
                 break
             if isinstance(work, Answer):
                 with self._lock:
-                    self._outstanding -= 1
+                    self._outstanding.discard(work.n)
         if self.engine is not None:
             self.engine.stop()  # at the next LLM token or TTS frame, and no context is prepared after it
         self.barge_in()
@@ -300,7 +324,9 @@ class Worker:
             if isinstance(work, DropSpeculation):
                 self._drop_speculation()
             elif isinstance(work, Speculate):  # stops early once anything else is queued
-                self._speculation = self.engine.speculate(work.utterance, cancelled=lambda: not self.work.empty())
+                self._drop_speculation()
+                self._speculation = self.engine.speculate(work.utterance, cancelled=lambda: not self.work.empty(),
+                                                          judge=self.judge)
             elif isinstance(work, Answer):
                 self._answer(work)
         except BaseException as exc:
@@ -308,7 +334,7 @@ class Worker:
         finally:
             if isinstance(work, Answer):
                 with self._lock:
-                    self._outstanding -= 1
+                    self._outstanding.discard(work.n)
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None:
@@ -320,7 +346,8 @@ class Worker:
         if work.text is not None:
             self._drop_speculation()  # a typed turn was never speculated on
         turn = self.engine.run_turn(work.utterance, self.sink, interrupted=lambda: self.generation != gen,
-                                    speculation=self._speculation, text=work.text)
+                                    speculation=self._speculation, text=work.text,
+                                    withdrawn=lambda: self.withdrawn(work.n))
         self._speculation = None
         if turn is None and self.generation == gen:
             self.unheard += 1
@@ -335,6 +362,15 @@ class SessionLoop:
     def __init__(self, cfg: AgentConfig, floor: Floor, worker: Worker | None, listeners: Listeners, log: Log):
         self.cfg, self.floor, self.worker, self.listeners, self.log = cfg, floor, worker, listeners, log
         self.sink = worker.sink if worker is not None else None  # no worker: the session only listens
+        self._verdicts: queue.SimpleQueue[tuple[float, float]] = queue.SimpleQueue()  # (pause's end_s, probability)
+        self._held: list[Utterance] = []  # fast replay: turns the words ended, answered once they can't go on
+        self._open_answer: int | None = None  # the answer to a turn the words ended, while it may go on
+        if worker is not None and cfg.vad.words and not floor.push_to_talk:
+            worker.judge = self._verdict
+
+    def _verdict(self, utterance: Utterance, probability: float) -> None:
+        """The words' verdict on a pause (the worker's thread): applied by the floor at the next block."""
+        self._verdicts.put((utterance.end_s, probability))
 
     # -- starting ---------------------------------------------------------------------------------------------
 
@@ -394,9 +430,24 @@ class SessionLoop:
         recorder = self.recorder
         if recorder is not None:
             recorder.write_mic(block)
-        step = self.floor.step(t, block, list(keys), self.speaking, MIC_RATE)
+        self._judged(t, answer)
+        step = self.floor.step(t, block, list(keys), self.speaking, MIC_RATE, audible=self._audible)
         self._hand_over(step, t, answer)
+        if self._held and not self.floor.vad.reopenable:  # fast replay: the turn can't go on now
+            held, self._held = self._held, []
+            for utterance in held:
+                self.worker.answer(utterance)
         return step
+
+    @property
+    def _audible(self) -> bool:
+        return self.sink is not None and self.sink.is_playing
+
+    def _judged(self, t: float, answer: bool = True) -> None:
+        """Apply the words' verdicts that came back (each may end the turn at its pause)."""
+        while not self._verdicts.empty():
+            end_s, probability = self._verdicts.get()
+            self._hand_over(self.floor.judge(t, end_s, probability), t, answer)
 
     def _hand_over(self, step: Step, t: float, answer: bool = True) -> None:
         """Tell the listeners what the floor decided at mic time `t` (mute changes and keys first: what replay
@@ -417,8 +468,27 @@ class SessionLoop:
             emit(BargedIn(t))
         for event in step.events:
             emit(event)
+        if step.reopened and worker is not None:
+            self._withdraw()
         for utterance in step.utterances if answer and worker is not None else ():
-            worker.answer(utterance)
+            if utterance.reason == "words" and self.floor.vad.reopenable and not worker.run_policy.threaded:
+                self._held.append(utterance)  # answered inline it would be spoken before the user could go on
+                continue
+            n = worker.answer(utterance)
+            self._open_answer = n if utterance.reason == "words" and self.floor.vad.reopenable else None
+        if worker is not None and step.speculate is not None and not worker.run_policy.threaded:
+            self._judged(t, answer)  # inline: the verdict is in already
+
+    def _withdraw(self) -> None:
+        """The user went on with the turn the words ended: its answer is withdrawn (or never given)."""
+        for utterance in self._held:
+            self.listeners.emit(TurnWithdrawn(utterance.start_s))
+        if self._held:
+            self._held = []
+            self.worker.drop_speculation()
+        elif self._open_answer is not None:
+            self.worker.withdraw(self._open_answer)
+        self._open_answer = None
 
     def commit(self, t: float, answer: bool = True) -> list[Utterance]:
         """The transport ends the user's turn now: the speech so far is the utterance (push-to-talk: the key is
@@ -470,6 +540,9 @@ class SessionLoop:
     def flush(self, t: float) -> None:
         """End of input: an utterance still open is answered too."""
         self._hand_over(self.floor.flush(t), t)
+        held, self._held = self._held, []
+        for utterance in held:
+            self.worker.answer(utterance)
 
     def cancel(self) -> None:
         self.worker.cancel()

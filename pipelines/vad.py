@@ -13,6 +13,15 @@ been silent for the tail an utterance keeps (`pre_roll_ms`), carrying the uttera
 samples the endpoint will give if no speech comes back (an earlier cut would lose quiet word endings, and
 Whisper hears the difference). `SpeechResumed` follows if a voiced frame comes back before the turn ends.
 
+End of turn from the words (`words`): the caller reads the utterance so far that `SpeechPaused` carries (the
+agent transcribes it and asks its reply model whether the words are a finished message) and gives the answer back
+with `judge(end_s, probability)`. At or above `words_threshold` the turn ends right there (reason 'words'), cut
+exactly where the pause's utterance was, so the work started on it is kept; below `words_unfinished` the turn
+waits for `hold_ms` of silence instead of `silence_ms` ("Can you recommend a book about |"). A turn the words ended
+is not closed at once: speech that starts within `reopen_ms` continues it (`SpeechReopened`), and the utterance it
+ends with runs from the first piece's start, the pause included. `pause_ms` sets when `SpeechPaused` comes (and
+the tail an utterance keeps); 0 keeps it at `pre_roll_ms`.
+
 Semantic end of turn (`smart_turn`, given a `turn_model`: any callable 16 kHz audio -> probability
 that the speaker has finished, e.g. pipelines.smart_turn.SmartTurn.predict): at that same first silent frame the
 model is asked once about the utterance so far. Above `smart_turn_threshold` the turn ends after
@@ -60,6 +69,12 @@ class VADConfig:
     smart_turn_threshold: float = 0.5  # Smart Turn's own cut (pipecat's); its output is a probability
     complete_silence_ms: int = 200  # a "complete" turn still needs this much silence: a breath, not a word
     speculate: bool = True  # SpeechPaused/SpeechResumed at a pause, so the agent can start the turn ahead
+    pause_ms: int = 0  # silence before SpeechPaused, and the tail an utterance keeps (0: pre_roll_ms)
+    words: bool = False  # `judge` may end the turn at a pause (the caller's text end-of-turn score)
+    words_threshold: float = 0.1  # a score at or above this ends the turn at the pause
+    words_unfinished: float = 0.0  # a score below this waits for hold_ms of silence (0: never)
+    hold_ms: int = 1500  # the silence that ends a turn whose words are unfinished
+    reopen_ms: int = 0  # speech starting this soon after a turn the words ended continues that turn (0: never)
 
     def __post_init__(self):
         if self.frame_ms not in (10, 20, 30):
@@ -69,9 +84,17 @@ class VADConfig:
         for name in ("pre_roll_ms", "start_ms", "min_speech_ms", "energy_margin_db"):
             if getattr(self, name) < 0:
                 raise ValueError(f"vad.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("pause_ms", "reopen_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"vad.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("words_threshold", "words_unfinished"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"vad.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.pause_ms and not self.frame_ms <= self.pause_ms < self.silence_ms:
+            raise ValueError(f"vad.pause_ms must be from one frame to below vad.silence_ms, got {self.pause_ms}")
         if not 0.0 < self.smart_turn_threshold < 1.0:
             raise ValueError(f"vad.smart_turn_threshold must be in (0, 1), got {self.smart_turn_threshold}")
-        for name in ("silence_ms", "max_utterance_ms", "complete_silence_ms"):
+        for name in ("silence_ms", "max_utterance_ms", "complete_silence_ms", "hold_ms"):
             if (value := getattr(self, name)) < self.frame_ms:
                 raise ValueError(f"vad.{name} must be at least one frame ({self.frame_ms} ms), got {value}")
 
@@ -83,9 +106,10 @@ class Utterance:
     start_s: float  # first speech frame (manual: when begin() was called)
     end_s: float  # end of the last voiced frame (manual: when end() was called)
     decided_s: float  # stream time when the end was decided
-    reason: str  # 'silence' | 'complete' (turn model) | 'max_length' | 'flush' | 'manual' | 'pause' (SpeechPaused)
+    reason: str  # 'silence' | 'words' | 'complete' (turn model) | 'max_length' | 'flush' | 'manual' | 'pause' (SpeechPaused)
     audio_start_s: float  # stream time of audio[0]
     turn_probability: float | None = None  # the turn model's answer at the last pause, if it was asked
+    words_probability: float | None = None  # the words' end-of-turn score at the last pause, if one was judged
 
     @property
     def duration_s(self) -> float:
@@ -112,7 +136,23 @@ class SpeechResumed:
     t: float  # stream time of the voiced frame that ended the pause
 
 
-VADEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded
+@dataclass(frozen=True)
+class SpeechReopened:
+    """Speech started soon after a turn the words ended: it continues that turn (the utterance ended there is
+    withdrawn; the one this turn ends with holds both pieces)."""
+
+    t: float  # stream time of the first speech frame of the continuation
+    start_s: float  # the reopened turn's start
+
+
+@dataclass(frozen=True)
+class _Reopenable:
+    start: int  # the ended turn's first speech sample
+    stop: int  # the end of its audio: a turn that does not continue it starts after this
+    until: int  # speech starting before this sample continues it
+
+
+VADEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded | SpeechReopened
 
 
 class _AudioHistory:
@@ -162,8 +202,12 @@ class Endpointer:
         self._start_frames = max(1, self.config.start_ms // self.config.frame_ms)
         self._start_needed = math.ceil(START_RATIO * self._start_frames)
         self._silence_frames = self.config.silence_ms // self.config.frame_ms
+        self._hold_frames = max(self._silence_frames, self.config.hold_ms // self.config.frame_ms)
         self._complete_frames = min(self._silence_frames, self.config.complete_silence_ms // self.config.frame_ms)
-        self._tail_frames = max(1, self.config.pre_roll_ms // self.config.frame_ms)  # silence before SpeechPaused
+        tail_ms = self.config.pause_ms or self.config.pre_roll_ms
+        self._tail_frames = max(1, tail_ms // self.config.frame_ms)  # silence before SpeechPaused
+        self._tail = self._tail_frames * self._frame if self.config.pause_ms else self._pre_roll  # kept after speech
+        self._reopen_samples = self.config.reopen_ms * ms
         self._turn_model = turn_model if self.config.smart_turn else None
         self._min_voiced_frames = math.ceil(self.config.min_speech_ms / self.config.frame_ms)
         self._max_len = self.config.max_utterance_ms * ms
@@ -175,6 +219,8 @@ class Endpointer:
         self._pending = np.zeros(0, np.float32)  # 16 kHz samples not yet cut into frames
         self._levels: deque[float] = deque(maxlen=round(NOISE_WINDOW_S * 1000 / self.config.frame_ms))  # dBFS
         self._muted = False
+        self._reopenable: _Reopenable | None = None
+        self._frames_end = 0  # the end of the last frame labelled
         self._drop_turn()
 
     def _new_resampler(self):
@@ -191,6 +237,8 @@ class Endpointer:
         self._last_voiced_end = 0
         self._paused = False
         self._turn_probability: float | None = None
+        self._words_probability: float | None = None
+        self._need = self._silence_frames  # silent frames that end the turn (hold_frames when the words are unfinished)
         self._manual_start: int | None = None
 
     @property
@@ -201,11 +249,31 @@ class Endpointer:
     def time_s(self) -> float:
         return self._history.end / VAD_RATE
 
+    @property
+    def reopenable(self) -> bool:
+        """A turn the words ended may still be continued (`reopen_ms` has not passed since)."""
+        return self._reopenable is not None
+
+    def judge(self, end_s: float, probability: float) -> list[VADEvent]:
+        """The words' verdict on the pause whose utterance ended at `end_s` (the `SpeechPaused` utterance's):
+        the probability that they are a finished message. Ends the turn now when it is high enough and the user
+        is still silent in that pause; a verdict on a pause that is over is ignored."""
+        if (not self.config.words or self._start is None or not self._paused
+                or abs(self._last_voiced_end / VAD_RATE - end_s) > 1e-6):
+            return []
+        self._words_probability = probability
+        if probability >= self.config.words_threshold:
+            return self._finish(self._frames_end, "words")
+        if probability < self.config.words_unfinished:
+            self._need = self._hold_frames
+        return []
+
     def mute(self, flag: bool) -> None:
         """Half-duplex: while muted audio only advances the clock; an open turn is dropped silently."""
         self._muted = flag
         if flag:
             self._drop_turn()
+            self._reopenable = None
             self._pending = np.zeros(0, np.float32)
             self._history.drop_before(self._history.end)
 
@@ -227,6 +295,7 @@ class Endpointer:
         elif self._start is not None:
             events += self._finish(self._history.end, "flush")
         self._drop_turn()
+        self._reopenable = None
         return events
 
     def begin(self) -> SpeechStarted:
@@ -264,8 +333,11 @@ class Endpointer:
             frame = self._pending[i * self._frame : (i + 1) * self._frame]
             events += self._step(frame, first + i * self._frame)
         self._pending = self._pending[n * self._frame :].copy()
-        if self._start is None:  # idle: keep only what a turn starting now could reach back to
-            self._history.drop_before(first + n * self._frame - self._start_frames * self._frame - self._pre_roll)
+        if self._start is None:  # idle: keep only what a turn starting now could reach back to (or continue)
+            keep = first + n * self._frame - self._start_frames * self._frame - self._pre_roll
+            if self._reopenable is not None:
+                keep = min(keep, self._reopenable.start - self._pre_roll)
+            self._history.drop_before(keep)
         return events
 
     def _is_voiced(self, frame: np.ndarray) -> bool:
@@ -279,8 +351,11 @@ class Endpointer:
 
     def _step(self, frame: np.ndarray, at: int) -> list[VADEvent]:
         voiced = self._is_voiced(frame)
-        end = at + self._frame
+        end = self._frames_end = at + self._frame
         if self._start is None:
+            if self._reopenable is not None and at - self._start_frames * self._frame >= self._reopenable.until:
+                self._history.drop_before(self._reopenable.stop)  # too late now for a turn opening to continue it
+                self._reopenable = None
             self._ring.append((at, voiced))
             if len(self._ring) < self._start_frames or sum(v for _, v in self._ring) < self._start_needed:
                 return []
@@ -293,13 +368,14 @@ class Endpointer:
                     self._count(v, a + self._frame)
             return self._confirm()
         self._count(voiced, end)
-        if self._silence >= self._silence_frames:
+        if self._silence >= self._need:
             return self._finish(end, "silence")
         if end - self._start >= self._max_len:
             return self._finish(end, "max_length")
         events = self._confirm()
         if self._confirmed and voiced:
-            self._turn_probability = None  # speech again: the next pause is asked afresh
+            self._turn_probability = self._words_probability = None  # speech again: the next pause is asked afresh
+            self._need = self._silence_frames
             if self._paused:
                 self._paused = False
                 events.append(SpeechResumed(t=at / VAD_RATE))
@@ -321,7 +397,7 @@ class Endpointer:
 
     def _so_far(self, decided: int, tail: bool) -> Utterance:
         first = max(self._start - self._pre_roll, self._history.floor)
-        stop = min(self._last_voiced_end + self._pre_roll, decided) if tail else self._last_voiced_end
+        stop = min(self._last_voiced_end + self._tail, decided) if tail else self._last_voiced_end
         return Utterance(
             audio=self._history.slice(first, stop),
             start_s=self._start / VAD_RATE,
@@ -343,14 +419,20 @@ class Endpointer:
         if self._confirmed or self._voiced < self._min_voiced_frames:
             return []
         self._confirmed = True
+        reopen, self._reopenable = self._reopenable, None
+        if reopen is not None and self._start < reopen.until:
+            began, self._start = self._start, reopen.start
+            return [SpeechReopened(t=began / VAD_RATE, start_s=reopen.start / VAD_RATE)]
         return [SpeechStarted(t=self._start / VAD_RATE)]
 
     def _finish(self, decided: int, reason: str) -> list[VADEvent]:
         events = []
+        start, stop = self._start, min(self._last_voiced_end + self._tail, decided)
         if self._confirmed:
-            stop = min(self._last_voiced_end + self._pre_roll, decided)
             events.append(SpeechEnded(self._cut(self._start, self._last_voiced_end, stop, decided, reason)))
         self._drop_turn()
+        if events and reason == "words" and self._reopen_samples:
+            self._reopenable = _Reopenable(start, stop, decided + self._reopen_samples)
         return events
 
     def _manual_utterance(self, reason: str) -> Utterance:
@@ -370,6 +452,8 @@ class Endpointer:
             reason=reason,
             audio_start_s=first / VAD_RATE,
             turn_probability=self._turn_probability,
+            words_probability=self._words_probability,
         )
-        self._history.drop_before(stop)  # the next turn's pre-roll must not repeat this audio
+        if reason != "words" or not self._reopen_samples:  # a turn that may be continued keeps its audio
+            self._history.drop_before(stop)  # the next turn's pre-roll must not repeat this audio
         return utterance
