@@ -220,8 +220,9 @@ def detect_events(turn: Turn, vad_config) -> list[dict]:
 # ---------------------------------------------------------------- the features
 
 
-def model_key(cfg, smart_turn_path: Path | None) -> str:
-    parts = [dataclasses.asdict(cfg.asr), dataclasses.asdict(cfg.llm), str(smart_turn_path)]
+def model_key(cfg) -> str:
+    """The ASR's and the LLM's settings (Smart Turn's answer is kept beside, under its file's size)."""
+    parts = [dataclasses.asdict(cfg.asr), dataclasses.asdict(cfg.llm)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -246,7 +247,8 @@ class Features:
         else:
             self.smart_turn_note = "Smart Turn skipped: --no-smart-turn"
         self.smart_turn_path = path
-        self.file = cache / f"features-{model_key(cfg, path)}.json"
+        self.smart_turn_id = f"{path.name}:{path.stat().st_size}" if path is not None else None
+        self.file = cache / f"features-{model_key(cfg)}.json"
         self.known = json.loads(self.file.read_text()) if self.file.is_file() else {}
         self.asr = self.llm = None
 
@@ -263,10 +265,15 @@ class Features:
         self.asr.transcribe(np.zeros(RATE, np.float32), RATE)  # first-call costs are not an event's
         self.llm.end_of_turn("Hello there")
 
+    def cached(self, audio: np.ndarray) -> bool:
+        got = self.known.get(audio_key(audio))
+        return got is not None and (self.smart_turn_id is None or got.get("smart_turn") == self.smart_turn_id)
+
     def of(self, audio: np.ndarray) -> dict:
         key = audio_key(audio)
-        if key in self.known:
-            return self.known[key]
+        if self.cached(audio):
+            got = dict(self.known[key])
+            return got if self.smart_turn_id else dict(got, s=None, smart_turn_ms=None)
         if self.asr is None:
             self._load()
         t0 = time.perf_counter()
@@ -279,7 +286,9 @@ class Features:
         if self.turn_model is not None:
             got["s"] = self.turn_model.predict(audio, RATE)
             got["smart_turn_ms"] = round((time.perf_counter() - t2) * 1000, 1)
-        self.known[key] = got
+            got["smart_turn"] = self.smart_turn_id
+        if key not in self.known or self.smart_turn_id:  # an answer without Smart Turn keeps an earlier one with it
+            self.known[key] = got
         return got
 
     def save(self) -> None:
@@ -413,7 +422,7 @@ def main() -> None:
     features = Features(cfg, args.cache, smart_turn=not args.no_smart_turn)
     if features.smart_turn_note:
         print(features.smart_turn_note)
-    fresh = sum(audio_key(e["audio"]) not in features.known for e in events)
+    fresh = sum(not features.cached(e["audio"]) for e in events)
     if fresh:
         print(f"computing the features of {fresh} of {len(events)} events (cached in {features.file})")
     for e in events:
