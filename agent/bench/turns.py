@@ -397,7 +397,8 @@ def collect(cfg, cache: Path, groups=GROUPS, log: Callable[[str], None] = print)
             unheard = [f"{b - a:.2f} s in {t.text!r}" for t, a, b in known
                        if not any(k[:2] == (t.source, t.text) and a - 0.1 <= k[2] <= b + 0.05 for k in heard_at)]
             log(f"{group}: {len(heard)} of {len(known)} put-in pauses are heard as pauses; not: {'; '.join(unheard)} "
-                f"(silence shorter than the {vad.pre_roll_ms} ms a SpeechPaused waits for)")
+                f"(silence shorter than the {getattr(vad, 'pause_ms', None) or vad.pre_roll_ms} ms a SpeechPaused "
+                "waits for)")
     return events
 
 
@@ -429,7 +430,8 @@ def main() -> None:
         e.update(features.of(e.pop("audio")))
     features.save()
     smart = features.smart_turn_path is not None and all(e["s"] is not None for e in events)
-    pause_at = bench_vad_config(cfg).pre_roll_ms  # SpeechPaused comes this long after the last voiced frame
+    vad = bench_vad_config(cfg)  # SpeechPaused comes this long after the last voiced frame (vad.pause_ms, if set)
+    pause_at = getattr(vad, "pause_ms", None) or vad.pre_roll_ms
     print(f"{len(events)} pause events: " + ", ".join(
         f"{g} {sum(e['group'] == g for e in events)} ("
         + ", ".join(f"{o} {n}" for o in ("scripted", "speaker", "spliced", "vad", "end")
