@@ -144,8 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="check the machine: BLAS, audio devices, models")
     sp = sub.add_parser("bench", help="benchmarks: `bench tts` (Marvis vs peers), `bench agent SESSION`, "
                                       "`bench replies` (spoken questions: reply form and content, ASR WER), "
-                                      "`bench ort` (the TTS frame loop per backend and precision)")
-    sp.add_argument("what", choices=["tts", "agent", "replies", "ort"])
+                                      "`bench ort` (the TTS frame loop per backend and precision), "
+                                      "`bench turns` (labelled pauses: which end-of-turn rule cuts users off)")
+    sp.add_argument("what", choices=["tts", "agent", "replies", "ort", "turns"])
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
 

