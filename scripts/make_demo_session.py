@@ -148,6 +148,15 @@ def trimmed(audio: np.ndarray, level: float = 1e-3) -> np.ndarray:
     return audio[loud[0] : loud[-1] + 1] if loud.size else audio
 
 
+def speech_end(audio: np.ndarray, level_db: float = -50.0) -> float:
+    """Seconds to the end of the speech in a clip (its last 10 ms above `level_db` RMS): the synthesiser's trailing
+    silence is not the user speaking, and an agent that ends the turn in it cuts nobody off."""
+    n = RATE // 100
+    frames = audio[: len(audio) // n * n].reshape(-1, n)
+    loud = np.flatnonzero(np.sqrt(np.mean(np.square(frames), axis=1)) > 10 ** (level_db / 20))
+    return (loud[-1] + 1) * n / RATE if loud.size else len(audio) / RATE
+
+
 PAUSE = re.compile(r"\s*\|(\d*)\s*")
 
 
@@ -233,7 +242,7 @@ def write(out: Path, clips: list[tuple[np.ndarray, list[tuple[float, float | Non
     for i, (audio, spans) in enumerate(clips):
         t = sum(len(p) for p in parts) / RATE
         for start, end, text in spans:
-            end = len(audio) / RATE if end is None else end
+            end = speech_end(audio) if end is None else end
             events.append({"type": "script", "t": round(t + start, 3), "text": text, "duration_s": round(end - start, 3)})
         parts += [audio, gap(GAP_S, levels[min(i + 1, len(clips) - 1)])]
     mic = resample(np.concatenate(parts), RATE, mic_rate)

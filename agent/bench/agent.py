@@ -48,10 +48,14 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp, busy_core(load):
                 result = run_replay(cfg, [Path(args.session)], out=Path(tmp) / "bundle", log=lines.append,
                                     progress=False)
-                decided = [e["decided_s"] for e in read_events(result.bundle / "events.jsonl", lambda _: None)
-                           if e.get("type") == "transcript"]
+                events = read_events(result.bundle / "events.jsonl", lambda _: None)
+                decided = [e["decided_s"] for e in events if e.get("type") == "transcript"]
+                reopened = sum(e.get("type") == "reopen" for e in events)
             rows += [t.waterfall for t in result.conversation.turns]
-            turn_taking.append(endpoint_report(script, decided))
+            report = endpoint_report(script, decided)
+            if report is not None:
+                report["reopened"] = reopened
+            turn_taking.append(report)
         if len(loads) > 1 or load:
             print(f"\n## another process busy on {load:g} of one core")
         print(next((line for line in lines if "Marvis TTS" in line), ""))
@@ -65,7 +69,10 @@ def main() -> None:
                 print(f"turn-taking (run {run}): {report['false_endpoints']} false endpoints"
                       + (f" (cut at {report['cut_at_s']} s)" if report["cut_at_s"] else "")
                       + f", {report['missed_turns']} of {report['scripted_turns']} scripted turns missed, "
-                      f"{report['endpoints']} endpoints; vad.silence_ms {cfg.vad.silence_ms}")
+                      f"{report['endpoints']} endpoints, {report['reopened']} reopened (the words ended a turn the "
+                      f"user went on with); vad.silence_ms {cfg.vad.silence_ms}"
+                      + (f", words >= {cfg.vad.words_threshold} at {cfg.vad.pause_ms or cfg.vad.pre_roll_ms} ms"
+                         if cfg.vad.words else ""))
         results[f"{load:g}"] = {"rows": rows, "summary": summary, "turn_taking": turn_taking}
     if args.json:
         only = results[f"{loads[0]:g}"] if len(loads) == 1 else {"loads": results}

@@ -304,15 +304,33 @@ class Rule:
     name: str
     wait: Callable[[dict], float]  # event -> ms of silence after the last voice at which the turn ends
     needs: tuple[str, ...] = ()  # "words" (ASR + LLM score), "smart" (Smart Turn)
+    early: Callable[[dict], bool] | None = None  # the words ended the turn at the pause: it may be reopened
 
+
+def configured(vad) -> Rule:
+    """The rule the config sets (vad.words, its thresholds, vad.silence_ms, vad.hold_ms)."""
+    if not vad.words:
+        return Rule(f"config: silence {vad.silence_ms}", lambda e: vad.silence_ms)
+    pause = vad.pause_ms or vad.pre_roll_ms
+    hold = max(vad.hold_ms, vad.silence_ms)
+
+    def wait(e):
+        if e["p"] >= vad.words_threshold:
+            return pause
+        return hold if e["p"] < vad.words_unfinished else vad.silence_ms
+
+    return Rule(f"config: words(p>={vad.words_threshold:g}: {pause}, p<{vad.words_unfinished:g}: {hold}, "
+                f"else {vad.silence_ms})", wait, ("words",), lambda e: e["p"] >= vad.words_threshold)
 
 def words(thr: float, short: int, long: int) -> Rule:
-    return Rule(f"words(p>={thr:g}: {short}, else {long})", lambda e: short if e["p"] >= thr else long, ("words",))
+    return Rule(f"words(p>={thr:g}: {short}, else {long})", lambda e: short if e["p"] >= thr else long, ("words",),
+                lambda e: e["p"] >= thr)
 
 
 def words_hold(thr: float, short: int) -> Rule:
     return Rule(f"words+hold(p>={thr:g}: {short}, p<0.001: 1500, else 700)",
-                lambda e: short if e["p"] >= thr else 1500 if e["p"] < 0.001 else 700, ("words",))
+                lambda e: short if e["p"] >= thr else 1500 if e["p"] < 0.001 else 700, ("words",),
+                lambda e: e["p"] >= thr)
 
 
 def words_or_smart(thr: float, short: int, long: int) -> Rule:
@@ -346,16 +364,33 @@ def p90(xs: list[float]) -> float:
     return float(np.percentile(xs, 90)) if xs else math.nan
 
 
-def evaluate(rule: Rule, events: list[dict], pause_at_ms: float, groups=GROUPS) -> dict:
-    """False cut-offs per group and overall, the wait at true ends (bare and with the compute), missed ends."""
+def ready_ms(rule: Rule, e: dict, pause_at_ms: float) -> float:
+    """When the rule's turn end comes: its wait, and no sooner than its inputs are computed after the pause."""
+    w = float(rule.wait(e))
+    return max(w, pause_at_ms + compute_ms(rule, e)) if rule.needs else w
+
+
+def talked_over(rule: Rule, e: dict, pause_at_ms: float, reopen_ms: float) -> bool:
+    """A hold the rule cut off and the user's going on does not reopen: only a turn the words ended early can be
+    reopened, and only by speech that starts within `reopen_ms` of that end."""
+    if rule.wait(e) >= e["pause_ms"]:
+        return False
+    reopened = rule.early is not None and rule.early(e) and e["pause_ms"] <= ready_ms(rule, e, pause_at_ms) + reopen_ms
+    return not reopened
+
+
+def evaluate(rule: Rule, events: list[dict], pause_at_ms: float, groups=GROUPS, reopen_ms: float = 0.0) -> dict:
+    """False cut-offs per group and overall (and those no reopening undoes), the wait at true ends (bare and with
+    the compute), missed ends."""
     row = {"rule": rule.name}
     for group in [*groups, "all"]:
         holds = [e for e in events if e["label"] == "hold" and group in (e["group"], "all")]
         cut = sum(rule.wait(e) < e["pause_ms"] for e in holds)
         row[group] = {"cut": cut, "holds": len(holds), "pct": 100 * cut / len(holds) if holds else math.nan}
+    row["talked_over"] = sum(talked_over(rule, e, pause_at_ms, reopen_ms) for e in events if e["label"] == "hold")
     ends = [e for e in events if e["label"] == "end"]
     waits = [float(rule.wait(e)) for e in ends]
-    ready = [max(w, pause_at_ms + compute_ms(rule, e)) if rule.needs else w for w, e in zip(waits, ends)]
+    ready = [ready_ms(rule, e, pause_at_ms) for e in ends]
     row.update(ends=len(ends), mean_wait=float(np.mean(waits)) if waits else math.nan, p90_wait=p90(waits),
                mean_ready=float(np.mean(ready)) if ready else math.nan, p90_ready=p90(ready),
                missed=sum(w >= e["pause_ms"] for w, e in zip(waits, ends)))
@@ -366,11 +401,11 @@ def table(rows: list[dict], groups=GROUPS) -> str:
     cell = lambda c: f"{c['cut']}/{c['holds']} {c['pct']:.0f}%" if c["holds"] else "-"  # noqa: E731
     width = max(len(r["rule"]) for r in rows)
     head = (f"{'rule':<{width}} | " + " | ".join(f"{g:>12}" for g in [*groups, "all"])
-            + " | mean wait | p90 wait | mean w+compute | p90 w+compute | missed ends")
+            + " | talked over | mean wait | p90 wait | mean w+compute | p90 w+compute | missed ends")
     lines = [f"{'':<{width}}   false cut-offs (cut / holds)", head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['rule']:<{width}} | " + " | ".join(f"{cell(r[g]):>12}" for g in [*groups, "all"])
-                     + f" | {r['mean_wait']:9.0f} | {r['p90_wait']:8.0f} | {r['mean_ready']:14.0f} | "
+                     + f" | {r['talked_over']:11d} | {r['mean_wait']:9.0f} | {r['p90_wait']:8.0f} | {r['mean_ready']:14.0f} | "
                        f"{r['p90_ready']:13.0f} | {r['missed']:>4}")
     return "\n".join(lines)
 
@@ -446,9 +481,11 @@ def main() -> None:
     ends, holds = [e for e in events if e["label"] == "end"], [e for e in events if e["label"] == "hold"]
     print(f"p at true ends: median {np.median([e['p'] for e in ends]):.3f}, min {min(e['p'] for e in ends):.4f}; "
           f"at holds: median {np.median([e['p'] for e in holds]):.4f}, max {max(e['p'] for e in holds):.3f}")
-    rows = [evaluate(rule, events, pause_at, groups) for rule in rules(smart)]
+    reopen = cfg.vad.reopen_ms or 1000
+    rows = [evaluate(rule, events, pause_at, groups, reopen) for rule in [configured(cfg.vad), *rules(smart)]]
     print(f"\nwaits in ms of silence after the last voice; w+compute = max(w, {pause_at} + ASR + score)"
-          " for the rules that need them")
+          f" for the rules that need them; talked over = false cut-offs a reopening within {reopen} ms does not undo"
+          " (only a turn the words ended early reopens)")
     print(table(rows, groups))
     print(f"\n{time.perf_counter() - started:.0f} s")
     if args.json:
