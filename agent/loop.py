@@ -237,6 +237,11 @@ class Worker:
         self.sink.barge_in()
         self._put(DropSpeculation())
 
+    @property
+    def inline(self) -> bool:
+        """Answers run in the caller's thread (fast replay): each is over before the next block is fed."""
+        return not self.run_policy.threaded
+
     def withdrawn(self, n: int) -> bool:
         with self._lock:
             return n in self._withdrawn
@@ -292,6 +297,9 @@ class Worker:
                 self.stages.llm.reset()
                 self.stages.llm.system_prompt = self.cfg.llm.system_prompt
                 stages = dataclasses.replace(self.stages)
+            if self.judge is not None and not callable(getattr(stages.llm, "end_of_turn", None)):
+                self.log("warning: this reply stage cannot judge the words (no end_of_turn); turns end on silence")
+                self.judge = None
             if self.echo_guard:
                 from agent.echo import guard_against_echo
 
@@ -471,12 +479,12 @@ class SessionLoop:
         if step.reopened and worker is not None:
             self._withdraw()
         for utterance in step.utterances if answer and worker is not None else ():
-            if utterance.reason == "words" and self.floor.vad.reopenable and not worker.run_policy.threaded:
+            if utterance.reason == "words" and self.floor.vad.reopenable and worker.inline:
                 self._held.append(utterance)  # answered inline it would be spoken before the user could go on
                 continue
             n = worker.answer(utterance)
             self._open_answer = n if utterance.reason == "words" and self.floor.vad.reopenable else None
-        if worker is not None and step.speculate is not None and not worker.run_policy.threaded:
+        if worker is not None and step.speculate is not None and worker.inline:
             self._judged(t, answer)  # inline: the verdict is in already
 
     def _withdraw(self) -> None:

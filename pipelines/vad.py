@@ -18,7 +18,8 @@ agent transcribes it and asks its reply model whether the words are a finished m
 with `judge(end_s, probability)`. At or above `words_threshold` the turn ends right there (reason 'words'), cut
 exactly where the pause's utterance was, so the work started on it is kept; below `words_unfinished` the turn
 waits for `hold_ms` of silence instead of `silence_ms` ("Can you recommend a book about |"). A turn the words ended
-is not closed at once: speech that starts within `reopen_ms` continues it (`SpeechReopened`), and the utterance it
+is not closed at once: speech that starts within `reopen_ms` continues it (`SpeechReopened`; a word shorter than
+`min_speech_ms` is enough), and the utterance it
 ends with runs from the first piece's start, the pause included. `pause_ms` sets when `SpeechPaused` comes (and
 the tail an utterance keeps); 0 keeps it at `pre_roll_ms`.
 
@@ -362,10 +363,15 @@ class Endpointer:
             # open a turn at the ring's first voiced frame and replay the ring's labels into it
             frames = list(self._ring)
             self._ring.clear()
-            self._start = next(a for a, v in frames if v)
+            self._start = began = next(a for a, v in frames if v)
             for a, v in frames:
                 if a >= self._start:
                     self._count(v, a + self._frame)
+            reopen, self._reopenable = self._reopenable, None
+            if reopen is not None and began < reopen.until:
+                # the turn goes on: even a short word ("for") continues it, so no min_speech_ms is asked
+                self._start, self._confirmed = reopen.start, True
+                return [SpeechReopened(t=began / VAD_RATE, start_s=reopen.start / VAD_RATE)]
             return self._confirm()
         self._count(voiced, end)
         if self._silence >= self._need:
@@ -419,10 +425,6 @@ class Endpointer:
         if self._confirmed or self._voiced < self._min_voiced_frames:
             return []
         self._confirmed = True
-        reopen, self._reopenable = self._reopenable, None
-        if reopen is not None and self._start < reopen.until:
-            began, self._start = self._start, reopen.start
-            return [SpeechReopened(t=began / VAD_RATE, start_s=reopen.start / VAD_RATE)]
         return [SpeechStarted(t=self._start / VAD_RATE)]
 
     def _finish(self, decided: int, reason: str) -> list[VADEvent]:

