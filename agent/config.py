@@ -92,10 +92,10 @@ class ReplaySection:
 
 
 # The agent ends a turn on its words (VADConfig's own defaults are the VAD alone: silence only). Chosen from
-# `voice-agent bench turns` (README, "When the turn ends"): judged at a 210 ms pause, the turn ends there when the
+# `voice-agent bench turns` (README, "When the turn ends"): judged at a 120 ms pause, the turn ends there when the
 # reply model gives a finished message at least 0.03; words it scores under 0.001 ("Can you recommend a book about")
 # wait 1.5 s of silence; the rest 700 ms. Speech within 1 s of an early end continues the turn.
-AGENT_VAD = dict(pause_ms=210, words=True, words_threshold=0.03, words_unfinished=0.001, hold_ms=1500, reopen_ms=1000)
+AGENT_VAD = dict(pause_ms=120, words=True, words_threshold=0.03, words_unfinished=0.001, hold_ms=1500, reopen_ms=1000)
 
 
 @dataclass

@@ -273,7 +273,7 @@ def made_session(name: str, root) -> object:
 
 @pytest.mark.parametrize("name", ["pauses", "real", "heldout-espeak", "heldout-piper"])
 def test_nobody_is_cut_off_when_the_words_end_the_turn(name, real_models, tmp_path):
-    """The default end of turn (the words, at a 210 ms pause) on sessions whose users pause 300-800 ms inside
+    """The default end of turn (the words, at a 120 ms pause) on sessions whose users pause 300-800 ms inside
     sentences, on real speech and on two made-up conversations in two voices: no endpoint inside a scripted turn,
     no scripted turn missed, and at least one turn ended by the words (it is the rule under test)."""
     from agent.metrics import endpoint_report
@@ -292,3 +292,40 @@ def test_nobody_is_cut_off_when_the_words_end_the_turn(name, real_models, tmp_pa
     assert report["false_endpoints"] == 0, (report, [e["text"] for e in transcripts])
     assert report["missed_turns"] == 0, (report, [e["text"] for e in transcripts])
     assert any(e["reason"] == "words" for e in transcripts), [e["reason"] for e in transcripts]
+
+
+FINISHED = ["What is the capital of France?", "What time do most restaurants close on Saturday night?",
+            "Tell me about the weather tomorrow."]
+CUT_OFF = ["I'd like to book", "Can you recommend a book about", "Could you set a timer for-", "What is a good name for a"]
+
+
+def test_the_reply_model_tells_finished_words_from_cut_off_ones(real_models):
+    _, llm = real_models
+    threshold, unfinished = load_config("default").vad.words_threshold, load_config("default").vad.words_unfinished
+    finished = {t: llm.end_of_turn(t) for t in FINISHED}
+    cut = {t: llm.end_of_turn(t) for t in CUT_OFF}
+    assert all(p >= threshold for p in finished.values()), finished
+    assert all(p < unfinished for p in cut.values()), cut
+    assert llm.end_of_turn("") == 0.0 and llm.end_of_turn(" ?! ") == 0.0  # no words: not a finished message
+
+
+def test_judging_the_words_leaves_the_reply_as_it_was(real_models):
+    """The score's prompt shares the reply's prompt cache: a reply after it is token for token the reply without it."""
+    _, llm = real_models
+    text = "What is the capital of France?"
+    llm.prompt_cache.clear()
+    plain = "".join(llm.stream(text))
+    llm.prompt_cache.clear()
+    llm.end_of_turn(text)
+    judged_first = "".join(llm.stream(text))
+    assert judged_first == plain
+    assert llm.last_prompt_run < 20  # the judged prompt was reused: only the end of the user's turn ran
+
+
+def test_the_score_is_the_same_on_mlx_and_onnx(real_models):
+    from agent.build import build_llm
+
+    _, onnx = real_models
+    mlx = build_llm(load_config("default", [("llm.backend", "mlx")]))
+    for text in FINISHED + CUT_OFF:
+        assert abs(mlx.end_of_turn(text) - onnx.end_of_turn(text)) < 0.05, text  # ONNX runs the LLM in int8

@@ -30,7 +30,7 @@ from pipelines.errors import CheckpointError
 from pipelines.ortgraph import Placement
 
 _NEEDED_FILES = ("config.json", "tokenizer.json")
-_TRAILING = ".?!,;:…\"' "  # stripped from the user's words before asking whether they are finished
+_TRAILING = ".?!,;:…-–—\"' "  # stripped from the user's words before asking whether they are finished
 
 
 def banned_tokens(reply: list[int], n: int) -> list[int]:
