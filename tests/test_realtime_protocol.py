@@ -14,7 +14,7 @@ import pytest
 
 from agent.config import load_config
 from agent.conversation import Turn
-from agent.events import Said, Transcribed, TurnEnded
+from agent.events import Said, Transcribed, TurnEnded, TurnWithdrawn
 from agent.web.realtime import MAX_MESSAGE_BYTES, RATE, RealtimeSession
 
 
@@ -165,6 +165,16 @@ def test_engine_events_become_the_response_events(session):
     assert len(audio) == 2 * 480
     assert session.sent[-1]["response"]["status"] == "completed"
     assert session.sent[-1]["response"]["output"][0]["content"][0]["transcript"] == "Paris."
+
+
+def test_a_withdrawn_reply_is_a_cancelled_response(session):
+    # the user went on speaking after the words had ended the turn: the response started on it ends, cancelled
+    session._transcribing.append(("item_user", True))
+    session._event(Transcribed("What is the capital of France", 1.0, 2.5, 2.62, "words"))
+    session._event(TurnWithdrawn(1.0))
+    done = [e for e in session.sent if e["type"] == "response.done"]
+    assert len(done) == 1 and done[0]["response"]["status"] == "cancelled"
+    assert session._response is None  # the next turn's response can start
 
 
 def test_heard_after_a_cut_is_what_the_client_played(session):

@@ -197,3 +197,13 @@ def test_the_page_narrates_the_turn_when_nothing_is_recorded(question, tiny_args
     assert turn["reply"] == "Paris is the capital." and turn["transcript"] == "What is the capital of France?"
     assert kinds.count("speech") == 2 and kinds.index("listening") < kinds.index("turn")  # the floor narrates too
     assert any(isinstance(m, bytes) for m in sent)  # the reply's audio went to the page
+
+
+def test_the_page_is_told_when_a_reply_is_withdrawn():
+    # the user went on after the words had ended the turn: the page drops that transcript and reply
+    from agent.events import TurnWithdrawn
+
+    sent = []
+    page = PageSession(load_config("default"), sent.append, False, False, log=lambda m: None)
+    page.narrate(TurnWithdrawn(1.0, "Paris"))
+    assert sent[-1] == {"type": "withdrawn"}

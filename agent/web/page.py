@@ -26,7 +26,17 @@ import numpy as np
 
 from agent.config import AgentConfig
 from agent.engine import Stages
-from agent.events import EchoHeard, Event, MuteChanged, ReplyStarted, ReplyText, SpeechChanged, Transcribed, TurnEnded
+from agent.events import (
+    EchoHeard,
+    Event,
+    MuteChanged,
+    ReplyStarted,
+    ReplyText,
+    SpeechChanged,
+    Transcribed,
+    TurnEnded,
+    TurnWithdrawn,
+)
 from agent.loop import OwnThread, SharedThread, open_session
 from agent.session import MIC_RATE, SessionRecorder
 from agent.sinks import CutSink, wait_until_played
@@ -172,6 +182,8 @@ class PageSession:
             row = event.row()
             self.send({"type": "turn", **{k: row[k] for k in ("index", "transcript", "reply", "interrupted",
                                                               "waterfall")}})
+        elif isinstance(event, TurnWithdrawn):  # the user went on: that transcript and reply are no turn
+            self.send({"type": "withdrawn"})
         elif isinstance(event, EchoHeard):
             self.send({"type": "echo", "text": event.text})
         elif isinstance(event, MuteChanged):

@@ -43,7 +43,7 @@ import soxr
 
 from agent.config import AgentConfig
 from agent.engine import Stages
-from agent.events import Event, Said, SpeechChanged, Transcribed, TurnEnded, UtteranceEnded
+from agent.events import Event, Said, SpeechChanged, Transcribed, TurnEnded, TurnWithdrawn, UtteranceEnded
 from agent.loop import OwnThread, SharedThread, open_session
 from agent.session import MIC_RATE
 from agent.sinks import CutSink
@@ -400,6 +400,8 @@ class RealtimeSession:
                           item_id=self._response.item_id, output_index=0, content_index=0, delta=text)
             elif isinstance(event, TurnEnded) and self._response is not None:
                 self._finish_response(event.turn.reply, event.turn.interrupted)
+            elif isinstance(event, TurnWithdrawn) and self._response is not None:  # the user went on: cancelled
+                self._finish_response(event.said, True)
 
     def _transcribed(self, text: str, seconds: float) -> None:
         item, audio = self._transcribing.popleft() if self._transcribing else (self._id("item"), True)

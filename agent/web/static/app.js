@@ -137,6 +137,9 @@ function onMessage(msg) {
       $("reply").textContent = state.replyText;
       break;
     case "echo": $("heard").innerHTML = ""; $("heard").append(echoNote(msg.text)); break;
+    case "withdrawn":  // the user went on speaking: the turn continues, its reply so far is dropped
+      state.transcripts.pop(); state.replyText = ""; $("reply").textContent = ""; $("heard").textContent = "";
+      break;
     case "turn": addTurn(msg); break;
     case "error": setStatus(`error: ${msg.message}`); break;
   }
