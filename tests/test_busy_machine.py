@@ -19,20 +19,31 @@ def test_threads_follow_the_cores_left_free():
 
 
 def test_another_busy_process_is_seen(tmp_path):
-    """A busy loop in another process shows as cores taken; this process's own work does not."""
+    """A busy loop in another process shows as cores taken; this process's own work does not. Judged against a
+    quiet window measured just before (this machine is shared: other tenants' load, and steal time, count as
+    cores taken too), and tried up to three times so that a neighbour's burst is not read as our error."""
     meter = CoreMeter(least=0.0)
     if meter._last is None:
         pytest.skip("no /proc/stat here: every core counts as free")
-    meter.free()
-    end = time.monotonic() + 0.6
-    while time.monotonic() < end:  # our own busy loop: not another program's
-        pass
-    assert meter.free() >= meter.cores - 0.5
-    with busy_core(1.0):
-        time.sleep(0.2)
-        meter.free()
-        time.sleep(0.8)
-        assert meter.others() >= 0.6
+
+    def window(seconds: float, spin: bool = False) -> float:
+        meter.others()  # the window starts here
+        end = time.monotonic() + seconds
+        while spin and time.monotonic() < end:  # our own busy loop: not another program's
+            pass
+        time.sleep(max(0.0, end - time.monotonic()))
+        return meter.others()
+
+    for _ in range(3):
+        quiet = window(0.6)
+        own = window(0.6, spin=True)
+        with busy_core(1.0):
+            time.sleep(0.2)
+            loaded = window(0.8)
+        if own <= quiet + 0.4 and loaded >= quiet + 0.6:
+            break
+    assert own <= quiet + 0.4, (quiet, own)
+    assert loaded >= quiet + 0.6, (quiet, loaded)
 
 
 def test_bench_loads_are_shares_of_one_core():
