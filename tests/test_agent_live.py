@@ -215,7 +215,9 @@ def test_hands_free_two_turns_through_the_sound_card(runs):
     assert meta["mode"] == "hands-free" and meta["turns"] == 2 and meta["tts_untrained"] is True
 
     heard = run.events("transcript")
-    assert [h["reason"] for h in heard] == ["silence", "silence"]
+    # the words end a finished question at the pause, once its transcript is judged; if the machine is slow the
+    # silence may come first (either is right: which one wins is a race with the clock)
+    assert all(h["reason"] in ("words", "silence") for h in heard), heard
     for h, (start, end) in zip(heard, (run.info["question"], run.info["thanks"])):
         assert start - 0.1 <= h["start_s"] and h["end_s"] <= end + 0.1, (h, start, end)
 
@@ -225,7 +227,10 @@ def test_hands_free_two_turns_through_the_sound_card(runs):
         assert [s for s in STAGES if s in row] == STAGES, row  # first_sample_played: the real speaker callback
         values = [row[s] for s in STAGES]
         assert values == sorted(values), row
-        assert row["endpoint"] == pytest.approx(load_config("default").vad.silence_ms, abs=40)
+    vad = load_config("default").vad
+    for row, h in zip(rows, heard):  # the words' verdict comes after the pause, never after the silence would
+        low = vad.pause_ms if h["reason"] == "words" else vad.silence_ms
+        assert low - 40 <= row["endpoint"] <= vad.silence_ms + 40, (row, h)
 
     assert_mic_recorded_exactly(run, at_least_s=run.info["duration"])
     assert_played_all_agent_audio(run, turns=2)
