@@ -215,18 +215,19 @@ class Worker:
         with self._lock:
             return self._generation
 
-    def _put(self, work: Work) -> None:
+    def _put(self, work: Work) -> int:
+        """Queue `work` (run it, inline); an answer's number, else 0."""
         if isinstance(work, Answer):
             with self._lock:
                 self._answers += 1
                 self._outstanding.add(self._answers)
                 work = dataclasses.replace(work, n=self._answers)
         self.run_policy.put(self, work)
+        return work.n if isinstance(work, Answer) else 0
 
     def answer(self, utterance: Utterance, text: str | None = None) -> int:
         """Hand an utterance over to be answered; returns its number (for `withdraw`)."""
-        self._put(Answer(utterance, text))
-        return self._answers
+        return self._put(Answer(utterance, text))
 
     def withdraw(self, n: int) -> None:
         """The user went on with the turn answer `n` was for: it stops (queued: it never starts), and nothing of
@@ -441,11 +442,14 @@ class SessionLoop:
         self._judged(t, answer)
         step = self.floor.step(t, block, list(keys), self.speaking, MIC_RATE, audible=self._audible)
         self._hand_over(step, t, answer)
-        if self._held and not self.floor.vad.reopenable:  # fast replay: the turn can't go on now
-            held, self._held = self._held, []
-            for utterance in held:
-                self.worker.answer(utterance)
+        if not self.floor.vad.reopenable:  # fast replay: the turn can't go on now
+            self._release_held()
         return step
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for utterance in held:
+            self.worker.answer(utterance)
 
     @property
     def _audible(self) -> bool:
@@ -548,9 +552,7 @@ class SessionLoop:
     def flush(self, t: float) -> None:
         """End of input: an utterance still open is answered too."""
         self._hand_over(self.floor.flush(t), t)
-        held, self._held = self._held, []
-        for utterance in held:
-            self.worker.answer(utterance)
+        self._release_held()
 
     def cancel(self) -> None:
         self.worker.cancel()
