@@ -13,7 +13,8 @@ record, speculation hooks, and the floor's events in order. It owns no thread an
 - replay passes the recorded mute spans instead: the VAD is then muted exactly as it was live.
 - the words: the agent's verdict on a pause (`judge`) may end the turn there; speech soon after continues it
   (`Step.reopened`: the reply to the piece is withdrawn). While such a turn may still be continued and the
-  agent is not yet audible, half-duplex does not mute the VAD (the user is heard going on).
+  agent is not yet audible, half-duplex does not mute the VAD (the user is heard going on); once the agent is
+  audible the turn can no longer be continued (speech is then a barge-in, or the agent's own echo).
 Whatever a transport does to the floor (commit, clear, duplex, turn detection) goes through the session loop,
 which records it.
 """
@@ -95,6 +96,8 @@ class Floor:
         """`block` starts at mic time `t`; `keys` are the key actions due at `t`. `speaking`: the agent is
         answering or audible; `audible`: its voice is playing."""
         step = Step()
+        if audible and self.vad.reopenable:
+            self.vad.close_reopening()  # once the agent is heard, speech is not more of the turn it answers
         pressed = self.push_to_talk and "press" in keys
         holding = self.push_to_talk and (self.vad.in_speech or pressed)
         mute = self._want_mute(t, speaking, holding, audible)

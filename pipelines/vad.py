@@ -255,6 +255,13 @@ class Endpointer:
         """A turn the words ended may still be continued (`reopen_ms` has not passed since)."""
         return self._reopenable is not None
 
+    def close_reopening(self) -> None:
+        """The turn the words ended can no longer be continued (the agent's voice is playing: speech from now on
+        is a new turn, or a barge-in, or the agent's own echo, never more of the user's last message)."""
+        if self._reopenable is not None and self._start is None:
+            self._history.drop_before(self._reopenable.stop)
+            self._reopenable = None
+
     def judge(self, end_s: float, probability: float) -> list[VADEvent]:
         """The words' verdict on the pause whose utterance ended at `end_s` (the `SpeechPaused` utterance's):
         the probability that they are a finished message. Ends the turn now when it is high enough and the user

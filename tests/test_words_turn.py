@@ -16,6 +16,7 @@ import pytest
 from agent.config import load_config
 from agent.conversation import Conversation
 from agent.engine import Stages
+from agent.floor import Floor
 from agent.events import Speculated, TurnJudged, TurnReopened, TurnWithdrawn
 from agent.loop import Inline, OwnThread, open_session
 from agent.session import MIC_RATE
@@ -117,6 +118,34 @@ def test_speech_after_the_reopen_window_is_a_new_turn():
     assert not any(isinstance(e, SpeechReopened) for e in events)
     first, second = ended(events)
     assert second.audio_start_s >= first.audio_start_s + first.duration_s - 1e-9  # no audio of the first again
+
+
+def test_once_the_agent_is_heard_speech_is_a_barge_in_not_more_of_the_turn():
+    """Full duplex without echo cancellation: the agent's own voice comes back within the reopen window. Heard
+    before the agent was audible, speech continues the turn; once the agent is audible, it is a barge-in (and the
+    turn it answers stays as it was), so its echo is never merged into the user's words."""
+    audio = two_pieces(0.5)
+
+    def run(audible_after_end: bool):
+        floor = Floor(Endpointer(words(reopen_ms=800)), push_to_talk=False, half_duplex=False, barge_in=True)
+        steps, answered = [], False
+        for i in range(0, audio.size, FRAME):
+            t = i / SR
+            step = floor.step(t, audio[i:i + FRAME], [], speaking=answered, rate=SR,
+                              audible=answered and audible_after_end)
+            if step.speculate is not None:
+                step.utterances += floor.judge(t, step.speculate.end_s, 0.9).utterances
+            answered = answered or bool(step.utterances)
+            steps.append(step)
+        return steps
+
+    before = run(audible_after_end=False)
+    assert any(s.reopened for s in before)
+    heard = run(audible_after_end=True)
+    assert not any(s.reopened for s in heard)
+    assert any(s.barge_in for s in heard)
+    first, second = [u for s in heard for u in s.utterances]
+    assert second.start_s > first.end_s  # the second piece alone, not both again
 
 
 def test_bad_words_settings_are_one_line_errors():
