@@ -144,7 +144,8 @@ class TurnEngine:
     def _reply(self, transcript: str) -> Iterator[str]:
         """The LLM's reply stream, each piece told to the listeners as it is generated."""
         self.emit(ReplyStarted())
-        for delta in self.stages.llm.stream(transcript):
+        # no run of five words of an earlier reply is said again (a small model's stock phrase, turn after turn)
+        for delta in self.stages.llm.stream(transcript, avoid=[t.reply for t in self.conversation.turns]):
             self.emit(ReplyText(delta))
             yield delta
 

@@ -33,7 +33,8 @@ class ScriptedLLM:
     def __init__(self, replies, log):
         self.replies, self.log, self.history = list(replies), log, []
 
-    def stream(self, text):
+    def stream(self, text, avoid=()):
+        self.log.append(("avoid", list(avoid)))
         for word in self.replies.pop(0).split(" "):
             self.log.append(("llm", word))
             yield word + " "
@@ -96,6 +97,8 @@ def test_context_carries_earlier_turns(make_engine):
     assert ctx == [(1, "hello there"), (0, "Hi.")]
     assert second.context_turns == [0]
     assert engine.stages.llm.history == [("hello there", "Hi."), ("how are you", "Fine thanks.")]
+    # the LLM is told every reply said before, to say none of their five-word runs again
+    assert [e[1] for e in log if e[0] == "avoid"] == [[], ["Hi."]]
 
 
 def test_no_words_no_turn(make_engine):

@@ -89,7 +89,7 @@ def test_both_networks_give_the_same_token_stream(tiny_llama, tmp_path):
     ids = [5, 17, 42, 7, 99, 3]
     plain = _stream(mlx_net, ids, 24)[0]
     assert plain == _stream(ort_net, ids, 24)[0] and len(plain) == 24
-    ban = lambda reply: banned_tokens(reply, 2)  # noqa: E731
+    ban = lambda reply, logits: banned_tokens(reply, 2)  # noqa: E731
     banned = _stream(mlx_net, ids, 24, ban)[0]
     assert banned == _stream(ort_net, ids, 24, ban)[0]
     pairs = list(zip(banned, banned[1:]))

@@ -95,7 +95,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 heard = asr.transcribe(audio, 16000).text.strip()
                 asr_s = time.perf_counter() - t0
-                reply = spoken_reply(llm.stream(heard), cfg.llm.first_clause_words, cfg.llm.max_sentences)
+                reply = spoken_reply(llm.stream(heard, avoid=earlier), cfg.llm.first_clause_words, cfg.llm.max_sentences)
                 problems = reply_problems(reply, earlier)
                 content = None if keys is None else any(k in words(reply) for k in keys)
                 edits, n = word_errors(said, heard)

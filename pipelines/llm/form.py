@@ -24,7 +24,8 @@ _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
+    """Lower-case words; a typographic apostrophe is the plain one ("can’t" is "can't")."""
+    return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'").replace("\u2018", "'"))
 
 
 def complete_sentences(text: str) -> int:

@@ -108,7 +108,7 @@ class OrtLlama:
         logits = self.forward(ids, cache)
         reply: list[int] = []
         for _ in range(max_tokens):
-            banned = ban(reply) if ban else None
+            banned = ban(reply, logits) if ban else None
             if banned:
                 logits = logits.copy()
                 logits[banned] = -np.inf

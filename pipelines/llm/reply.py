@@ -19,7 +19,7 @@ makes it cost the user's few tokens, which the reply then shares.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +40,62 @@ def banned_tokens(reply: list[int], n: int) -> list[int]:
         return []
     tail = tuple(reply[len(reply) - n + 1:])
     return sorted({reply[i + n - 1] for i in range(len(reply) - n + 1) if tuple(reply[i:i + n - 1]) == tail})
+
+
+class Bans:
+    """What the next token of a reply may not be, given the reply so far and the next token's logits:
+    - a token that completes a run of `n` tokens the reply already holds (`banned_tokens`);
+    - a token whose text ends a run of `REPEAT_WORDS` words said in an earlier reply of the conversation (`avoid`),
+      compared as `pipelines.llm.form.words` does (lower case, punctuation ignored), so a stock phrase is never
+      spoken twice rather than only kept out of the history after it was said. Checked on the likeliest tokens in
+      turn: greedy decoding checks until one passes; sampling, until the tokens checked hold all but 1e-4 of the
+      probability at `temperature` (at most `_MOST_CHECKED`). A word the model is still spelling out counts as
+      said: "Madr" + "id" is banned when "... is Madrid" was said before, even if "Madridian" was coming."""
+
+    _MOST_CHECKED = 256
+
+    def __init__(self, tokenizer, n: int, avoid: Sequence[str] = (), temperature: float = 0.0):
+        from pipelines.llm.form import REPEAT_WORDS, words
+
+        self.tokenizer, self.n, self.temperature, self._words = tokenizer, n, temperature, words
+        self.size = REPEAT_WORDS
+        self.grams = {tuple(w[i:i + REPEAT_WORDS]) for text in avoid for w in [words(text)]
+                      for i in range(len(w) - REPEAT_WORDS + 1)}
+
+    def __bool__(self) -> bool:
+        return self.n >= 2 or bool(self.grams)
+
+    def _repeats(self, reply: list[int], token: int, before: int) -> bool:
+        """`reply + [token]` ends a run said before, in a word from index `before - 1` on."""
+        w = self._words(self.tokenizer.decode(reply + [token]))
+        return any(tuple(w[i:i + self.size]) in self.grams
+                   for i in range(max(0, before - self.size), len(w) - self.size + 1))
+
+    def __call__(self, reply: list[int], logits: np.ndarray) -> list[int]:
+        banned = banned_tokens(reply, self.n)
+        if not self.grams:
+            return banned
+        scores = np.asarray(logits, np.float64).reshape(-1).copy()
+        scores[banned] = -np.inf
+        if self.temperature > 0:
+            z = scores / self.temperature
+            p = np.exp(z - z.max())
+            p /= p.sum()
+        before = len(self._words(self.tokenizer.decode(reply)))
+        checked = 0.0
+        for _ in range(self._MOST_CHECKED):
+            token = int(np.argmax(scores))
+            if scores[token] == -np.inf:
+                break
+            scores[token] = -np.inf
+            if self._repeats(reply, token, before):
+                banned.append(token)
+            elif self.temperature <= 0:
+                break
+            checked += p[token] if self.temperature > 0 else 0.0
+            if self.temperature > 0 and checked >= 1 - 1e-4:
+                break
+        return banned
 
 
 class PromptCache:
@@ -72,7 +128,7 @@ class TokenNet(Protocol):
     """Where the reply network runs (`MLXTokens` here, `pipelines.llm.ort.OrtLlama`): ids in, next tokens out.
 
     `tokens` feeds `ids` after what `cache` holds and yields one sampled token at a time (greedy at temperature 0;
-    `ban(reply so far)` lists tokens to rule out). A token is fed into the cache when the next one is asked for, or
+    `ban(reply so far, the next token's logits)` lists tokens to rule out). A token is fed into the cache when the next one is asked for, or
     earlier (mlx-lm computes the next token while this one is handed out); the caller trims what it did not keep.
     """
 
@@ -86,7 +142,7 @@ class TokenNet(Protocol):
         """Feed `ids` after what `cache` holds (kept in it); the next token's logits [V] as float32."""
 
     def tokens(self, ids: list[int], cache, max_tokens: int, temperature: float, seed: int | None,
-               ban: Callable[[list[int]], list[int]] | None) -> Generator[int, None, None]: ...
+               ban: Callable[[list[int], np.ndarray], list[int]] | None) -> Generator[int, None, None]: ...
 
 
 class MLXTokens:
@@ -127,7 +183,7 @@ class MLXTokens:
             mx.random.seed(seed)  # per turn, so a replayed turn samples the same reply
 
         def no_repeats(tokens, logits):  # `tokens`: the ids fed here, then the reply so far
-            banned = ban([int(t) for t in tokens.tolist()[len(ids):]])
+            banned = ban([int(t) for t in tokens.tolist()[len(ids):]], np.array(logits[0].astype(mx.float32)))
             if banned:
                 logits[..., mx.array(banned)] = -mx.inf
             return logits
@@ -219,12 +275,13 @@ class ReplyLLM:
         for _ in self._generate(self._prompt_tokens("Hi", []), max_tokens=2):
             pass
 
-    def stream(self, user_text: str) -> Iterator[str]:
-        """Text deltas of the reply to `user_text`, as tokens arrive. Does not change the history."""
+    def stream(self, user_text: str, avoid: Sequence[str] = ()) -> Iterator[str]:
+        """Text deltas of the reply to `user_text`, as tokens arrive. Does not change the history. `avoid`: the
+        replies said earlier in the conversation; no run of 5 of their words is said again (`Bans`)."""
         user_text = user_text.strip()
         if not user_text:
             return
-        yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens)
+        yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens, avoid=avoid)
 
     def end_of_turn(self, user_text: str) -> float:
         """The probability that `user_text` is a finished message: the next token after its words (trailing
@@ -271,7 +328,7 @@ class ReplyLLM:
         self._history.clear()
         self.prompt_cache.clear()
 
-    def _generate(self, prompt: list[int], max_tokens: int) -> Iterator[str]:
+    def _generate(self, prompt: list[int], max_tokens: int, avoid: Sequence[str] = ()) -> Iterator[str]:
         """The one generate loop, whichever network runs (`self.net`): EOS, max_tokens, the streaming detokenizer
         and the prompt cache are handled here; the network only turns ids into a stream of next tokens."""
         net = self.net
@@ -284,7 +341,7 @@ class ReplyLLM:
         held = list(prompt)
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
-        ban = (lambda reply: banned_tokens(reply, self.no_repeat_ngram)) if self.no_repeat_ngram else None
+        ban = Bans(self.tokenizer, self.no_repeat_ngram, avoid, self.temperature) or None
         tokens = net.tokens(prompt[shared:], cache, max_tokens, self.temperature, self.seed, ban)
         try:
             for n, token in enumerate(tokens):
