@@ -45,7 +45,8 @@ def build_llm(cfg: AgentConfig):
 
 def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages:
     return Stages(asr=build_asr(cfg), llm=build_llm(cfg), tts=build_tts(cfg, log=log), tts_config=cfg.tts,
-                  first_clause_words=cfg.llm.first_clause_words, max_sentences=cfg.llm.max_sentences)
+                  first_clause_words=cfg.llm.first_clause_words, max_sentences=cfg.llm.max_sentences,
+                  candidates=cfg.llm.candidates, fallback_reply=cfg.llm.fallback_reply)
 
 
 def vad_config(cfg: AgentConfig, endpointing: bool = True):

@@ -62,6 +62,11 @@ class LLMSection:
     seed: int = knob(0, 0, 2**32 - 1)
     max_sentences: int = knob(2, 0, 100)  # a reply is spoken up to this many sentences, then the LLM stops (0: no limit)
     first_clause_words: int = knob(6, 0, 1000)  # a long first sentence goes to the TTS at its first clause break after this many words (0: off)
+    # a reply's first piece is checked before it is spoken: one with problems (markup, a dialogue, too long, an earlier
+    # reply again) is not said, and the LLM is asked for one that starts otherwise, up to `candidates` in all; then
+    # `fallback_reply` is said ("" : nothing)
+    candidates: int = knob(3, 1, 10)
+    fallback_reply: str = "Sorry, could you say that another way?"
     # where the forward pass runs: auto (a CPU: onnx, a Mac GPU: mlx); auto bits: 8 on onnx, the checkpoint's on mlx
     backend: str = field(default="auto", metadata={"choices": ("auto", "mlx", "onnx")})
     quantization: str = field(default="auto", metadata={"choices": ("auto", "none", "8", "4")})

@@ -28,6 +28,7 @@ from agent.conversation import Conversation, Turn
 from agent.events import (
     Listener,
     ReplyKeptOut,
+    ReplyRejected,
     ReplyStarted,
     ReplyText,
     Said,
@@ -60,6 +61,8 @@ class Stages:
     tts_config: VoiceConfig  # the TTS stage's own config: its knobs, the agent's and the user's voices, the context size
     first_clause_words: int = 0  # a long first sentence may start speaking at a clause break (0: sentences only)
     max_sentences: int = 0  # a reply is spoken up to this many sentences; the LLM stops there (0: no limit)
+    candidates: int = 1  # replies tried until one's first piece passes the form checks (1: the first is spoken as is)
+    fallback_reply: str = ""  # said when none passed ("": nothing)
 
 
 @dataclass
@@ -141,11 +144,15 @@ class TurnEngine:
         for stage in (self.stages.asr, self.stages.llm, self.stages.tts):
             stage.warmup()
 
-    def _reply(self, transcript: str) -> Iterator[str]:
-        """The LLM's reply stream, each piece told to the listeners as it is generated."""
+    def _reply(self, transcript: str, on_token: Callable[[], None] = lambda: None) -> Iterator[str]:
+        """The LLM's reply stream (`checked_reply`), each delta told to the listeners once it may be spoken;
+        `on_token()` at each token the LLM gives, a `ReplyRejected` for each candidate not spoken."""
+        st = self.stages
         self.emit(ReplyStarted())
-        # no run of five words of an earlier reply is said again (a small model's stock phrase, turn after turn)
-        for delta in self.stages.llm.stream(transcript, avoid=[t.reply for t in self.conversation.turns]):
+        earlier = [t.reply for t in self.conversation.turns]
+        for delta in checked_reply(st.llm, transcript, earlier, first_clause_words=st.first_clause_words,
+                                   candidates=st.candidates, fallback_reply=st.fallback_reply, on_token=on_token,
+                                   rejected=lambda text, problems: self.emit(ReplyRejected(text, problems))):
             self.emit(ReplyText(delta))
             yield delta
 
@@ -165,10 +172,9 @@ class TurnEngine:
                                  round((self.clock() - began) * 1000, 1)))
             judge(utterance, probability)
         if transcript and not cancelled():
-            spec.replies = self._reply(transcript)
+            spec.replies = self._reply(transcript, lambda: spec.marks.setdefault("llm_first_token", self.clock()))
             splitter = SentenceSplitter(st.first_clause_words)
             for delta in spec.replies:
-                spec.marks.setdefault("llm_first_token", self.clock())
                 spec.deltas.append(delta)
                 if splitter.push(delta) or cancelled() or self.stopping.is_set():
                     break
@@ -257,10 +263,10 @@ class TurnEngine:
         LLM is read no further once `until()` says the reply is cut short."""
         if speculation is not None:
             if speculation.replies is None and not speculation.done:  # cancelled before the LLM started
-                speculation.replies = self._reply(transcript)
+                speculation.replies = self._reply(transcript, functools.partial(timing.mark, "llm_first_token"))
             deltas = itertools.chain(speculation.deltas, speculation.replies or ())
         else:
-            deltas = self._reply(transcript)
+            deltas = self._reply(transcript, functools.partial(timing.mark, "llm_first_token"))
         for delta in deltas:
             timing.mark("llm_first_token")
             yield delta
@@ -316,6 +322,53 @@ class TurnEngine:
             self.emit(ReplyKeptOut(problems))
         else:
             self.stages.llm.commit(turn.transcript, turn.reply)
+
+
+def checked_reply(llm: ReplyStage, transcript: str, earlier: list[str], *, first_clause_words: int = 0,
+                  candidates: int = 1, fallback_reply: str = "", on_token: Callable[[], None] = lambda: None,
+                  rejected: Callable[[str, list[str]], None] = lambda text, problems: None) -> Iterator[str]:
+    """The reply to speak, as text deltas, given the replies said `earlier` in the conversation. No run of five
+    of their words is generated at all (the LLM's `avoid`). The first piece (the first sentence or clause, as it
+    would be spoken) is checked before anything is handed out: with problems (`reply_problems`: markup, a
+    dialogue, too long, an earlier reply again) it is `rejected(text, problems)` and the LLM is asked for a reply
+    that starts otherwise (`unlike`), up to `candidates` in all; then `fallback_reply` is the reply.
+    `on_token()` at each delta the LLM gives, rejected or not (the waterfall's first token)."""
+    if candidates <= 1:  # nothing to choose from: the first reply as it comes
+        for delta in llm.stream(transcript, avoid=earlier):
+            on_token()
+            yield delta
+        return
+    unlike: list[str] = []
+    for _ in range(candidates):
+        stream = llm.stream(transcript, avoid=earlier, unlike=list(unlike))
+        try:
+            held, first = _first_piece(stream, SentenceSplitter(first_clause_words), on_token)
+            problems = reply_problems(first, earlier) if first.strip() else []
+            if problems:
+                rejected(first, problems)
+                unlike.append(first)
+                continue
+            yield from held
+            for delta in stream:
+                on_token()
+                yield delta
+            return
+        finally:
+            stream.close()
+    if fallback_reply:
+        yield fallback_reply
+
+
+def _first_piece(stream: Iterator[str], splitter: SentenceSplitter,
+                 on_token: Callable[[], None]) -> tuple[list[str], str]:
+    """Read `stream` until its first piece to speak is whole: (the deltas read, that piece)."""
+    held = []
+    for delta in stream:
+        on_token()
+        held.append(delta)
+        if pieces := splitter.push(delta):
+            return held, pieces[0]
+    return held, " ".join(splitter.flush())
 
 
 def spoken_sentences(deltas, splitter: SentenceSplitter, max_sentences: int = 0) -> Iterator[str]:

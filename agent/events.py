@@ -181,6 +181,15 @@ class Said(Event):
 
 
 @dataclass(frozen=True)
+class ReplyRejected(Event):
+    """A candidate reply whose first piece failed the form checks: it was not spoken (nor sent to a client)."""
+
+    kind: ClassVar[str] = "reply_rejected"
+    text: str  # its first sentence or clause
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ReplyKeptOut(Event):
     kind: ClassVar[str] = "reply_kept_out"
     problems: list[str] = field(default_factory=list)

@@ -77,7 +77,8 @@ class ReplyStage(Protocol):
     max_history_turns: int  # the past exchanges the LLM is shown: a reply that copies one is kept out of them
 
     def warmup(self) -> None: ...
-    def stream(self, user_text: str, avoid: Sequence[str] = ()) -> Iterator[str]: ...  # avoid: earlier replies
+    # avoid: the earlier replies (none of their 5-word runs again); unlike: replies rejected, not to start as they did
+    def stream(self, user_text: str, avoid: Sequence[str] = (), unlike: Sequence[str] = ()) -> Iterator[str]: ...
     def commit(self, user_text: str, reply: str) -> None: ...
     def end_of_turn(self, user_text: str) -> float: ...  # P(the user's words are a finished message)
 

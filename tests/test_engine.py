@@ -33,7 +33,7 @@ class ScriptedLLM:
     def __init__(self, replies, log):
         self.replies, self.log, self.history = list(replies), log, []
 
-    def stream(self, text, avoid=()):
+    def stream(self, text, avoid=(), unlike=()):
         self.log.append(("avoid", list(avoid)))
         for word in self.replies.pop(0).split(" "):
             self.log.append(("llm", word))
@@ -362,3 +362,39 @@ def test_a_rebuffer_makes_one_pause_where_the_rate_dropped():
     assert heard.start is not None and heard.stalls == 1 and heard.waiting_s == pytest.approx(0.16)
     assert audio_ahead(so_far, rate, 0.08, now=slow[5][0]) == pytest.approx(0.16)
     assert play(so_far, rate, 0.08).waiting_s == 0  # a whole utterance plays what it has at its end
+
+
+class CandidateLLM(ScriptedLLM):
+    """Candidates in order; the next is given only when asked for a reply `unlike` the ones rejected so far."""
+
+    def stream(self, text, avoid=(), unlike=()):
+        self.log.append(("unlike", list(unlike)))
+        for word in self.replies[len(unlike)].split(" "):
+            self.log.append(("llm", word))
+            yield word + " "
+
+
+def test_a_first_sentence_with_problems_is_not_spoken_and_another_candidate_is():
+    from agent.events import ReplyRejected, ReplyText, Said
+    from tone_tts import RATE, ToneConfig, ToneTTS
+
+    def run(replies, candidates=3, fallback=""):
+        log, events = [], []
+        stages = Stages(ScriptedASR(["hello"]), CandidateLLM(replies, log), ToneTTS(), ToneConfig(),
+                        candidates=candidates, fallback_reply=fallback)
+        engine = TurnEngine(stages, Conversation(), emit=events.append, log=lambda m: None)
+        turn = engine.run_turn(utterance(), ReplaySink(RATE))
+        said = "".join(e.text for e in events if isinstance(e, ReplyText))
+        return turn, said, [e for e in events if isinstance(e, ReplyRejected)], [e.text for e in events if isinstance(e, Said)], log
+
+    turn, said, rejected, spoken, log = run(["A: Hello there. B: Hi.", "Hello there, nice to meet you."])
+    assert turn.reply == "Hello there, nice to meet you."
+    assert "A:" not in said and not any("A:" in s for s in spoken)  # neither spoken nor sent to a client
+    assert [(r.text, r.problems) for r in rejected] == [("A: Hello there.", ["dialogue label (A:)"])]
+    assert [e[1] for e in log if e[0] == "unlike"] == [[], ["A: Hello there."]]
+    # one candidate: spoken as it comes, unchecked (as before the checks)
+    turn, *_ = run(["A: Hello there. B: Hi.", "unused"], candidates=1)
+    assert turn.reply.startswith("A: Hello there.")
+    # none passes: the fallback is said
+    turn, said, rejected, spoken, _ = run(["A: one.", "B: two.", "C: three."], fallback="Sorry, say that again?")
+    assert len(rejected) == 3 and turn.reply == "Sorry, say that again?" and said == "Sorry, say that again?"

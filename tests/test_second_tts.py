@@ -43,7 +43,7 @@ class AnswersFromTheTranscript:
     def reset(self) -> None:
         self.history.clear()
 
-    def stream(self, user_text: str, avoid=()):
+    def stream(self, user_text: str, avoid=(), unlike=()):
         for word in self.answer(user_text).split(" "):
             yield word + " "
 

@@ -164,7 +164,7 @@ class _Words:
     def warmup(self) -> None:
         pass
 
-    def stream(self, text: str, avoid=()):
+    def stream(self, text: str, avoid=(), unlike=()):
         for word in self.reply.split(" "):
             self.taken += 1
             yield word + " "

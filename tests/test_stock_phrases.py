@@ -89,3 +89,20 @@ def test_a_token_that_finishes_an_earlier_run_is_banned_whatever_its_apostrophe(
         logits[other] = 20.0
         assert bans(reply, logits) == []  # the likeliest token is something else: greedy checks no further
     assert not Bans(tok, 0, []) and Bans(tok, 0, ["one two three four five"]) and Bans(tok, 4, [])
+
+
+def test_a_reply_said_before_is_not_said_again_another_candidate_is(default_llm):
+    """Too short for the five-word ban, "You're welcome." is still the same as an earlier reply: the first piece
+    is checked before it is spoken, and the model is asked for a reply that starts otherwise."""
+    from agent.engine import checked_reply
+    from pipelines.llm.form import reply_problems
+
+    default_llm.reset()
+    before = "".join(default_llm.stream("Thanks!"))
+    assert reply_problems(before, [before]) == ["the same as an earlier reply"], before
+    rejected = []
+    reply = "".join(checked_reply(default_llm, "Thanks!", [before], first_clause_words=6, candidates=3,
+                                  fallback_reply="", rejected=lambda text, why: rejected.append((text, why))))
+    assert rejected == [(before.strip(), ["the same as an earlier reply"])], rejected
+    assert reply.strip() and not reply_problems(reply, [before]), reply
+    assert words(reply)[0] != words(before)[0]  # it starts otherwise

@@ -140,7 +140,7 @@ class Answers:
     system_prompt = ""
     max_history_turns = 2
 
-    def stream(self, text, avoid=()):
+    def stream(self, text, avoid=(), unlike=()):
         yield from ("Paris ", "is ", "the ", "capital.")
 
     def commit(self, user, reply):

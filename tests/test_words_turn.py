@@ -187,7 +187,7 @@ class WordsLLM:
         self.judged.append(text)
         return self.scores[text]
 
-    def stream(self, text, avoid=()):
+    def stream(self, text, avoid=(), unlike=()):
         if self.gate is not None:
             self.gate.wait(10)
         for word in f"You said {text}".split():

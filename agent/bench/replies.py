@@ -4,8 +4,8 @@
 
 22 turns in 5 conversations: 20 questions and remarks spoken by espeak-ng (made at run time) and two clips of
 real people (tests/fixtures: jfk.flac, and arctic_a0007.wav from CMU ARCTIC). Each turn's audio goes through the agent's ASR; the transcript goes to
-the reply LLM in its conversation, and the reply is cut and cleaned as the turn engine speaks it
-(`agent.engine.spoken_reply`). Checks:
+the reply LLM in its conversation, and the reply is chosen, cut and cleaned as the turn engine speaks it
+(`agent.engine.checked_reply`: a first piece with problems is not said; `spoken_reply`). Checks:
 - form (every turn): one or two sentences, at most 40 words, no list or dialogue markup, no run of five words
   said in an earlier reply of the conversation (`pipelines.llm.form`);
 - content (where a 135M model can know it): the reply names the answer (Paris, blue, Everest, ...);
@@ -69,7 +69,7 @@ def espeak(text: str, folder: Path):
 def main() -> None:
     from agent.build import build_asr, build_llm
     from agent.cli import parse_with_config
-    from agent.engine import spoken_reply
+    from agent.engine import checked_reply, spoken_reply
     from agent.metrics import word_errors
     from pipelines.audio import load_audio
     from pipelines.llm.form import reply_problems, words
@@ -95,7 +95,19 @@ def main() -> None:
                 t0 = time.perf_counter()
                 heard = asr.transcribe(audio, 16000).text.strip()
                 asr_s = time.perf_counter() - t0
-                reply = spoken_reply(llm.stream(heard, avoid=earlier), cfg.llm.first_clause_words, cfg.llm.max_sentences)
+                rejected, out = [], []
+
+                def timed(deltas):  # when the first piece that may be spoken is handed out
+                    for delta in deltas:
+                        out.append(time.perf_counter())
+                        yield delta
+
+                t0 = time.perf_counter()
+                reply = spoken_reply(timed(checked_reply(
+                    llm, heard, earlier, first_clause_words=cfg.llm.first_clause_words, candidates=cfg.llm.candidates,
+                    fallback_reply=cfg.llm.fallback_reply, rejected=lambda text, why: rejected.append((text, why)))),
+                    cfg.llm.first_clause_words, cfg.llm.max_sentences)
+                first_s = (out[0] - t0) if out else None
                 problems = reply_problems(reply, earlier)
                 content = None if keys is None else any(k in words(reply) for k in keys)
                 edits, n = word_errors(said, heard)
@@ -104,9 +116,12 @@ def main() -> None:
                 earlier.append(reply)
                 rows.append({"conversation": c, "said": said, "heard": heard, "reply": reply, "problems": problems,
                              "content": content, "asr_s": round(asr_s, 3), "edits": edits, "ref_words": n,
-                             "real": isinstance(source, Path)})
+                             "real": isinstance(source, Path), "rejected": rejected,
+                             "first_piece_s": None if first_s is None else round(first_s, 3)})
                 mark = "ok " if not problems and content is not False else "BAD"
                 print(f"[{mark}] you   > {heard}")
+                for text, why in rejected:
+                    print(f"      (not said: {text!r}   <- {'; '.join(why)})")
                 print(f"      agent > {reply}" + (f"   <- {'; '.join(problems)}" if problems else "")
                       + ("" if content is None else ("   (answer named)" if content else "   <- answer missing")))
     form = sum(not r["problems"] for r in rows)
@@ -117,6 +132,15 @@ def main() -> None:
     print(f"form        {form}/{len(rows)} replies pass ({100 * form / len(rows):.0f} %)")
     print(f"content     {right}/{len(known)} name the answer ({100 * right / len(known):.0f} %)")
     print(f"overall     {both}/{len(rows)} pass both ({100 * both / len(rows):.0f} %)")
+    retried = [r for r in rows if r["rejected"]]
+    firsts = sorted(r["first_piece_s"] for r in rows if r["first_piece_s"] is not None)
+    if firsts:
+        p50, p90 = firsts[len(firsts) // 2], firsts[min(len(firsts) - 1, round(0.9 * (len(firsts) - 1)))]
+        extra = [r["first_piece_s"] for r in retried if r["first_piece_s"] is not None]
+        print(f"checked     {len(retried)}/{len(rows)} turns had a first piece not said "
+              f"({sum(len(r['rejected']) for r in rows)} candidates); LLM start to the first piece said: "
+              f"p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms"
+              + (f", {1000 * sum(extra) / len(extra):.0f} ms on the retried turns" if extra else ""))
     hearing = {}
     for name, part in (("espeak-ng", [r for r in rows if not r["real"]]), ("real speech", [r for r in rows if r["real"]]),
                        ("all", rows)):
@@ -126,6 +150,7 @@ def main() -> None:
               f"ASR {hearing[name]['asr_s']:.2f} s a turn ({cfg.asr.model})")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "form": form, "content": right, "overall": both,
+                                         "retried": len(retried),
                                          "turns": len(rows), "hearing": hearing}, indent=2))
 
 

@@ -45,6 +45,7 @@ def banned_tokens(reply: list[int], n: int) -> list[int]:
 class Bans:
     """What the next token of a reply may not be, given the reply so far and the next token's logits:
     - a token that completes a run of `n` tokens the reply already holds (`banned_tokens`);
+    - as the first token, one of `first` (a reply unlike one not wanted);
     - a token whose text ends a run of `REPEAT_WORDS` words said in an earlier reply of the conversation (`avoid`),
       compared as `pipelines.llm.form.words` does (lower case, punctuation ignored), so a stock phrase is never
       spoken twice rather than only kept out of the history after it was said. Checked on the likeliest tokens in
@@ -54,16 +55,18 @@ class Bans:
 
     _MOST_CHECKED = 256
 
-    def __init__(self, tokenizer, n: int, avoid: Sequence[str] = (), temperature: float = 0.0):
+    def __init__(self, tokenizer, n: int, avoid: Sequence[str] = (), temperature: float = 0.0,
+                 first: set[int] = frozenset()):
         from pipelines.llm.form import REPEAT_WORDS, words
 
         self.tokenizer, self.n, self.temperature, self._words = tokenizer, n, temperature, words
+        self.first = sorted(first)  # tokens the reply may not start with
         self.size = REPEAT_WORDS
         self.grams = {tuple(w[i:i + REPEAT_WORDS]) for text in avoid for w in [words(text)]
                       for i in range(len(w) - REPEAT_WORDS + 1)}
 
     def __bool__(self) -> bool:
-        return self.n >= 2 or bool(self.grams)
+        return self.n >= 2 or bool(self.grams) or bool(self.first)
 
     def _repeats(self, reply: list[int], token: int, before: int) -> bool:
         """`reply + [token]` ends a run said before, in a word from index `before - 1` on."""
@@ -72,7 +75,7 @@ class Bans:
                    for i in range(max(0, before - self.size), len(w) - self.size + 1))
 
     def __call__(self, reply: list[int], logits: np.ndarray) -> list[int]:
-        banned = banned_tokens(reply, self.n)
+        banned = banned_tokens(reply, self.n) + ([] if reply else self.first)
         if not self.grams:
             return banned
         scores = np.asarray(logits, np.float64).reshape(-1).copy()
@@ -275,13 +278,15 @@ class ReplyLLM:
         for _ in self._generate(self._prompt_tokens("Hi", []), max_tokens=2):
             pass
 
-    def stream(self, user_text: str, avoid: Sequence[str] = ()) -> Iterator[str]:
+    def stream(self, user_text: str, avoid: Sequence[str] = (), unlike: Sequence[str] = ()) -> Iterator[str]:
         """Text deltas of the reply to `user_text`, as tokens arrive. Does not change the history. `avoid`: the
-        replies said earlier in the conversation; no run of 5 of their words is said again (`Bans`)."""
+        replies said earlier in the conversation; no run of 5 of their words is said again (`Bans`). `unlike`:
+        replies not wanted (their first piece failed a check); this one does not start with their first token."""
         user_text = user_text.strip()
         if not user_text:
             return
-        yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens, avoid=avoid)
+        first = {ids[0] for text in unlike for ids in [self.tokenizer.encode(text.strip(), add_special_tokens=False)] if ids}
+        yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens, avoid=avoid, first=first)
 
     def end_of_turn(self, user_text: str) -> float:
         """The probability that `user_text` is a finished message: the next token after its words (trailing
@@ -328,7 +333,8 @@ class ReplyLLM:
         self._history.clear()
         self.prompt_cache.clear()
 
-    def _generate(self, prompt: list[int], max_tokens: int, avoid: Sequence[str] = ()) -> Iterator[str]:
+    def _generate(self, prompt: list[int], max_tokens: int, avoid: Sequence[str] = (),
+                  first: set[int] = frozenset()) -> Iterator[str]:
         """The one generate loop, whichever network runs (`self.net`): EOS, max_tokens, the streaming detokenizer
         and the prompt cache are handled here; the network only turns ids into a stream of next tokens."""
         net = self.net
@@ -341,7 +347,7 @@ class ReplyLLM:
         held = list(prompt)
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
-        ban = Bans(self.tokenizer, self.no_repeat_ngram, avoid, self.temperature) or None
+        ban = Bans(self.tokenizer, self.no_repeat_ngram, avoid, self.temperature, first) or None
         tokens = net.tokens(prompt[shared:], cache, max_tokens, self.temperature, self.seed, ban)
         try:
             for n, token in enumerate(tokens):
