@@ -303,8 +303,11 @@ def made_session(name: str, root) -> object:
 @pytest.mark.parametrize("name", ["pauses", "real", "heldout-espeak", "heldout-piper"])
 def test_nobody_is_cut_off_when_the_words_end_the_turn(name, real_models, tmp_path):
     """The default end of turn (the words, at a 120 ms pause) on sessions whose users pause 300-800 ms inside
-    sentences, on real speech and on two made-up conversations in two voices: no endpoint inside a scripted turn,
-    no scripted turn missed, and at least one turn ended by the words (it is the rule under test)."""
+    sentences, on real speech and on two made-up conversations in two voices: the words end no turn inside a
+    scripted turn, no scripted turn is missed, at least one turn is ended by the words (it is the rule under
+    test), and there are no more endpoints inside a turn than the silence alone makes. (A pause longer than
+    `silence_ms` after words that may be finished, "That's all, | goodbye.", is ended by the silence under both;
+    whether the words hold it depends on the conversation before it, which the reply model reads.)"""
     from agent.metrics import endpoint_report
     from agent.modes import run_replay
     from agent.session import read_events, read_session
@@ -312,15 +315,26 @@ def test_nobody_is_cut_off_when_the_words_end_the_turn(name, real_models, tmp_pa
 
     asr, llm = real_models
     session = made_session(name, tmp_path)
-    cfg = load_config("default", [("session.record", "true")])
-    stages = Stages(asr, llm, ToneTTS(), ToneConfig())
-    result = run_replay(cfg, [session], out=tmp_path / "bundle", log=lambda m: None, progress=False, stages=stages)
-    events = read_events(result.bundle / "events.jsonl", lambda _: None)
-    transcripts = [e for e in events if e.get("type") == "transcript"]
-    report = endpoint_report(read_session(session).events, [e["decided_s"] for e in transcripts])
-    assert report["false_endpoints"] == 0, (report, [e["text"] for e in transcripts])
-    assert report["missed_turns"] == 0, (report, [e["text"] for e in transcripts])
-    assert any(e["reason"] == "words" for e in transcripts), [e["reason"] for e in transcripts]
+    scripted = read_session(session).events
+
+    def replay(*overrides):
+        cfg = load_config("default", [("session.record", "true"), *overrides])
+        llm.reset()
+        result = run_replay(cfg, [session], out=tmp_path / f"bundle{len(overrides)}", log=lambda m: None,
+                            progress=False, stages=Stages(asr, llm, ToneTTS(), ToneConfig()))
+        transcripts = [e for e in read_events(result.bundle / "events.jsonl", lambda _: None)
+                       if e.get("type") == "transcript"]
+        return transcripts, endpoint_report(scripted, [e["decided_s"] for e in transcripts])
+
+    transcripts, report = replay()
+    texts = [(e["text"], e["reason"]) for e in transcripts]
+    by_words = [e["decided_s"] for e in transcripts if e["reason"] == "words"]
+    assert endpoint_report(scripted, by_words)["false_endpoints"] == 0, (report, texts)
+    assert report["missed_turns"] == 0, (report, texts)
+    assert by_words, texts
+    if report["false_endpoints"]:
+        _, silence = replay(("vad.words", "false"))
+        assert report["false_endpoints"] <= silence["false_endpoints"], (report, silence, texts)
 
 
 FINISHED = ["What is the capital of France?", "What time do most restaurants close on Saturday night?",
