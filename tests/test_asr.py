@@ -498,3 +498,19 @@ def test_the_stage_is_placed_once_and_float16_weights_stay_on_mlx(synthetic_bin,
     with pytest.raises(ConfigError, match="float16 weights, which run on mlx only") as err:
         WhisperASR(fp16, placement=Placement("onnx"))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("samples", [0, 1, 1600, 1601, 47_999, 48_160, 123_457, 480_000, 500_001])
+def test_the_mel_without_the_padding_is_mlx_whispers_exactly(samples):
+    """The log-mel is taken over the audio only and the 30 s of padding filled in: the same numbers as mlx-whisper's
+    spectrogram of the padded audio (noise, and digital silence): bit for bit on MLX's own BLAS; with OpenBLAS
+    preloaded (as the tests run) a few values of a very short clip differ by one float step, since its kernels
+    round a 12-row product otherwise than a 3000-row one."""
+    from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram
+
+    from pipelines.asr.whisper import padded_log_mel
+
+    for audio in (np.random.default_rng(samples).normal(0, 0.1, samples).astype(np.float32),
+                  np.zeros(samples, np.float32)):
+        ours, theirs = np.array(padded_log_mel(audio, 80)), np.array(log_mel_spectrogram(audio, 80, padding=N_SAMPLES))
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 2.4e-7, samples

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipelines.ortgraph import Graph, OrtNet, Precision, empty_kv, float_params, kv_names
 
-FORMAT_VERSION = 2  # 2: encoder + decoder graphs in one folder
+FORMAT_VERSION = 3  # 2: encoder + decoder graphs in one folder; 3: cross K/V by head
 
 
 def _linear(g: Graph, p: dict, name: str, h: str) -> str:
@@ -71,8 +71,16 @@ def build_encoder(encoder, n_head: int):
     return g.model()
 
 
-def build_cross(decoder):
-    """Audio features [B, n_audio, n_state] -> every block's cross-attention K and V, [B, n_audio, n_state] each."""
+def _heads(g: Graph, x: str, n_head: int, head_dim: int) -> str:
+    """[B, T, n_head * head_dim] -> [B, n_head, T, head_dim]."""
+    shape = g.const(f"heads_{n_head}x{head_dim}", np.array([0, -1, n_head, head_dim], np.int64))
+    return g.op("Transpose", [g.op("Reshape", [x, shape])], perm=[0, 2, 1, 3])
+
+
+def build_cross(decoder, n_head: int):
+    """Audio features [B, n_audio, n_state] -> every block's cross-attention K and V, by head: [B, n_head,
+    n_audio, head_dim] each. Laid out once per utterance the way the decoder's attention reads them, so a decoder
+    step does not transpose 2 x n_audio x n_state floats a block (the 3-D form made ORT do that every token)."""
     from onnx import TensorProto as TP
 
     p = float_params(decoder, ("blocks.",))
@@ -86,8 +94,9 @@ def build_cross(decoder):
         kv_b = np.concatenate([np.zeros(n_state, np.float32), p[f"{a}.value.bias"]])  # the key has no bias
         kv = g.op("Add", [g.op("MatMul", [features, g.init(f"{a}.kv.w", kv_w)]), g.init(f"{a}.kv.b", kv_b)])
         k, v = g.op("Split", [kv, split], n_out=2, axis=-1)
-        g.output(f"cross_k{i}", k, TP.FLOAT, ["batch", "audio", n_state])
-        g.output(f"cross_v{i}", v, TP.FLOAT, ["batch", "audio", n_state])
+        head_dim = n_state // n_head
+        g.output(f"cross_k{i}", _heads(g, k, n_head, head_dim), TP.FLOAT, ["batch", n_head, "audio", head_dim])
+        g.output(f"cross_v{i}", _heads(g, v, n_head, head_dim), TP.FLOAT, ["batch", n_head, "audio", head_dim])
     return g.model()
 
 
@@ -105,12 +114,13 @@ def build_decoder(decoder, n_head: int):
     x = g.op("Transpose", [g.op("Gather", [embedding_t, tokens], axis=1)], perm=[1, 2, 0])  # [D, B, T] -> [B, T, D]
     x = g.op("Add", [x, g.op("Gather", [g.init("positional_embedding", p["positional_embedding"]), positions])])
     split = g.init("split_qkv", np.array([n_state] * 3, np.int64))
+    merge = g.const("merge_heads", np.array([0, 0, n_state], np.int64))
     for i in range(len(decoder.blocks)):
         b = f"blocks.{i}"
         past_k = g.input(f"past_k{i}", TP.FLOAT, ["batch", n_head, "past", head_dim])
         past_v = g.input(f"past_v{i}", TP.FLOAT, ["batch", n_head, "past", head_dim])
-        cross_k = g.input(f"cross_k{i}", TP.FLOAT, ["batch", "audio", n_state])
-        cross_v = g.input(f"cross_v{i}", TP.FLOAT, ["batch", "audio", n_state])
+        cross_k = g.input(f"cross_k{i}", TP.FLOAT, ["batch", n_head, "audio", head_dim])
+        cross_v = g.input(f"cross_v{i}", TP.FLOAT, ["batch", n_head, "audio", head_dim])
         h = _norm(g, p, f"{b}.attn_ln", x)
         qkv_w = np.concatenate([p[f"{b}.attn.{n}.weight"].T for n in ("query", "key", "value")], axis=1)
         qkv_b = np.concatenate([p[f"{b}.attn.query.bias"], np.zeros(n_state, np.float32), p[f"{b}.attn.value.bias"]])
@@ -122,7 +132,8 @@ def build_decoder(decoder, n_head: int):
         g.output(f"present_v{i}", present_v, TP.FLOAT, ["batch", n_head, "total", head_dim])
         x = g.op("Add", [x, _linear(g, p, f"{b}.attn.out", attn)])
         q = _linear(g, p, f"{b}.cross_attn.query", _norm(g, p, f"{b}.cross_attn_ln", x))
-        attn = g.op("Attention", [q, cross_k, cross_v], q_num_heads=n_head, kv_num_heads=n_head)
+        attn = g.op("Attention", [_heads(g, q, n_head, head_dim), cross_k, cross_v])  # [B, n_head, T, head_dim]
+        attn = g.op("Reshape", [g.op("Transpose", [attn], perm=[0, 2, 1, 3]), merge])
         x = _mlp(g, p, b, g.op("Add", [x, _linear(g, p, f"{b}.cross_attn.out", attn)]))
     logits = g.op("MatMul", [_norm(g, p, "ln", x), embedding_t])
     g.output("logits", logits, TP.FLOAT, ["batch", "tokens", n_vocab])
@@ -134,7 +145,7 @@ def load(encoder, decoder, dims, cache_dir: Path | None = None,
     """Drop-ins for an mlx-whisper model's (MLX) `encoder` and `decoder`, built into `cache_dir` once."""
 
     def build() -> dict:
-        return {"encoder": build_encoder(encoder, dims.n_audio_head), "cross": build_cross(decoder),
+        return {"encoder": build_encoder(encoder, dims.n_audio_head), "cross": build_cross(decoder, dims.n_text_head),
                 "decoder": build_decoder(decoder, dims.n_text_head)}
 
     sessions = OrtNet(cache_dir, FORMAT_VERSION, Precision(), build, ("encoder", "cross", "decoder"),
