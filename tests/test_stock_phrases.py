@@ -4,7 +4,6 @@ made SmolLM2-135M say "No, no, no, you can't. You can't come out of ..." twice."
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np

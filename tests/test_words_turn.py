@@ -16,8 +16,8 @@ import pytest
 from agent.config import load_config
 from agent.conversation import Conversation
 from agent.engine import Stages
-from agent.floor import Floor
 from agent.events import Speculated, TurnJudged, TurnReopened, TurnWithdrawn
+from agent.floor import Floor
 from agent.loop import Inline, OwnThread, open_session
 from agent.session import MIC_RATE
 from agent.sinks import ReplaySink
