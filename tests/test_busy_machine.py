@@ -62,3 +62,24 @@ def test_chunks_never_so_small_that_mimi_makes_the_stream_slower_than_real_time(
     assert tiny_tts._next_chunk(2.0, 8) == 8  # far ahead: the longest
     tiny_tts.frame_seconds = 0.075  # slower than 90 % of real time on its own: amortise Mimi all the way
     assert tiny_tts._next_chunk(0.0, 8) == 8
+
+
+def test_no_stage_pool_spins(tmp_path, tiny_args):
+    """Every ONNX Runtime pool of the agent sleeps between ops instead of spinning: with another program on one of
+    two cores, a spinning pool waits at each op for its descheduled thread (the reply LLM spun inside a run: 22-26 ms
+    a delta with a core taken against 17 on one idle thread; scripts/bench_threads.py)."""
+    from agent.build import build_asr, build_llm
+    from agent.config import load_config
+    from conftest import require_checkpoints
+    from pipelines.tts.ort import OrtFrameModel
+    from pipelines.tts.weights import random_model
+
+    require_checkpoints("whisper-tiny.en", "smollm2-135m-instruct")
+    cfg = load_config("default")
+    sessions = {"llm": build_llm(cfg).net.session}
+    asr = build_asr(cfg)
+    net = asr._network()
+    sessions.update(asr_encoder=net.encoder.session, asr_decoder=net.decoder.session, asr_cross=net.decoder.cross)
+    sessions["tts"] = OrtFrameModel(random_model(tiny_args, seed=0).model, cache_dir=tmp_path / "tts").session
+    for name, session in sessions.items():
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0", name

@@ -75,10 +75,13 @@ class OrtLlama:
         self.shape = shape
         self.precision = precision
         self.embeddings = float_params(model, ("model.embed_tokens",))["model.embed_tokens.weight"]
-        # spin inside a run only: a pool still spinning after the last token would slow the TTS that follows
+        # the pool sleeps, never spins: with another program busy on one of two cores, a pool spinning inside a
+        # run waited at every op for its descheduled thread (SmolLM2 int8, ms a streamed delta: 12.5 idle, 22-26
+        # with one core taken; sleeping 13.4 and 16-18; one thread idle 17.3: scripts/bench_threads.py), and it
+        # takes cores from the TTS speaking the reply's first sentence while the LLM writes the next
         net = OrtNet(cache_dir, FORMAT_VERSION, precision, lambda: build_graph(model, shape), ("llm",),
                      f"building the ONNX reply LLM ({precision.label}, once)" if progress else None,
-                     threads=threads, spin="run")
+                     threads=threads, spin=False)
         self.built, self.session = net.built, net.sessions["llm"]
         self._outputs = ["logits", *kv_names(shape.num_layers, "model.", "present")]
 
