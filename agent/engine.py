@@ -144,15 +144,21 @@ class TurnEngine:
         for stage in (self.stages.asr, self.stages.llm, self.stages.tts):
             stage.warmup()
 
-    def _reply(self, transcript: str, on_token: Callable[[], None] = lambda: None) -> Iterator[str]:
+    def _reply(self, transcript: str, on_token: Callable[[], None] = lambda: None,
+               stop: Callable[[], bool] = _never) -> Iterator[str]:
         """The LLM's reply stream (`checked_reply`), each delta told to the listeners once it may be spoken;
-        `on_token()` at each token the LLM gives, a `ReplyRejected` for each candidate not spoken."""
+        `on_token()` at each token the LLM gives, a `ReplyRejected` for each candidate not spoken; `stop()`: the
+        turn was cut or dropped while a first piece was still being chosen."""
         st = self.stages
-        self.emit(ReplyStarted())
+        started = False
         earlier = [t.reply for t in self.conversation.turns]
         for delta in checked_reply(st.llm, transcript, earlier, first_clause_words=st.first_clause_words,
                                    candidates=st.candidates, fallback_reply=st.fallback_reply, on_token=on_token,
-                                   rejected=lambda text, problems: self.emit(ReplyRejected(text, problems))):
+                                   rejected=lambda text, problems: self.emit(ReplyRejected(text, problems)),
+                                   stop=lambda: stop() or self.stopping.is_set()):
+            if not started:  # told once the reply has something to say (a candidate may be stopped unsaid)
+                self.emit(ReplyStarted())
+                started = True
             self.emit(ReplyText(delta))
             yield delta
 
@@ -172,14 +178,18 @@ class TurnEngine:
                                  round((self.clock() - began) * 1000, 1)))
             judge(utterance, probability)
         if transcript and not cancelled():
-            spec.replies = self._reply(transcript, lambda: spec.marks.setdefault("llm_first_token", self.clock()))
+            spec.replies = self._reply(transcript, lambda: spec.marks.setdefault("llm_first_token", self.clock()),
+                                       cancelled)
             splitter = SentenceSplitter(st.first_clause_words)
             for delta in spec.replies:
                 spec.deltas.append(delta)
                 if splitter.push(delta) or cancelled() or self.stopping.is_set():
                     break
             else:
-                spec.done = True
+                if spec.deltas or not cancelled():
+                    spec.done = True
+                else:  # cancelled while its first piece was chosen: a kept speculation starts the reply anew
+                    spec.replies = None
         self.emit(Speculated(utterance.start_s, utterance.end_s, transcript, round((self.clock() - started) * 1000, 1)))
         return spec
 
@@ -263,10 +273,10 @@ class TurnEngine:
         LLM is read no further once `until()` says the reply is cut short."""
         if speculation is not None:
             if speculation.replies is None and not speculation.done:  # cancelled before the LLM started
-                speculation.replies = self._reply(transcript, functools.partial(timing.mark, "llm_first_token"))
+                speculation.replies = self._reply(transcript, functools.partial(timing.mark, "llm_first_token"), until)
             deltas = itertools.chain(speculation.deltas, speculation.replies or ())
         else:
-            deltas = self._reply(transcript, functools.partial(timing.mark, "llm_first_token"))
+            deltas = self._reply(transcript, functools.partial(timing.mark, "llm_first_token"), until)
         for delta in deltas:
             timing.mark("llm_first_token")
             yield delta
@@ -326,13 +336,15 @@ class TurnEngine:
 
 def checked_reply(llm: ReplyStage, transcript: str, earlier: list[str], *, first_clause_words: int = 0,
                   candidates: int = 1, fallback_reply: str = "", on_token: Callable[[], None] = lambda: None,
-                  rejected: Callable[[str, list[str]], None] = lambda text, problems: None) -> Iterator[str]:
+                  rejected: Callable[[str, list[str]], None] = lambda text, problems: None,
+                  stop: Callable[[], bool] = _never) -> Iterator[str]:
     """The reply to speak, as text deltas, given the replies said `earlier` in the conversation. No run of five
     of their words is generated at all (the LLM's `avoid`). The first piece (the first sentence or clause, as it
     would be spoken) is checked before anything is handed out: with problems (`reply_problems`: markup, a
     dialogue, too long, an earlier reply again) it is `rejected(text, problems)` and the LLM is asked for a reply
     that starts otherwise (`unlike`), up to `candidates` in all; then `fallback_reply` is the reply.
-    `on_token()` at each delta the LLM gives, rejected or not (the waterfall's first token)."""
+    `on_token()` at each delta the LLM gives, rejected or not (the waterfall's first token); `stop()`, asked at
+    each one while a first piece is read, ends the reply with nothing more (the turn was cut or dropped)."""
     if candidates <= 1:  # nothing to choose from: the first reply as it comes
         for delta in llm.stream(transcript, avoid=earlier):
             on_token()
@@ -342,8 +354,11 @@ def checked_reply(llm: ReplyStage, transcript: str, earlier: list[str], *, first
     for _ in range(candidates):
         stream = llm.stream(transcript, avoid=earlier, unlike=list(unlike))
         try:
-            held, first = _first_piece(stream, SentenceSplitter(first_clause_words), on_token)
-            problems = reply_problems(first, earlier) if first.strip() else []
+            held, first = _first_piece(stream, SentenceSplitter(first_clause_words), on_token, stop)
+            if stop():
+                return
+            # an empty reply is said as empty (as without the checks), unless it came after one rejected
+            problems = reply_problems(first, earlier) if first.strip() or unlike else []
             if problems:
                 rejected(first, problems)
                 unlike.append(first)
@@ -359,15 +374,17 @@ def checked_reply(llm: ReplyStage, transcript: str, earlier: list[str], *, first
         yield fallback_reply
 
 
-def _first_piece(stream: Iterator[str], splitter: SentenceSplitter,
-                 on_token: Callable[[], None]) -> tuple[list[str], str]:
-    """Read `stream` until its first piece to speak is whole: (the deltas read, that piece)."""
+def _first_piece(stream: Iterator[str], splitter: SentenceSplitter, on_token: Callable[[], None],
+                 stop: Callable[[], bool] = _never) -> tuple[list[str], str]:
+    """Read `stream` until its first piece to speak is whole, or `stop()`: (the deltas read, that piece)."""
     held = []
     for delta in stream:
         on_token()
         held.append(delta)
         if pieces := splitter.push(delta):
             return held, pieces[0]
+        if stop():
+            return held, ""
     return held, " ".join(splitter.flush())
 
 

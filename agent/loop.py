@@ -453,7 +453,9 @@ class SessionLoop:
 
     @property
     def _audible(self) -> bool:
-        return self.sink is not None and self.sink.is_playing
+        """The agent's voice is heard: its utterance has begun to play (not merely begun while the reply is still
+        being written and synthesised)."""
+        return self.sink is not None and self.sink.is_playing and self.sink.played_samples > 0
 
     def _judged(self, t: float, answer: bool = True) -> None:
         """Apply the words' verdicts that came back (each may end the turn at its pause)."""

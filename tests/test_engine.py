@@ -398,3 +398,29 @@ def test_a_first_sentence_with_problems_is_not_spoken_and_another_candidate_is()
     # none passes: the fallback is said
     turn, said, rejected, spoken, _ = run(["A: one.", "B: two.", "C: three."], fallback="Sorry, say that again?")
     assert len(rejected) == 3 and turn.reply == "Sorry, say that again?" and said == "Sorry, say that again?"
+
+
+def test_choosing_a_reply_stops_when_the_turn_is_cut_and_an_empty_retry_is_no_reply():
+    from agent.engine import checked_reply
+
+    log = []
+    closed = []
+
+    class Endless:
+        """A reply with no sentence break, never finishing on its own; records when it is closed."""
+
+        def stream(self, text, avoid=(), unlike=()):
+            try:
+                while True:
+                    log.append("token")
+                    yield "word "
+            finally:
+                closed.append(True)
+
+    tokens = []
+    out = list(checked_reply(Endless(), "hi", [], candidates=3, fallback_reply="F",
+                             on_token=lambda: tokens.append(1), stop=lambda: len(tokens) >= 5))
+    assert out == [] and len(log) == 5 and closed == [True]  # cut while choosing: nothing said, the stream closed
+    # a retry that comes back empty is no reply: the fallback is said (an empty first reply stays empty, as before)
+    assert "".join(checked_reply(CandidateLLM(["A: one.", ""], []), "hi", [], candidates=2, fallback_reply="F")) == "F"
+    assert "".join(checked_reply(CandidateLLM([""], []), "hi", [], candidates=2, fallback_reply="F")).strip() == ""

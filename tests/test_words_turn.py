@@ -200,7 +200,7 @@ class WordsLLM:
         pass
 
 
-def conversation_loop(run, gate=None, **vad):
+def conversation_loop(run, gate=None, sink=None, full_duplex=False, **vad):
     from tone_tts import ToneConfig, ToneTTS
 
     overrides = [("vad.energy_margin_db", "0"), ("vad.words", "true"), ("vad.reopen_ms", "800"),
@@ -210,8 +210,9 @@ def conversation_loop(run, gate=None, **vad):
     stages = Stages(LengthASR("What is the capital of France", "What is the capital of France and Spain"), llm,
                     ToneTTS(), ToneConfig())
     events = []
-    loop = open_session(cfg, "replay", ReplaySink(keep=False), listeners=[events.append], stages=stages, run=run,
-                        log=lambda m: None)
+    loop = open_session(cfg, "replay", sink or ReplaySink(keep=False), listeners=[events.append], stages=stages,
+                        run=run, log=lambda m: None,
+                        **({"half_duplex": False, "barge_in": True} if full_duplex else {}))
     loop.start()
     return loop, llm, events
 
@@ -248,9 +249,35 @@ def test_fast_replay_answers_a_turn_the_words_ended_at_the_pause():
     assert llm.judged == ["What is the capital of France"]
 
 
-def test_a_reply_under_way_is_withdrawn_when_the_user_goes_on():
-    gate = threading.Event()  # the reply to the first piece cannot finish before the user goes on
-    loop, llm, events = conversation_loop(OwnThread(), gate=gate)
+class UnheardSpeaker(ReplaySink):
+    """A live speaker whose reply has begun (`is_playing` from `begin_utterance`, as a device's is) and sounds
+    nothing until `gate` opens: its first write waits for it."""
+
+    def __init__(self, gate: threading.Event):
+        super().__init__(keep=False)
+        self.begun, self.gate = False, gate
+
+    def begin_utterance(self):
+        super().begin_utterance()
+        self.begun = True
+
+    def write(self, audio):
+        self.gate.wait(10)
+        super().write(audio)
+
+    @property
+    def is_playing(self):
+        return self.begun
+
+
+@pytest.mark.parametrize("duplex", ["half", "full"])
+def test_a_reply_under_way_is_withdrawn_when_the_user_goes_on(duplex):
+    """Also in full duplex with a speaker whose reply has begun but not sounded: the turn can still be continued
+    until the agent is heard (only then is speech a barge-in, or its echo)."""
+    gate = threading.Event()  # the reply to the first piece cannot finish (or, full: sound) before the user goes on
+    full = duplex == "full"
+    loop, llm, events = conversation_loop(OwnThread(), gate=None if full else gate, full_duplex=full,
+                                          sink=UnheardSpeaker(gate) if full else None)
     reopened = []
 
     def at(t):
@@ -262,7 +289,7 @@ def test_a_reply_under_way_is_withdrawn_when_the_user_goes_on():
     loop.close()
     assert reopened == [True]
     withdrawn = [e for e in events if isinstance(e, TurnWithdrawn)]
-    assert len(withdrawn) == 1 and withdrawn[0].said == ""  # nothing of it was played
+    assert len(withdrawn) == 1 and (full or withdrawn[0].said == "")  # half: nothing of it was played
     assert [t.transcript for t in loop.conversation.turns] == ["What is the capital of France and Spain"]
     assert [u for u, _ in llm.history] == ["What is the capital of France and Spain"]
     assert isinstance(loop.conversation, Conversation)

@@ -285,7 +285,9 @@ class ReplyLLM:
         user_text = user_text.strip()
         if not user_text:
             return
-        first = {ids[0] for text in unlike for ids in [self.tokenizer.encode(text.strip(), add_special_tokens=False)] if ids}
+        # the first token as it starts a message, and as it would after a space the piece's text lost
+        first = {ids[0] for text in unlike for spelt in (text.strip(), " " + text.strip())
+                 for ids in [self.tokenizer.encode(spelt, add_special_tokens=False)] if ids}
         yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens, avoid=avoid, first=first)
 
     def end_of_turn(self, user_text: str) -> float:
