@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.llm.form import REPEAT_WORDS, words
+from pipelines.llm.form import word_runs, words
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM = ROOT / "checkpoints" / "smollm2-135m-instruct"
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.skipif(not SMOLLM.is_dir(), reason="the offline reply m
 
 
 def runs(text: str) -> set[tuple[str, ...]]:
-    w = words(text)
-    return {tuple(w[i:i + REPEAT_WORDS]) for i in range(len(w) - REPEAT_WORDS + 1)}
+    return set(word_runs(words(text)))
 
 
 def converse(llm, avoid: bool) -> list[str]:

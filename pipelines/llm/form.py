@@ -28,6 +28,11 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'").replace("\u2018", "'"))
 
 
+def word_runs(w: list[str], size: int = REPEAT_WORDS) -> list[tuple[str, ...]]:
+    """Every run of `size` consecutive words of `w`, in order."""
+    return [tuple(w[i:i + size]) for i in range(len(w) - size + 1)]
+
+
 def complete_sentences(text: str) -> int:
     """Sentences that have ended (a full stop, question or exclamation mark before a space or the end)."""
     return len(_SENTENCE_END.findall(text.strip()))
@@ -55,7 +60,7 @@ def reply_problems(reply: str, earlier: list[str] = ()) -> list[str]:
         problems.append(f"{len(words(text))} words (at most {MAX_WORDS})")
     problems += [what for pattern, what in _MARKUP if pattern.search(text)]
     own = words(text)
-    runs = [tuple(own[i:i + REPEAT_WORDS]) for i in range(len(own) - REPEAT_WORDS + 1)]
+    runs = word_runs(own)
     grams = set(runs)
     if len(grams) < len(runs):
         problems.append("repeats itself")
@@ -64,7 +69,7 @@ def reply_problems(reply: str, earlier: list[str] = ()) -> list[str]:
         if w == own:
             problems.append("the same as an earlier reply")
             break
-        said = {tuple(w[i:i + REPEAT_WORDS]) for i in range(len(w) - REPEAT_WORDS + 1)}
+        said = set(word_runs(w))
         if grams & said:
             problems.append("repeats an earlier reply: " + " ".join(sorted(grams & said)[0]))
             break

@@ -57,13 +57,12 @@ class Bans:
 
     def __init__(self, tokenizer, n: int, avoid: Sequence[str] = (), temperature: float = 0.0,
                  first: set[int] = frozenset()):
-        from pipelines.llm.form import REPEAT_WORDS, words
+        from pipelines.llm.form import REPEAT_WORDS, word_runs, words
 
         self.tokenizer, self.n, self.temperature, self._words = tokenizer, n, temperature, words
         self.first = sorted(first)  # tokens the reply may not start with
         self.size = REPEAT_WORDS
-        self.grams = {tuple(w[i:i + REPEAT_WORDS]) for text in avoid for w in [words(text)]
-                      for i in range(len(w) - REPEAT_WORDS + 1)}
+        self.grams = {run for text in avoid for run in word_runs(words(text))}
 
     def __bool__(self) -> bool:
         return self.n >= 2 or bool(self.grams) or bool(self.first)
@@ -85,19 +84,22 @@ class Bans:
             p = np.exp(z - z.max())
             p /= p.sum()
         before = len(self._words(self.tokenizer.decode(reply)))
-        checked = 0.0
+        checked = 0.0  # sampling: the probability of the tokens checked so far
         for _ in range(self._MOST_CHECKED):
             token = int(np.argmax(scores))
             if scores[token] == -np.inf:
                 break
             scores[token] = -np.inf
-            if self._repeats(reply, token, before):
+            repeats = self._repeats(reply, token, before)
+            if repeats:
                 banned.append(token)
-            elif self.temperature <= 0:
-                break
-            checked += p[token] if self.temperature > 0 else 0.0
-            if self.temperature > 0 and checked >= 1 - 1e-4:
-                break
+            if self.temperature <= 0:
+                if not repeats:
+                    break  # greedy: the likeliest token left passes
+            else:
+                checked += p[token]
+                if checked >= 1 - 1e-4:
+                    break
         return banned
 
 
