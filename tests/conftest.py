@@ -79,7 +79,7 @@ def jfk_path() -> Path:
     return path
 
 
-def tiny_llama():
+def tiny_llama(rope_scaling: dict | None = None):
     """A fresh tiny random Llama (mlx-lm's own model class), the same weights every call."""
     import mlx.core as mx
     from mlx_lm.models.llama import Model, ModelArgs
@@ -87,7 +87,8 @@ def tiny_llama():
     mx.random.seed(0)
     args = ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
-                     rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=256)
+                     rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=256,
+                     rope_scaling=rope_scaling)
     model = Model(args)
     mx.eval(model.parameters())
     return model

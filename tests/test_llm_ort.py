@@ -22,9 +22,17 @@ def tiny_llama():
     return conftest.tiny_llama()
 
 
-def test_fp32_logits_match_mlx_lm(tiny_llama, tmp_path):
+# Llama 3's RoPE scaling (Llama-3.2-1B's, the fetched reply model), with a short original context so that the tiny
+# model's 8 rotated pairs fall in all three of its bands (kept, smoothed, divided by the factor)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope", ["plain", "llama3"])
+def test_fp32_logits_match_mlx_lm(rope, tmp_path):
     from mlx_lm.models.cache import make_prompt_cache
 
+    tiny_llama = conftest.tiny_llama(LLAMA3_ROPE if rope == "llama3" else None)
     shape = supported(tiny_llama)
     assert shape is not None
     ort = OrtLlama(tiny_llama, shape, cache_dir=tmp_path / "llm")
@@ -46,6 +54,8 @@ def test_other_architectures_are_refused(tiny_llama):
         args = dataclasses.replace(tiny_llama.args, rope_traditional=True)
 
     assert supported(Other()) is None  # interleaved RoPE here would be computed wrongly: not taken
+    Other.args = dataclasses.replace(tiny_llama.args, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert supported(Other()) is None  # a scaling the graph does not apply: not taken
 
 
 @pytest.mark.slow

@@ -38,16 +38,20 @@ class LlamaShape:
 
 
 def supported(model) -> LlamaShape | None:
-    """The shape of an mlx-lm model this module can run, or None (another architecture, biases, RoPE scaling)."""
+    """The shape of an mlx-lm model this module can run, or None (another architecture, biases, a RoPE scaling
+    other than Llama 3's, which `pipelines.ortgraph.rope_periods` applies as mlx-lm's `Llama3RoPE` does)."""
     args = getattr(model, "args", None)
     if getattr(args, "model_type", None) != "llama" or getattr(args, "rope_traditional", False):
         return None
-    if getattr(args, "attention_bias", False) or getattr(args, "mlp_bias", False) or getattr(args, "rope_scaling", None):
+    if getattr(args, "attention_bias", False) or getattr(args, "mlp_bias", False):
+        return None
+    scaling = getattr(args, "rope_scaling", None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
         return None
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
     return LlamaShape(args.num_hidden_layers, args.num_attention_heads, args.num_key_value_heads or
                       args.num_attention_heads, head_dim, args.hidden_size, args.intermediate_size, args.rms_norm_eps,
-                      args.rope_theta, None, args.max_position_embeddings or 4096, args.vocab_size,
+                      args.rope_theta, scaling or None, args.max_position_embeddings or 4096, args.vocab_size,
                       args.tie_word_embeddings)
 
 
