@@ -41,6 +41,7 @@ import numpy as np
 from pipelines.audio import resample, to_mono_float32
 from pipelines.errors import CheckpointError, ConfigError
 from pipelines.ortgraph import Placement
+from pipelines.standins import is_stand_in
 
 SAMPLE_RATE = 16_000
 MIN_SECONDS = 0.1  # below this there is no word to find; return "" without running the model
@@ -132,6 +133,7 @@ class WhisperASR:
         if dtype not in ("F16", "F32"):
             raise CheckpointError(f"{weights}: weights are {dtype}; mlx-whisper runs float16 or float32 only")
         self.fp16 = dtype == "F16"
+        self.untrained = is_stand_in(self.model_dir)  # random weights of the real shape: its words mean nothing
 
         if language is not None:
             code = language.lower()
@@ -177,12 +179,17 @@ class WhisperASR:
             self._net = model
         return self._net
 
-    def _decode(self, model, x, language: str | None, prompt: list[int], temperatures, encoded: bool = False):
+    def _decode(self, model, x, language: str | None, prompt: list[int], temperatures, encoded: bool = False,
+                forced: list[int] | None = None):
         """One window: greedy, then (with `fallback`) hotter while the result looks like a failure; `x` is a mel
-        window [3000, n_mels], or encoder output [1, positions, n_state] when `encoded`. mlx-whisper's rules."""
+        window [3000, n_mels], or encoder output [1, positions, n_state] when `encoded`. mlx-whisper's rules.
+        `forced`: the tokens to decode instead, each step's token taken from them (`_forced_task`)."""
         from mlx_whisper.decoding import DecodingOptions, DecodingTask
 
         task = _encoded_task() if encoded else DecodingTask
+        if forced is not None:
+            options = DecodingOptions(language=language, temperature=0.0, prompt=prompt, fp16=self.fp16)
+            return _forced_task()(model, options, forced).run(x[None])[0]
         for temperature in temperatures:
             options = DecodingOptions(language=language, temperature=temperature, prompt=prompt, fp16=self.fp16)
             result = task(model, options).run(x if encoded else x[None])[0]
@@ -225,10 +232,12 @@ class WhisperASR:
             return {"text": "", "language": result.language}
         return {"text": result.text, "language": result.language}
 
-    def _run(self, audio: np.ndarray, temperatures: tuple[float, ...] | None = None) -> dict:
+    def _run(self, audio: np.ndarray, temperatures: tuple[float, ...] | None = None, forced: str | None = None) -> dict:
         """mlx-whisper's `transcribe` as this agent calls it (tested equal to it): 30 s windows of the padded mel,
         no conditioning on the previous window, no word timestamps. A window that looks like silence is skipped;
-        otherwise its timestamped segments are kept and the next window starts after the last finished one."""
+        otherwise its timestamped segments are kept and the next window starts after the last finished one.
+        `forced`: the words, decoded teacher-forced in the first window as one timestamped segment (no window is
+        skipped as silence: a stand-in's no-speech probability means nothing)."""
         import mlx.core as mx
         from mlx_whisper.audio import N_FRAMES, pad_or_trim
         from mlx_whisper.tokenizer import get_tokenizer
@@ -250,8 +259,14 @@ class WhisperASR:
         while seek < content:
             size = min(N_FRAMES, content - seek)
             window = pad_or_trim(mel[seek: seek + size], N_FRAMES, axis=-2).astype(dtype)
-            result = self._decode(model, window, language, prompt, temperatures or self.temperatures)
-            if result.no_speech_prob > NO_SPEECH_MIN and result.avg_logprob <= LOGPROB_MIN:
+            script = None
+            if forced is not None:  # the words as one segment over the window's audio; later windows say nothing
+                script = [tokenizer.timestamp_begin]
+                if seek == 0 and forced.strip():
+                    stamp_end = tokenizer.timestamp_begin + min(model.dims.n_audio_ctx, size // stride)
+                    script += [*tokenizer.encode(" " + forced.strip()), stamp_end]
+            result = self._decode(model, window, language, prompt, temperatures or self.temperatures, forced=script)
+            if script is None and result.no_speech_prob > NO_SPEECH_MIN and result.avg_logprob <= LOGPROB_MIN:
                 seek += size  # silence
                 continue
             prompt = []  # the initial prompt leads the first window that is decoded, no later one
@@ -280,16 +295,26 @@ class WhisperASR:
 
     def transcribe(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Transcript:
         """[T] float32 mono (any rate, resampled to 16 kHz) -> Transcript. Too short or silent -> ""."""
+        return self._transcribe(audio, sample_rate)
+
+    def transcribe_forced(self, audio: np.ndarray, sample_rate: int, words: str) -> Transcript:
+        """What transcribing `audio` costs when its words are `words`, and those words: the same steps as
+        `transcribe` (the encoder on the window, mlx-whisper's decoding loop with its filters, one decoder step per
+        token), each step's token taken from `words` instead of the logits (teacher forcing). For stand-in weights
+        (pipelines/standins.py): shape-true and random, so their own words mean nothing, their cost everything."""
+        return self._transcribe(audio, sample_rate, words)
+
+    def _transcribe(self, audio: np.ndarray, sample_rate: int, forced: str | None = None) -> Transcript:
         start = time.perf_counter()
         audio = resample(to_mono_float32(audio, what="ASR input"), sample_rate, SAMPLE_RATE)
-        if self._last is not None and _adds_only_quiet(self._last[0], audio):
+        if self._last is not None and _adds_only_quiet(self._last[0], audio) and forced in (None, self._last[1].text):
             return Transcript(self._last[1].text, time.perf_counter() - start, self._last[1].language)
         if audio.size < MIN_SECONDS * SAMPLE_RATE or float(np.abs(audio).max()) < SILENCE_PEAK:
             return Transcript("", time.perf_counter() - start, self.decode_language)
-        if self.trim and audio.size <= FULL_WINDOW_S * SAMPLE_RATE:
+        if self.trim and forced is None and audio.size <= FULL_WINDOW_S * SAMPLE_RATE:
             result = self._run_trimmed(audio)
         else:
-            result = self._run(audio)
+            result = self._run(audio, forced=forced)
         transcript = Transcript(str(result.get("text", "")).strip(), time.perf_counter() - start, result.get("language"))
         self._last = (audio, transcript)
         return transcript
@@ -327,6 +352,38 @@ def _adds_only_quiet(previous: np.ndarray, audio: np.ndarray) -> bool:
         return True
     rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))  # noqa: E731
     return rms(tail) <= max(rms(previous) * 10 ** (-TAIL_QUIET_DB / 20), SILENCE_PEAK)
+
+
+@functools.cache
+def _forced_task():
+    from mlx_whisper.decoding import DecodingTask, GreedyDecoder
+
+    class ForcedDecoder(GreedyDecoder):
+        """Each step's next token is the script's (then end of text), whatever the logits say; the log-probability
+        sum is kept as greedy decoding keeps it, so a step costs what a greedy step does."""
+
+        def __init__(self, script: list[int], eot: int, start: int):
+            super().__init__(0.0, eot)
+            self.script, self.start = [*script, eot], start
+
+        def update(self, tokens, logits, sum_logprobs):
+            import mlx.core as mx
+
+            step = min(tokens.shape[-1] - self.start, len(self.script) - 1)
+            chosen = mx.full((tokens.shape[0],), self.script[step], dtype=mx.int32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            sum_logprobs = sum_logprobs + logprobs[mx.arange(logprobs.shape[0]), chosen]
+            tokens = mx.concatenate([tokens, chosen[:, None]], axis=-1)
+            return tokens, mx.all(chosen == self.eot), sum_logprobs
+
+    class ForcedDecodingTask(DecodingTask):
+        """mlx-whisper's decoding with `ForcedDecoder` for its greedy one: teacher forcing through the same loop."""
+
+        def __init__(self, model, options, script: list[int]):
+            super().__init__(model, options)
+            self.decoder = ForcedDecoder(script, self.tokenizer.eot, self.sample_begin)
+
+    return ForcedDecodingTask
 
 
 @functools.cache

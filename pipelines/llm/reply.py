@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 
 from pipelines.errors import CheckpointError
 from pipelines.ortgraph import Placement
+from pipelines.standins import is_stand_in
 
 _NEEDED_FILES = ("config.json", "tokenizer.json")
 _TRAILING = ".?!,;:…-–—\"' "  # stripped from the user's words before asking whether they are finished
@@ -201,6 +202,21 @@ class MLXTokens:
                 yield int(token)
 
 
+def forced_tokens(net: TokenNet, ids: list[int], cache, reply: list[int],
+                  ban: Callable[[list[int], np.ndarray], list[int]] | None = None) -> Iterator[int]:
+    """Teacher forcing: the tokens of `reply`, each handed out after the network has run on everything before it
+    (the prompt's prefill, then one forward a token, fed when the next is asked for, as `TokenNet.tokens` feeds),
+    with `ban` asked as sampling asks it. What a reply of these tokens costs, whatever the weights would say: for
+    stand-in weights (pipelines/standins.py), whose own words mean nothing."""
+    logits = net.logits(ids, cache)
+    for n, token in enumerate(reply):
+        if ban is not None:
+            ban(reply[:n], logits)
+        yield token
+        if n + 1 < len(reply):
+            logits = net.logits([token], cache)
+
+
 class ReplyLLM:
     def __init__(
         self,
@@ -248,6 +264,7 @@ class ReplyLLM:
             self.model = dequantize_model(self.model)
             mx.eval(self.model.parameters())
         self.model_dir = model_dir
+        self.untrained = is_stand_in(model_dir)  # random weights of the real shape: its words mean nothing
         self.system_prompt = system_prompt
         self.examples = [(str(u), str(r)) for u, r in examples]  # example exchanges after the system prompt
         self.no_repeat_ngram = no_repeat_ngram  # a reply never says the same run of this many tokens twice (0: off)
@@ -280,17 +297,23 @@ class ReplyLLM:
         for _ in self._generate(self._prompt_tokens("Hi", []), max_tokens=2):
             pass
 
-    def stream(self, user_text: str, avoid: Sequence[str] = (), unlike: Sequence[str] = ()) -> Iterator[str]:
+    def stream(self, user_text: str, avoid: Sequence[str] = (), unlike: Sequence[str] = (),
+               forced: str | None = None) -> Iterator[str]:
         """Text deltas of the reply to `user_text`, as tokens arrive. Does not change the history. `avoid`: the
         replies said earlier in the conversation; no run of 5 of their words is said again (`Bans`). `unlike`:
-        replies not wanted (their first piece failed a check); this one does not start with their first token."""
+        replies not wanted (their first piece failed a check); this one does not start with their first token.
+        `forced`: the reply's words, teacher-forced (`forced_tokens`: stand-in weights), then the end of the message."""
         user_text = user_text.strip()
         if not user_text:
             return
         # the first token as it starts a message, and as it would after a space the piece's text lost
         first = {ids[0] for text in unlike for spelt in (text.strip(), " " + text.strip())
                  for ids in [self.tokenizer.encode(spelt, add_special_tokens=False)] if ids}
-        yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens, avoid=avoid, first=first)
+        script = None
+        if forced is not None:
+            script = [*self.tokenizer.encode(forced.strip(), add_special_tokens=False), self.tokenizer.eos_token_id]
+        yield from self._generate(self._prompt(user_text), max_tokens=self.max_tokens, avoid=avoid, first=first,
+                                  forced=script)
 
     def end_of_turn(self, user_text: str) -> float:
         """The probability that `user_text` is a finished message: the next token after its words (trailing
@@ -338,7 +361,7 @@ class ReplyLLM:
         self.prompt_cache.clear()
 
     def _generate(self, prompt: list[int], max_tokens: int, avoid: Sequence[str] = (),
-                  first: set[int] = frozenset()) -> Iterator[str]:
+                  first: set[int] = frozenset(), forced: list[int] | None = None) -> Iterator[str]:
         """The one generate loop, whichever network runs (`self.net`): EOS, max_tokens, the streaming detokenizer
         and the prompt cache are handled here; the network only turns ids into a stream of next tokens."""
         net = self.net
@@ -352,7 +375,10 @@ class ReplyLLM:
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
         ban = Bans(self.tokenizer, self.no_repeat_ngram, avoid, self.temperature, first) or None
-        tokens = net.tokens(prompt[shared:], cache, max_tokens, self.temperature, self.seed, ban)
+        if forced is None:
+            tokens = net.tokens(prompt[shared:], cache, max_tokens, self.temperature, self.seed, ban)
+        else:
+            tokens = forced_tokens(net, prompt[shared:], cache, forced, ban)
         try:
             for n, token in enumerate(tokens):
                 held.append(token)
