@@ -44,9 +44,42 @@ def build_llm(cfg: AgentConfig):
 
 
 def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages:
-    return Stages(asr=build_asr(cfg), llm=build_llm(cfg), tts=build_tts(cfg, log=log), tts_config=cfg.tts,
-                  first_clause_words=cfg.llm.first_clause_words, max_sentences=cfg.llm.max_sentences,
-                  candidates=cfg.llm.candidates, fallback_reply=cfg.llm.fallback_reply)
+    stages = Stages(asr=build_asr(cfg), llm=build_llm(cfg), tts=build_tts(cfg, log=log), tts_config=cfg.tts,
+                    first_clause_words=cfg.llm.first_clause_words, max_sentences=cfg.llm.max_sentences,
+                    candidates=cfg.llm.candidates, fallback_reply=cfg.llm.fallback_reply)
+    for what, stage in (("ASR", stages.asr), ("reply LLM", stages.llm)):
+        if getattr(stage, "untrained", False):
+            log(f"WARNING: {what} {stage.model_dir.name} [UNTRAINED stand-in: the published shape with random weights; "
+                "it runs teacher-forced on a session's script to time the real model]")
+    return stages
+
+
+def stand_in_config(cfg: AgentConfig, log: Callable[[str], None] = print) -> tuple[AgentConfig, list[str]]:
+    """`cfg` with each ASR or LLM model folder that is absent replaced by its stand-in of the published shape
+    (agent/model_files.py; written first, in a child process so this one's peak memory is the agent's, when it is
+    not there yet), and which of "asr", "llm" were replaced."""
+    import subprocess
+    import sys
+
+    from agent.model_files import stand_in_path
+    from pipelines.paths import local_path
+    from pipelines.standins import is_stand_in
+
+    replaced = []
+    for kind, section in (("asr", cfg.asr), ("llm", cfg.llm)):
+        model = local_path(section.model, ROOT)
+        if model.is_dir():
+            continue
+        if not is_stand_in(stand_in_path(model)):
+            subprocess.run([sys.executable, "-m", "agent.cli", "models", "stand-in", "fetched"], check=True)
+        if not is_stand_in(stand_in_path(model)):
+            from pipelines.errors import CheckpointError
+
+            raise CheckpointError(f"{section.model}: absent, and no stand-in of that name (stand-ins: the fetched models)")
+        log(f"{kind}: {section.model} is absent: its UNTRAINED stand-in {stand_in_path(model)} runs instead")
+        replaced.append(kind)
+        cfg = dataclasses.replace(cfg, **{kind: dataclasses.replace(section, model=str(stand_in_path(model)))})
+    return cfg, replaced
 
 
 def vad_config(cfg: AgentConfig, endpointing: bool = True):

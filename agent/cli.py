@@ -136,8 +136,10 @@ def _parser() -> argparse.ArgumentParser:
                     "either way, as the agent speaks)")
     sp.add_argument("--codes-out", type=Path, help="also save the Mimi codes [32, frames] as .npy")
 
-    sp = sub.add_parser("models", help="prepare the offline default models in checkpoints/")
-    sp.add_argument("action", choices=["prepare", "list"])
+    sp = sub.add_parser("models", help="prepare the offline default models in checkpoints/ (`models stand-in "
+                                       "fetched`: UNTRAINED stand-ins of the fetched models' shapes, to time them)")
+    sp.add_argument("action", choices=["prepare", "list", "stand-in"])
+    sp.add_argument("set", nargs="?", choices=["fetched"], help="stand-in: the model set (fetched)")
     sp.add_argument("--only", nargs="*", help="names to prepare")
     sp = sub.add_parser("fetch", help="download the real models (needs a network)")
     sp.add_argument("what", nargs="*", help="marvis, mimi, whisper, llm (default: all)")
@@ -395,6 +397,9 @@ def _dispatch(args, overrides) -> int:
             for name, what in models.OFFLINE.items():
                 state = "ready" if (models.CHECKPOINTS / name).is_dir() else "not prepared"
                 print(f"{name:<24} {state:<13} {what}")
+            return 0
+        if args.action == "stand-in":
+            models.write_stand_ins(models.STAND_IN_SETS[args.set or "fetched"])
             return 0
         models.prepare(only=args.only)
         return 0

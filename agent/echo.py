@@ -149,7 +149,12 @@ class _GuardedASR:
         return getattr(self._asr, name)
 
     def transcribe(self, audio: np.ndarray, sample_rate: int = 16_000):
-        heard = self._asr.transcribe(audio, sample_rate)
+        return self._guarded(self._asr.transcribe(audio, sample_rate))
+
+    def transcribe_forced(self, audio: np.ndarray, sample_rate: int, words: str):  # stand-ins (agent/scripted.py)
+        return self._guarded(self._asr.transcribe_forced(audio, sample_rate, words))
+
+    def _guarded(self, heard):
         if is_echo(heard.text, self._reply.said):
             self._on_echo(heard.text.strip())
             return _NoWords()

@@ -63,6 +63,15 @@ class Stages:
     max_sentences: int = 0  # a reply is spoken up to this many sentences; the LLM stops there (0: no limit)
     candidates: int = 1  # replies tried until one's first piece passes the form checks (1: the first is spoken as is)
     fallback_reply: str = ""  # said when none passed ("": nothing)
+    # the words said in an utterance, when a script knows them (agent/scripted.py): the ASR is then teacher-forced
+    # with them, for stand-in weights whose own words mean nothing
+    words: Callable[[Utterance], str] | None = None
+
+    def hear(self, utterance: Utterance) -> str:
+        """What the ASR makes of the utterance (teacher-forced with the script's words when `words` is set)."""
+        if self.words is not None:
+            return self.asr.transcribe_forced(utterance.audio, utterance.sample_rate, self.words(utterance)).text.strip()
+        return self.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
 
 
 @dataclass
@@ -169,7 +178,7 @@ class TurnEngine:
         and the verdict handed to `judge` before the reply starts, so the floor can end the turn on it."""
         st = self.stages
         started = self.clock()
-        transcript = st.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
+        transcript = st.hear(utterance)
         spec = Speculation(utterance, transcript, None, [], started, {"asr_final": self.clock()})
         if judge is not None and transcript:
             began = self.clock()
@@ -263,7 +272,7 @@ class TurnEngine:
                 timing.mark(stage, max(wall, timing.decided))
             return speculation.transcript
         else:
-            transcript = self.stages.asr.transcribe(utterance.audio, utterance.sample_rate).text.strip()
+            transcript = self.stages.hear(utterance)
         timing.mark("asr_final")
         return transcript
 

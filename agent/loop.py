@@ -64,6 +64,9 @@ def session_meta(cfg: AgentConfig, mode: str, stages: Stages | None = None, **ex
     if stages is not None:
         meta["tts"] = stages.tts.describe()
         meta["tts_untrained"] = stages.tts.untrained
+        # stand-ins of the fetched models (agent/scripted.py): random weights, teacher-forced on the session's script
+        meta["asr_untrained"] = bool(getattr(stages.asr, "untrained", False))
+        meta["llm_untrained"] = bool(getattr(stages.llm, "untrained", False))
     return meta
 
 

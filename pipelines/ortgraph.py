@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -204,8 +204,10 @@ class Graph:
         from onnx import helper
 
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        self.inits = []  # copied into the graph: one copy of a large model's weights is held, not two
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid("com.microsoft", 1)])
+        del graph
         model.ir_version = 10
         return model
 
@@ -287,23 +289,39 @@ def llama_blocks(g: Graph, prefix: str, args, params: dict[str, np.ndarray], x: 
 def float_params(model, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Parameters (all, or those `names` start with) as fp32 numpy under their checkpoint names; MLX-quantised
     layers are dequantised first (ONNX Runtime quantises again, in its own kernels' layout)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
+    params = LazyParams(model, names)
+    return {name: params[name] for name in params}
 
-    def wanted(name: str) -> bool:
-        return names is None or name.startswith(names)
 
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and wanted(name):
-            w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
-            out[f"{name}.weight"] = np.array(w.astype(mx.float32))
-    for name, value in tree_flatten(model.parameters()):
-        if name.endswith((".scales", ".biases")) or name in out or not wanted(name):
-            continue
-        out[name] = np.array(value.astype(mx.float32))
-    return out
+class LazyParams(Mapping):
+    """`float_params` one parameter at a time, on demand: a graph builder that copies each weight into its graph
+    then holds it once, not twice (Llama-3.2-1B in fp32 is 5 GB). A parameter read twice is computed twice."""
+
+    def __init__(self, model, names: tuple[str, ...] | None = None):
+        import mlx.nn as nn
+        from mlx.utils import tree_flatten
+
+        self._modules = {f"{n}.weight": m for n, m in model.named_modules()
+                         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+        self._arrays = {n: v for n, v in tree_flatten(model.parameters())
+                        if not n.endswith((".scales", ".biases")) and n not in self._modules}
+        self._names = [n for n in [*self._modules, *self._arrays] if names is None or n.startswith(names)]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        import mlx.core as mx
+
+        if name not in self._names:
+            raise KeyError(name)
+        m = self._modules.get(name)
+        value = (mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits) if m is not None
+                 else self._arrays[name])
+        return np.array(value.astype(mx.float32))
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def quantize(onnx_model, bits: int, block: int = QUANT_BLOCK):

@@ -86,10 +86,12 @@ def llama_model(config: dict = LLAMA_32_1B, quantization: dict | None = LLAMA_32
     """mlx-lm's Llama of `config`, random weights, quantised as mlx-lm quantises (embedding included)."""
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx.utils import tree_map
     from mlx_lm.models.llama import Model, ModelArgs
 
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))
+    model.update(tree_map(lambda a: a.astype(mx.bfloat16), model.parameters()))  # the published weights' dtype
     if quantization:
         nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"])
     mx.eval(model.parameters())

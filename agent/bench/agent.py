@@ -8,6 +8,9 @@ When the session has a script (sessions made by scripts/make_demo_session.py), t
 it: false endpoints (the user cut off inside a scripted turn) and missed turns (`agent.metrics.endpoint_report`).
 `--load` repeats the whole measurement with another process busy on that share of one core (agent/bench/load.py),
 started before each replay and stopped after it: what a user with a browser or a build running beside gets.
+An ASR or LLM model the config names that is absent (the fetched ones, offline) is replaced by its UNTRAINED
+stand-in of the published shape, run teacher-forced on the session's script (agent/scripted.py), and said so:
+the waterfall is what the real model costs. The process's peak memory is printed at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -41,13 +45,15 @@ def main() -> None:
     print(f"# {' '.join(sys.argv)}")
     print(f"# {platform.machine()} {os.cpu_count()} cores, OpenBLAS preloaded: {'openblas' in os.environ.get('LD_PRELOAD', '')}")
     script = load_replay_source([Path(args.session)], gap_s=1.0).events
+    stages = scripted_stages(cfg, script)
+    loaded_mb = peak_rss_mb(reset=True)  # loading (and a first run's graph build) apart from the conversation
     results = {}
     for load in loads:
         rows, lines, turn_taking = [], [], []
         for _ in range(args.runs):
             with tempfile.TemporaryDirectory() as tmp, busy_core(load):
                 result = run_replay(cfg, [Path(args.session)], out=Path(tmp) / "bundle", log=lines.append,
-                                    progress=False)
+                                    progress=False, stages=stages)
                 events = read_events(result.bundle / "events.jsonl", lambda _: None)
                 decided = [e["decided_s"] for e in events if e.get("type") == "transcript"]
                 reopened = sum(e.get("type") == "reopen" for e in events)
@@ -74,9 +80,55 @@ def main() -> None:
                       + (f", words >= {cfg.vad.words_threshold} at {cfg.vad.pause_ms or cfg.vad.pre_roll_ms} ms"
                          if cfg.vad.words else ""))
         results[f"{load:g}"] = {"rows": rows, "summary": summary, "turn_taking": turn_taking}
+    peak_mb = peak_rss_mb()
+    if loaded_mb:
+        print(f"peak memory: {peak_mb:.0f} MB while replaying (loading the models peaked at {loaded_mb:.0f} MB)")
+    else:
+        print(f"peak memory (max RSS, loading included): {peak_mb:.0f} MB")
     if args.json:
         only = results[f"{loads[0]:g}"] if len(loads) == 1 else {"loads": results}
+        only["peak_rss_mb"] = round(peak_mb)
         args.json.write_text(json.dumps(only, indent=2))
+
+
+def peak_rss_mb(reset: bool = False) -> float:
+    """This process's peak resident memory so far (MB); `reset`: then start a new peak from now (Linux: writing 5
+    to /proc/self/clear_refs; elsewhere the peak keeps counting from the start: 0.0 is returned for the reset)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 * 1024)
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration, ValueError):
+        return 0.0 if reset else peak
+    return peak
+
+
+def scripted_stages(cfg, script: list[dict]):
+    """None (the replay builds the config's stages), or, when the config's ASR or LLM is absent, stages with their
+    stand-ins teacher-forced on `script`, warmed up."""
+    from agent.build import build_stages, stand_in_config
+    from agent.config import load_config
+    from agent.scripted import Script, ScriptedReply
+    from pipelines.errors import ConfigError
+    from pipelines.llm.load import load_llm
+
+    stand_in_cfg, replaced = stand_in_config(cfg)
+    if not replaced:
+        return None
+    scripted = Script(script)
+    if not scripted:
+        raise ConfigError("stand-in models run on a session's script (its words are not theirs to hear or say); "
+                          "this session has none: use one made by scripts/make_demo_session.py")
+    stages = build_stages(stand_in_cfg)
+    if "asr" in replaced:
+        stages.words = scripted.words
+    if "llm" in replaced:  # the offline reply model judges the words (a random network's verdict ends turns at random)
+        stages.llm = ScriptedReply(stages.llm, scripted.reply, load_llm(load_config("default").llm, root=ROOT))
+    for stage in (stages.asr, stages.llm, stages.tts):
+        stage.warmup()
+    return stages
 
 
 if __name__ == "__main__":

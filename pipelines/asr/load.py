@@ -13,13 +13,11 @@ from pipelines.paths import local_path
 
 
 def asr_placement(section, root: Path | None = None) -> Placement:
-    """Where Whisper runs: `asr.backend` resolved for this machine, at fp32; float16 weights stay on MLX
-    (`whisper.runs_on`). Resolved here only: the stage is built with it, the CLI's BLAS check asks it."""
-    from pipelines.asr.whisper import runs_on, weights_fp16
+    """Where Whisper runs: `asr.backend` resolved for this machine, at fp32 (float16 weights are widened on ONNX
+    Runtime). Resolved here only: the stage is built with it, the CLI's BLAS check asks it."""
     from pipelines.ortgraph import resolve
 
-    placement = resolve(section.backend, "none")
-    return placement._replace(backend=runs_on(placement.backend, weights_fp16(local_path(section.model, root))))
+    return resolve(section.backend, "none")
 
 
 def load_asr(section, root: Path | None = None):

@@ -9,8 +9,9 @@ Notable:
 - `model_dir` is always a local folder (config.json + weights.safetensors/.npz). mlx-whisper would
   treat a path that does not exist as a hub repo id and download it; we refuse first, so a typo or a
   missing conversion is a one-line `CheckpointError`, never a network call.
-- mlx-whisper's `fp16` option must match the stored weights (it checks the encoder's output dtype),
-  so we read the dtype from the weights file instead of asking the user.
+- mlx-whisper's `fp16` option must match the network's dtype (it checks the encoder's output dtype),
+  so we read the dtype from the weights file instead of asking the user. float16 weights (mlx-community's
+  conversions) run in float16 on MLX and are widened to float32 on ONNX Runtime.
 - Each window is decoded on its own (`condition_on_previous_text=False`): a voice agent's utterances
   are short, and this keeps one bad window from dragging the next one into a repetition loop.
 - Trimmed window (`trim=True`; off by default: on the shipped utterances it cost 3 WER points, see
@@ -85,19 +86,6 @@ def _weights_file(model_dir: Path) -> Path | None:
     return next((p for p in (model_dir / "weights.safetensors", model_dir / "weights.npz") if p.is_file()), None)
 
 
-def weights_fp16(model_dir: Path) -> bool:
-    """Does this converted model store float16 weights (which stay on MLX whatever asr.backend says)?"""
-    weights = _weights_file(model_dir)
-    return weights is not None and _weights_dtype(weights) == "F16"
-
-
-def runs_on(backend: str, fp16: bool) -> str:
-    """Where Whisper runs given the resolved `asr.backend`: ONNX Runtime holds fp32 graphs only, so float16
-    weights stay on MLX. The one place this rule lives: `pipelines.asr.load.asr_placement` applies it (the stage
-    is built with that placement, the CLI's BLAS check asks it); the stage refuses a placement that breaks it."""
-    return "onnx" if backend == "onnx" and not fp16 else "mlx"
-
-
 class WhisperASR:
     """Speech to text with mlx-whisper. Plain object: `warmup()`, `transcribe(audio)`."""
 
@@ -132,7 +120,11 @@ class WhisperASR:
         dtype = _weights_dtype(weights)
         if dtype not in ("F16", "F32"):
             raise CheckpointError(f"{weights}: weights are {dtype}; mlx-whisper runs float16 or float32 only")
-        self.fp16 = dtype == "F16"
+        # float16 weights run in float16 on MLX; on ONNX Runtime (a CPU) they are widened to float32, as OpenAI's
+        # whisper does on a CPU: the same stored numbers, fp32 arithmetic (MLX's fp16 CPU kernels are unvectorised:
+        # small.en took ~117 s a turn). `fp16` is what the network computes in
+        self.weights_fp16 = dtype == "F16"
+        self.fp16 = self.weights_fp16 and placement.backend == "mlx"
         self.untrained = is_stand_in(self.model_dir)  # random weights of the real shape: its words mean nothing
 
         if language is not None:
@@ -154,9 +146,6 @@ class WhisperASR:
         self._last: tuple[np.ndarray, Transcript] | None = None  # (16 kHz input, its transcript)
         if placement.backend not in ("mlx", "onnx") or placement.precision.bits is not None:
             raise ConfigError(f"asr: Whisper runs on mlx or onnx in fp32, not {placement}")
-        if runs_on(placement.backend, self.fp16) != placement.backend:  # placed by pipelines.asr.load
-            raise ConfigError(f"asr: {self.model_dir.name} has float16 weights, which run on mlx only (ONNX Runtime "
-                              "holds fp32 graphs); place it with pipelines.asr.load.asr_placement")
         # encoder and text decoder on ONNX Runtime (pipelines/asr/ort.py) when placed there
         self.backend = placement.backend
         self.ort_cache = ort_cache
@@ -172,6 +161,8 @@ class WhisperASR:
             from mlx_whisper.load_models import load_model
 
             model = load_model(str(self.model_dir), mx.float16 if self.fp16 else mx.float32)
+            if self.weights_fp16 and not self.fp16:
+                model.set_dtype(mx.float32)  # widened for ONNX Runtime's fp32 graphs (and the MLX parts beside them)
             if self.backend == "onnx":
                 from pipelines.asr.ort import load
 

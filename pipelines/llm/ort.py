@@ -14,7 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.ortgraph import Graph, OrtNet, Precision, empty_kv, float_params, kv_feeds, kv_names, llama_blocks
+from pipelines.ortgraph import (
+    Graph,
+    LazyParams,
+    OrtNet,
+    Precision,
+    empty_kv,
+    float_params,
+    kv_feeds,
+    kv_names,
+    llama_blocks,
+)
 
 FORMAT_VERSION = 1
 
@@ -58,7 +68,7 @@ def supported(model) -> LlamaShape | None:
 def build_graph(model, shape: LlamaShape) -> dict:
     from onnx import TensorProto as TP
 
-    params = float_params(model, ("model.layers", "model.norm", "model.embed_tokens", "lm_head"))
+    params = LazyParams(model, ("model.layers", "model.norm", "model.embed_tokens", "lm_head"))  # one at a time
     head = params["model.embed_tokens.weight"] if shape.tied else params["lm_head.weight"]
     g = Graph("llm")
     x = g.input("x", TP.FLOAT, [1, "T", shape.embed_dim])

@@ -256,9 +256,12 @@ class ReplyLLM:
 
             quantize_mlx(self.model, placement.precision)
             mx.eval(self.model.parameters())
-        elif mx.default_device() == mx.cpu and any(k.endswith(".scales") for k, _ in tree_flatten(self.model.parameters())):
+        elif (placement.backend == "mlx" and mx.default_device() == mx.cpu
+              and any(k.endswith(".scales") for k, _ in tree_flatten(self.model.parameters()))):
             # the checkpoint's own quantisation, on a CPU: MLX's CPU quantised matmul is slow (SmolLM2 first token
-            # 3.1 s -> 0.3 s in fp32); ONNX Runtime quantises again in its own kernels' layout
+            # 3.1 s -> 0.3 s in fp32). ONNX Runtime reads the quantised layers (pipelines.ortgraph.float_params
+            # dequantises one at a time) and quantises again in its own kernels' layout: no fp32 copy of the whole
+            # model is kept (Llama-3.2-1B's would be 5 GB)
             from mlx_lm.utils import dequantize_model
 
             self.model = dequantize_model(self.model)
