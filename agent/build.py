@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 from agent.config import ROOT, AgentConfig
 from agent.engine import Stages
@@ -54,14 +55,16 @@ def build_stages(cfg: AgentConfig, log: Callable[[str], None] = print) -> Stages
     return stages
 
 
-def stand_in_config(cfg: AgentConfig, log: Callable[[str], None] = print) -> tuple[AgentConfig, list[str]]:
+def stand_in_config(cfg: AgentConfig, log: Callable[[str], None] = print,
+                    stand_ins: Path | None = None) -> tuple[AgentConfig, list[str]]:
     """`cfg` with each ASR or LLM model folder that is absent replaced by its stand-in of the published shape
     (agent/model_files.py; written first, in a child process so this one's peak memory is the agent's, when it is
-    not there yet), and which of "asr", "llm" were replaced."""
+    not there yet; `stand_ins`: look in that folder instead, and write nothing), and which of "asr", "llm" were
+    replaced."""
     import subprocess
     import sys
 
-    from agent.model_files import stand_in_path
+    from agent.model_files import STAND_INS, stand_in_path
     from pipelines.paths import local_path
     from pipelines.standins import is_stand_in
 
@@ -70,15 +73,16 @@ def stand_in_config(cfg: AgentConfig, log: Callable[[str], None] = print) -> tup
         model = local_path(section.model, ROOT)
         if model.is_dir():
             continue
-        if not is_stand_in(stand_in_path(model)):
+        stand_in = stand_in_path(model, stand_ins or STAND_INS)
+        if not is_stand_in(stand_in) and stand_ins is None:
             subprocess.run([sys.executable, "-m", "agent.cli", "models", "stand-in", "fetched"], check=True)
-        if not is_stand_in(stand_in_path(model)):
+        if not is_stand_in(stand_in):
             from pipelines.errors import CheckpointError
 
             raise CheckpointError(f"{section.model}: absent, and no stand-in of that name (stand-ins: the fetched models)")
-        log(f"{kind}: {section.model} is absent: its UNTRAINED stand-in {stand_in_path(model)} runs instead")
+        log(f"{kind}: {section.model} is absent: its UNTRAINED stand-in {stand_in} runs instead")
         replaced.append(kind)
-        cfg = dataclasses.replace(cfg, **{kind: dataclasses.replace(section, model=str(stand_in_path(model)))})
+        cfg = dataclasses.replace(cfg, **{kind: dataclasses.replace(section, model=str(stand_in))})
     return cfg, replaced
 
 

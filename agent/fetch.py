@@ -27,6 +27,8 @@ DOWNLOADS = {
     "marvis": Download("Marvis-AI/marvis-tts-250m-v0.2", "marvis-tts-250m-v0.2"),
     "mimi": Download("kyutai/moshiko-pytorch-bf16", "mimi", ("tokenizer-e351c8d8-checkpoint125.safetensors",)),
     "whisper": Download("mlx-community/whisper-small.en-mlx", "whisper-small.en-mlx"),
+    # the CPU set's Whisper (configs/fetched-cpu.toml): small.en's 30 s window alone takes ~1.9 s on two cores
+    "whisper-cpu": Download("mlx-community/whisper-base.en-mlx-fp32", "whisper-base.en-mlx-fp32"),
     "llm": Download("mlx-community/Llama-3.2-1B-Instruct-4bit", "llama-3.2-1b-instruct-4bit"),
 }
 

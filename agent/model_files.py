@@ -24,7 +24,7 @@ OFFLINE = {
 
 
 STAND_INS = CHECKPOINTS / "stand-ins"
-STAND_IN_SETS = {"fetched": ("whisper", "llm")}  # the `voice-agent fetch` kinds each set has stand-ins for
+STAND_IN_SETS = {"fetched": ("whisper", "whisper-cpu", "llm")}  # the `voice-agent fetch` kinds with stand-ins
 
 
 def stand_in_path(model: Path, root: Path = STAND_INS) -> Path:
@@ -36,9 +36,10 @@ def write_stand_ins(kinds: tuple[str, ...] = STAND_IN_SETS["fetched"], root: Pat
                     log: Callable[[str], None] = print) -> dict[str, Path]:
     """The stand-ins of the `voice-agent fetch` kinds `kinds`; one already written is kept."""
     from agent.fetch import DOWNLOADS
-    from pipelines.standins import is_stand_in, write_llama, write_whisper
+    from pipelines.standins import WHISPER_BASE_EN, is_stand_in, write_llama, write_whisper
 
     writers = {"whisper": write_whisper,
+               "whisper-cpu": lambda dst: write_whisper(dst, WHISPER_BASE_EN, "float32", DOWNLOADS["whisper-cpu"].repo),
                "llm": lambda dst: write_llama(dst, CHECKPOINTS / "smollm2-135m-instruct")}
     done = {}
     for kind in kinds:

@@ -24,6 +24,10 @@ WHISPER_SMALL_EN = {  # mlx-community/whisper-small.en-mlx config.json (OpenAI's
     "n_audio_layer": 12, "n_text_ctx": 448, "n_text_state": 768, "n_text_head": 12, "n_text_layer": 12,
 }
 WHISPER_SMALL_EN_DTYPE = "float16"  # the mlx-community conversion's weights
+WHISPER_BASE_EN = {  # mlx-community/whisper-base.en-mlx-fp32 config.json (OpenAI's ModelDimensions for base.en)
+    "n_mels": 80, "n_vocab": 51864, "n_audio_ctx": 1500, "n_audio_state": 512, "n_audio_head": 8,
+    "n_audio_layer": 6, "n_text_ctx": 448, "n_text_state": 512, "n_text_head": 8, "n_text_layer": 6,
+}
 
 LLAMA_32_1B = {  # meta-llama/Llama-3.2-1B-Instruct config.json (token ids left out: see above)
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,
@@ -36,9 +40,9 @@ LLAMA_32_1B = {  # meta-llama/Llama-3.2-1B-Instruct config.json (token ids left 
 LLAMA_32_1B_QUANT = {"group_size": 64, "bits": 4}  # mlx-community/Llama-3.2-1B-Instruct-4bit
 
 # Published parameter counts, the check that a stand-in has the shape: Llama-3.2-1B's 1,235,814,400 (tied
-# embeddings counted once); Whisper small.en's as mlx-whisper holds it (transformers' count less the encoder's
-# 1500 x 768 positional table, which mlx-whisper computes instead of storing).
-PARAMETERS = {"whisper-small.en": 240_582_144, "llama-3.2-1b-instruct": 1_235_814_400}
+# embeddings counted once); Whisper's as mlx-whisper holds them: transformers' counts (small.en 241,734,144,
+# base.en 72,593,408) less the encoder's 1500-position table, which mlx-whisper computes instead of storing.
+PARAMETERS = {"whisper-small.en": 240_582_144, "whisper-base.en": 71_825_408, "llama-3.2-1b-instruct": 1_235_814_400}
 
 
 def _marker(dst: Path, what: str, source: str) -> None:

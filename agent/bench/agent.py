@@ -105,16 +105,16 @@ def peak_rss_mb(reset: bool = False) -> float:
     return peak
 
 
-def scripted_stages(cfg, script: list[dict]):
+def scripted_stages(cfg, script: list[dict], stand_ins: Path | None = None):
     """None (the replay builds the config's stages), or, when the config's ASR or LLM is absent, stages with their
-    stand-ins teacher-forced on `script`, warmed up."""
+    stand-ins teacher-forced on `script`, warmed up (`stand_ins`: `agent.build.stand_in_config`'s)."""
     from agent.build import build_stages, stand_in_config
     from agent.config import load_config
     from agent.scripted import Script, ScriptedReply
     from pipelines.errors import ConfigError
     from pipelines.llm.load import load_llm
 
-    stand_in_cfg, replaced = stand_in_config(cfg)
+    stand_in_cfg, replaced = stand_in_config(cfg, stand_ins=stand_ins)
     if not replaced:
         return None
     scripted = Script(script)
