@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("set", nargs="?", choices=["fetched"], help="stand-in: the model set (fetched)")
     sp.add_argument("--only", nargs="*", help="names to prepare")
     sp = sub.add_parser("fetch", help="download the real models (needs a network)")
-    sp.add_argument("what", nargs="*", help="marvis, mimi, whisper, llm (default: all)")
+    sp.add_argument("what", nargs="*", help="marvis, mimi, whisper, whisper-cpu, llm (default: all)")
     sub.add_parser("doctor", help="check the machine: BLAS, audio devices, models")
     sp = sub.add_parser("bench", help="benchmarks: `bench tts` (Marvis vs peers), `bench agent SESSION`, "
                                       "`bench replies` (spoken questions: reply form and content, ASR WER), "

@@ -7,7 +7,7 @@ A turn is four steps, each a method that runs (and is tested) alone:
     speak       each sentence as soon as it is complete -> `ReplyVoice` (agent/voice.py): the TTS, with the
                 conversation and the reply's earlier sentences as context -> the audio sink
     finish      keep what was played, commit the reply to the LLM's history (unless it has problems), the
-                waterfall, TurnEnded, and the next turn's TTS context prepared while the reply plays
+                waterfall, TurnEnded, and the next turn's TTS context and LLM prompt prepared while the reply plays
 
 The engine knows the TTS only through `pipelines.messages.TTSStage` (and its config through `VoiceConfig`):
 Marvis or a second TTS speak a reply the same way. All MLX work happens in the thread that calls `run_turn`
@@ -327,9 +327,12 @@ class TurnEngine:
         self.emit(TurnEnded(turn))
         if self.stopping.is_set():
             return
-        # get the next turn's context ready now (for Marvis: Mimi-encode the user's audio, prefill the new rows),
-        # while the reply plays and the user thinks, instead of inside the next turn's latency
+        # get the next turn's context ready now (for Marvis: Mimi-encode the user's audio, prefill the new rows; for
+        # the LLM: its prompt up to the user's words), while the reply plays and the user thinks, instead of inside
+        # the next turn's latency
         self.stages.tts.prepare_context(self.conversation.context(self.stages.tts_config.context_segments)[0])
+        if not self.stopping.is_set():
+            self.stages.llm.prepare_next_turn()
 
     def commit(self, turn: Turn) -> None:
         """The reply into the LLM's history, unless it has problems: a small model copies its own slips into

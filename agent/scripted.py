@@ -107,6 +107,10 @@ class ScriptedReply:
         self.llm.end_of_turn(user_text)  # what reading the words costs the stand-in; its verdict means nothing
         return self.judge.end_of_turn(user_text)
 
+    def prepare_next_turn(self) -> int:
+        self.judge.prepare_next_turn()
+        return self.llm.prepare_next_turn()
+
     def commit(self, user_text: str, reply: str) -> None:
         self.llm.commit(user_text, reply)
         self.judge.commit(user_text, reply)

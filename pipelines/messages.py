@@ -81,6 +81,7 @@ class ReplyStage(Protocol):
     def stream(self, user_text: str, avoid: Sequence[str] = (), unlike: Sequence[str] = ()) -> Iterator[str]: ...
     def commit(self, user_text: str, reply: str) -> None: ...
     def end_of_turn(self, user_text: str) -> float: ...  # P(the user's words are a finished message)
+    def prepare_next_turn(self) -> int: ...  # the next prompt up to the user's words, run now (tokens run; 0: none)
 
 
 class VoiceConfig(Protocol):

@@ -39,6 +39,9 @@ class ScriptedLLM:
             self.log.append(("llm", word))
             yield word + " "
 
+    def prepare_next_turn(self) -> int:
+        return 0
+
     def commit(self, user, reply):
         self.history.append((user, reply))
 

@@ -285,6 +285,38 @@ def test_prompt_cache_gives_the_same_replies_and_runs_only_new_tokens(smollm2_di
         assert run_cached < run_fresh / 2, runs
 
 
+def test_the_next_turns_prompt_is_prepared_while_the_reply_plays(smollm2_dir):
+    """After a turn (here one that trims the history, so the whole history is new) `prepare_next_turn` runs the next
+    prompt up to the user's words; the next turn's judgement then runs only the user's words, its reply only what
+    follows, and the reply is the one a fresh prefill gives."""
+    from agent.config import ROOT
+    from pipelines.ortgraph import Placement, cache_folder, weights_key
+
+    placement = Placement("onnx")
+    cache = cache_folder(ROOT / "checkpoints" / ".ort", f"llm-{weights_key(smollm2_dir)}", placement.precision)
+    kwargs = dict(max_history_turns=1, max_tokens=16, placement=placement, ort_cache=cache)
+    llm, fresh = ReplyLLM(smollm2_dir, SYSTEM, **kwargs), ReplyLLM(smollm2_dir, SYSTEM, **kwargs)
+    for q in ("What is the capital of France?", "And of Italy?"):
+        reply = "".join(llm.stream(q))
+        llm.commit(q, reply)
+        fresh.commit(q, reply)
+    assert len(llm.history) == 1  # trimmed: the next prompt shares only the system prompt with the last one
+    ran = llm.prepare_next_turn()
+    assert ran > 10  # the kept exchange, in the chat template
+    assert llm.prepare_next_turn() <= 1  # nothing new the second time
+    question = "What color is the sky?"
+    own = len(llm.tokenizer.encode(question, add_special_tokens=False))
+    fed, logits = [], llm.net.logits
+    llm.net.logits = lambda ids, cache: fed.append(len(ids)) or logits(ids, cache)
+    llm.end_of_turn(question.rstrip("?"))
+    assert fed == [own - 1]  # the judgement: the user's words only (their "?" stripped)
+    llm.net.logits = logits
+    reply = "".join(llm.stream(question))
+    assert llm.last_prompt_run <= 8, llm.last_prompt_run  # the template's tail after the user's words
+    fresh.prompt_cache.clear()
+    assert reply == "".join(fresh.stream(question)) and fresh.last_prompt_run > ran + own
+
+
 def test_the_reply_is_mlx_lms_own_generation(reply_llm):
     """The stage's one generate loop (EOS, max_tokens, streaming detokenizer, prompt cache) over mlx-lm's token
     stream gives exactly the text of mlx-lm's own `generate`, also on a second turn that reuses the prompt cache."""

@@ -47,6 +47,9 @@ class AnswersFromTheTranscript:
         for word in self.answer(user_text).split(" "):
             yield word + " "
 
+    def prepare_next_turn(self) -> int:
+        return 0
+
     def commit(self, user_text: str, reply: str) -> None:
         self.history.append((user_text, reply))
 

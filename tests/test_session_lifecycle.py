@@ -169,6 +169,9 @@ class _Words:
             self.taken += 1
             yield word + " "
 
+    def prepare_next_turn(self) -> int:
+        return 0
+
     def commit(self, user: str, reply: str) -> None:
         self.history.append((user, reply))
 

@@ -143,6 +143,9 @@ class Answers:
     def stream(self, text, avoid=(), unlike=()):
         yield from ("Paris ", "is ", "the ", "capital.")
 
+    def prepare_next_turn(self) -> int:
+        return 0
+
     def commit(self, user, reply):
         pass
 

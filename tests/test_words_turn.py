@@ -193,6 +193,9 @@ class WordsLLM:
         for word in f"You said {text}".split():
             yield word + " "
 
+    def prepare_next_turn(self) -> int:
+        return 0
+
     def commit(self, user, reply):
         self.history.append((user, reply))
 

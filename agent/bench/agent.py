@@ -81,10 +81,10 @@ def main() -> None:
                          if cfg.vad.words else ""))
         results[f"{load:g}"] = {"rows": rows, "summary": summary, "turn_taking": turn_taking}
     peak_mb = peak_rss_mb()
-    if loaded_mb:
+    if stages is not None and loaded_mb:  # the stand-ins were loaded (and their graphs built) before the replays
         print(f"peak memory: {peak_mb:.0f} MB while replaying (loading the models peaked at {loaded_mb:.0f} MB)")
-    else:
-        print(f"peak memory (max RSS, loading included): {peak_mb:.0f} MB")
+    else:  # each replay loaded the config's models itself
+        print(f"peak memory: {peak_mb:.0f} MB (loading the models included)")
     if args.json:
         only = results[f"{loads[0]:g}"] if len(loads) == 1 else {"loads": results}
         only["peak_rss_mb"] = round(peak_mb)
