@@ -300,6 +300,7 @@ class Worker:
             else:  # a server's stages, loaded once: this session starts from an empty history, and wraps a copy
                 self.stages.llm.reset()
                 self.stages.llm.system_prompt = self.cfg.llm.system_prompt
+                self.stages.llm.prepare_next_turn()  # the system prompt, before the first turn needs it
                 stages = dataclasses.replace(self.stages)
             if self.judge is not None and not callable(getattr(stages.llm, "end_of_turn", None)):
                 self.log("warning: this reply stage cannot judge the words (no end_of_turn); turns end on silence")
