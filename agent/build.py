@@ -64,22 +64,24 @@ def stand_in_config(cfg: AgentConfig, log: Callable[[str], None] = print,
     import subprocess
     import sys
 
-    from agent.model_files import STAND_INS, stand_in_path
+    from agent.fetch import DOWNLOADS
+    from agent.model_files import STAND_IN_SETS, STAND_INS, stand_in_path
+    from pipelines.errors import CheckpointError
     from pipelines.paths import local_path
     from pipelines.standins import is_stand_in
 
+    known = {DOWNLOADS[kind].target for kind in STAND_IN_SETS["fetched"]}
     replaced = []
     for kind, section in (("asr", cfg.asr), ("llm", cfg.llm)):
         model = local_path(section.model, ROOT)
         if model.is_dir():
             continue
         stand_in = stand_in_path(model, stand_ins or STAND_INS)
-        if not is_stand_in(stand_in) and stand_ins is None:
+        if not is_stand_in(stand_in) and stand_ins is None and model.name in known:
             subprocess.run([sys.executable, "-m", "agent.cli", "models", "stand-in", "fetched"], check=True)
         if not is_stand_in(stand_in):
-            from pipelines.errors import CheckpointError
-
-            raise CheckpointError(f"{section.model}: absent, and no stand-in of that name (stand-ins: the fetched models)")
+            raise CheckpointError(f"{section.model}: no such model folder, and no stand-in of that name "
+                                  f"(stand-ins: {', '.join(sorted(known))})")
         log(f"{kind}: {section.model} is absent: its UNTRAINED stand-in {stand_in} runs instead")
         replaced.append(kind)
         cfg = dataclasses.replace(cfg, **{kind: dataclasses.replace(section, model=str(stand_in))})

@@ -3,6 +3,7 @@ through the session loop with stand-in Whisper and Llama (small shapes, written 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -49,7 +50,7 @@ def test_a_stand_in_is_taken_only_for_a_model_that_is_absent(tmp_path):
 
     cfg = load_config("fetched")
     assert stand_in_config(load_config("default"), stand_ins=tmp_path) == (load_config("default"), [])
-    with pytest.raises(CheckpointError, match="no stand-in of that name"):
+    with pytest.raises(CheckpointError, match="no such model folder, and no stand-in"):
         stand_in_config(cfg, log=lambda _: None, stand_ins=tmp_path)  # none written there
     for name in ("whisper-small.en-mlx", "llama-3.2-1b-instruct-4bit"):
         (tmp_path / name).mkdir()
@@ -61,6 +62,10 @@ def test_a_stand_in_is_taken_only_for_a_model_that_is_absent(tmp_path):
     assert "UNTRAINED stand-in" in said[0]
     with pytest.raises(ConfigError, match="session's script"):  # nothing scripted: nothing to teacher-force
         scripted_stages(cfg, [], stand_ins=tmp_path)
+    default = load_config("default")
+    typo = dataclasses.replace(default, asr=dataclasses.replace(default.asr, model="checkpoints/whisper-tnyy.en"))
+    with pytest.raises(CheckpointError, match="whisper-tnyy.en: no such model folder"):  # at once: nothing written
+        stand_in_config(typo, log=lambda _: None)
 
 
 @pytest.mark.slow

@@ -326,16 +326,8 @@ class ReplyLLM:
             return 0.0
         messages = self._messages(words, list(self._history))
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-        prompt = self.tokenizer.encode(text[: text.rindex(words) + len(words)], add_special_tokens=False)
-        cache, shared = self.prompt_cache.take(prompt)
-        if cache is None:
-            cache = self.net.new_cache()
-        else:
-            self.net.trim(cache, shared)
-        try:
-            logits = self.net.logits(prompt[shared:], cache).astype(np.float64)
-        finally:
-            self.prompt_cache.keep(prompt[: self.net.length(cache)], cache)
+        logits, _ = self._feed(self.tokenizer.encode(text[: text.rindex(words) + len(words)], add_special_tokens=False))
+        logits = logits.astype(np.float64)
         p = np.exp(logits - logits.max())
         return float(p[self._ending_ids].sum() / p.sum())
 
@@ -347,17 +339,21 @@ class ReplyLLM:
         placeholder = "Hello"
         messages = self._messages(placeholder, list(self._history))
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prefix = self.tokenizer.encode(text[: text.rindex(placeholder)], add_special_tokens=False)
-        cache, shared = self.prompt_cache.take(prefix)
+        _, ran = self._feed(self.tokenizer.encode(text[: text.rindex(placeholder)], add_special_tokens=False))
+        return ran
+
+    def _feed(self, prompt: list[int]) -> tuple[np.ndarray, int]:
+        """Run `prompt` into the prompt cache (only what it does not hold yet): its last token's next-token logits,
+        and how many tokens were run."""
+        cache, shared = self.prompt_cache.take(prompt)
         if cache is None:
             cache = self.net.new_cache()
         else:
             self.net.trim(cache, shared)
         try:
-            self.net.logits(prefix[shared:], cache)
+            return self.net.logits(prompt[shared:], cache), len(prompt) - shared
         finally:
-            self.prompt_cache.keep(prefix[: self.net.length(cache)], cache)
-        return len(prefix) - shared
+            self.prompt_cache.keep(prompt[: self.net.length(cache)], cache)
 
     @functools.cached_property
     def _ending_ids(self) -> list[int]:
