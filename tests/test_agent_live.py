@@ -129,14 +129,16 @@ def runs(tmp_path_factory, speech, tiny_marvis) -> dict:
     plans["ptt"] = ("ptt", two_turns, dict(question=q_span, thanks=t_span, keys=keys),
                     ["--tts.max_audio_length_ms", "800"])
 
-    # (3) half-duplex: the second utterance starts 1.2 s after the first one ends, i.e. ~0.5 s after the
-    # endpoint (the moment the agent starts answering), and lasts ~1.5 s; the reply is made 50 frames (4 s)
-    # long, so the agent is still busy with it when the mic hears the second utterance, however fast it runs.
-    overlap = np.concatenate([silence(LEAD_S), q, silence(1.2), t, silence(TAIL_S)])
-    o_t_span = speech.span(q_span[1] + 1.2, t)
+    # (3) half-duplex: the second utterance starts 2.5 s after the first one ends, i.e. ~2 s after the endpoint
+    # (the moment the agent starts answering: it is heard within that even with the other two sessions running
+    # beside it; once, under CI, its first sample came 3 s after the endpoint with a 1.2 s gap here), and lasts
+    # ~1.5 s; the reply is made 100 frames (8 s) long, so the agent is still speaking when the mic hears the
+    # second utterance, however fast it runs.
+    overlap = np.concatenate([silence(LEAD_S), q, silence(2.5), t, silence(TAIL_S)])
+    o_t_span = speech.span(q_span[1] + 2.5, t)
     plans["half_duplex"] = ("chat", overlap, dict(question=q_span, thanks=o_t_span),
-                            ["--duration", f"{o_t_span[1] + 0.5:.2f}", "--tts.min_text_frames", "50",
-                             "--tts.max_audio_length_ms", "4000"])
+                            ["--duration", f"{o_t_span[1] + 0.5:.2f}", "--tts.min_text_frames", "100",
+                             "--tts.max_audio_length_ms", "8000"])
 
     root = tmp_path_factory.mktemp("live")
     started = {}
