@@ -207,7 +207,6 @@ class Graph:
         self.inits = []  # copied into the graph: one copy of a large model's weights is held, not two
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid("com.microsoft", 1)])
-        del graph
         model.ir_version = 10
         return model
 

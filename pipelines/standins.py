@@ -45,9 +45,18 @@ LLAMA_32_1B_QUANT = {"group_size": 64, "bits": 4}  # mlx-community/Llama-3.2-1B-
 PARAMETERS = {"whisper-small.en": 240_582_144, "whisper-base.en": 71_825_408, "llama-3.2-1b-instruct": 1_235_814_400}
 
 
-def _marker(dst: Path, what: str, source: str) -> None:
-    (dst / STAND_IN).write_text(json.dumps({"stands_in_for": what, "weights": "random (seeded): UNTRAINED",
-                                            "written_by": source}, indent=2) + "\n")
+def _write_folder(dst: Path, fill, what: str) -> Path:
+    """`fill(folder)` into `dst.partial`, marked as the stand-in of `what`, then renamed to `dst`: a folder that
+    is there is whole."""
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    (tmp / STAND_IN).write_text(json.dumps({"stands_in_for": what, "weights": "random (seeded): UNTRAINED",
+                                            "written_by": "voice-agent models stand-in"}, indent=2) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
 
 
 def is_stand_in(folder: Path) -> bool:
@@ -74,16 +83,13 @@ def write_whisper(dst: Path, dims: dict = WHISPER_SMALL_EN, dtype: str = WHISPER
     from mlx.utils import tree_flatten
 
     model = whisper_model(dims, dtype, seed)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps({**dims, "model_type": "whisper"}, indent=2) + "\n")
-    weights = {k: v for k, v in tree_flatten(model.parameters()) if k != "alignment_heads"}  # not a weight
-    mx.save_safetensors(str(tmp / "weights.safetensors"), weights)
-    _marker(tmp, what, "voice-agent models stand-in")
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    return dst
+
+    def fill(folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps({**dims, "model_type": "whisper"}, indent=2) + "\n")
+        weights = {k: v for k, v in tree_flatten(model.parameters()) if k != "alignment_heads"}  # not a weight
+        mx.save_safetensors(str(folder / "weights.safetensors"), weights)
+
+    return _write_folder(dst, fill, what)
 
 
 def llama_model(config: dict = LLAMA_32_1B, quantization: dict | None = LLAMA_32_1B_QUANT, seed: int = 0):
@@ -111,20 +117,17 @@ def write_llama(dst: Path, tokenizer_from: Path, config: dict = LLAMA_32_1B,
     from mlx.utils import tree_flatten
 
     model = llama_model(config, quantization, seed)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    stored = {**config, **({"quantization": quantization} if quantization else {})}
-    (tmp / "config.json").write_text(json.dumps(stored, indent=2) + "\n")
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(tokenizer_from) / name).is_file():
-            shutil.copy(Path(tokenizer_from) / name, tmp / name)
-    _marker(tmp, what, "voice-agent models stand-in")
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    return dst
+
+    def fill(folder: Path) -> None:
+        stored = {**config, **({"quantization": quantization} if quantization else {})}
+        (folder / "config.json").write_text(json.dumps(stored, indent=2) + "\n")
+        mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                            metadata={"format": "mlx"})
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy(Path(tokenizer_from) / name, folder / name)
+
+    return _write_folder(dst, fill, what)
 
 
 def parameter_count(model) -> int:

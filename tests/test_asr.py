@@ -361,12 +361,12 @@ def test_long_audio_and_trim_off_take_the_full_window(tiny_dir, monkeypatch):
     asr = WhisperASR(tiny_dir, trim=True)
     paths = []
     monkeypatch.setattr(asr, "_run_trimmed", lambda audio: paths.append("trimmed") or {"text": "", "language": "en"})
-    monkeypatch.setattr(asr, "_run", lambda audio: paths.append("full") or {"text": "", "language": "en"})
+    monkeypatch.setattr(asr, "_run", lambda audio, forced=None: paths.append("full") or {"text": "", "language": "en"})
     speech = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     asr.transcribe(speech)
     asr.transcribe(np.tile(speech, 31))
     full = WhisperASR(tiny_dir, trim=False)
-    monkeypatch.setattr(full, "_run", lambda audio: paths.append("full") or {"text": "", "language": "en"})
+    monkeypatch.setattr(full, "_run", lambda audio, forced=None: paths.append("full") or {"text": "", "language": "en"})
     full.transcribe(speech)
     assert paths == ["trimmed", "full", "full"]
     with pytest.raises(ConfigError):

@@ -304,8 +304,6 @@ class WhisperASR:
             return Transcript("", time.perf_counter() - start, self.decode_language)
         if self.trim and forced is None and audio.size <= FULL_WINDOW_S * SAMPLE_RATE:
             result = self._run_trimmed(audio)
-        elif forced is None:
-            result = self._run(audio)
         else:
             result = self._run(audio, forced=forced)
         transcript = Transcript(str(result.get("text", "")).strip(), time.perf_counter() - start, result.get("language"))
