@@ -21,10 +21,15 @@ from tts_helpers import our_logits, prompt_rows, reference_frames  # noqa: E402
 K, V = 32, 2051
 
 
-@pytest.mark.parametrize("fmt", ["transformers", "torchtune"])
+@pytest.mark.parametrize("fmt", ["transformers", "torchtune", "transformers, CPU layout"])
 def test_logits_match_reference(fmt, reference, transformers_dir, torchtune_file):
-    ck = load_checkpoint(transformers_dir if fmt == "transformers" else torchtune_file)
-    assert ck.format == fmt
+    """Also with the layout the MLX frame loop runs on a CPU (`Model.prepare_for_cpu`: the depth decoder as
+    `(W @ x.T).T`, the backbone over [in, out] buffers): the fast path carries the same parity."""
+    ck = load_checkpoint(transformers_dir if fmt.startswith("transformers") else torchtune_file)
+    assert ck.format == fmt.split(",")[0]
+    if fmt.endswith("CPU layout"):
+        ck.model.prepare_for_cpu()
+        assert type(ck.model.decoder.layers[0].mlp.down_proj).__name__ == "ColumnLinear"
     tokens, mask = prompt_rows(np.random.default_rng(1))
     ref_frames, ref_logits = reference_frames(reference, tokens, mask, n_frames=3)
     ours = our_logits(ck.model, tokens, mask, ref_frames)

@@ -115,6 +115,18 @@ def timed_frames(frames) -> tuple[list, list[float]]:
     return codes, stamps
 
 
+def mlx_work(frames) -> dict:
+    """Host syncs and primitive operations of one steady frame (the second of a generation), counted on a frame
+    that is not timed (`mlxwork.HostSyncs`)."""
+    from agent.bench.mlxwork import HostSyncs
+
+    it = iter(frames)
+    next(it)
+    with HostSyncs() as work:
+        next(it)
+    return work.summary()
+
+
 def summarise(stamps: list[float]) -> dict:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     per_frame = sum(gaps) / len(gaps) if gaps else stamps[0]
@@ -147,6 +159,11 @@ def our_backend(opts, ck):
     from pipelines.tts.generator import MLXFrames, OrtFrames
 
     if opts.backend == "mlx":
+        if opts.quant:  # as load_tts quantises on MLX: the Linear layers, a scale every tts.quant_block weights
+            from pipelines.ortgraph import Precision, quantize_mlx
+            from pipelines.tts.load import TTSConfig
+
+            quantize_mlx(ck.model, Precision(opts.quant, TTSConfig().quant_block), embeddings=False)
         return MLXFrames(ck.model)
 
     return OrtFrames(our_ort_model(opts, ck))
@@ -330,6 +347,8 @@ def worker_ours(opts) -> dict:
     timed_frames(frames(2))  # warm-up
     codes, stamps = timed_frames(frames(opts.frames))
     result = run_result(load_s, greedy, codes, stamps, backend=frames_gen.backend.name)
+    if opts.backend == "mlx":
+        result["mlx_work"] = mlx_work(frames(2))
 
     # first audio chunk as the agent gets it: the default first_chunk_frames, decoded by a warm Mimi in its
     # streaming state; the median of three runs (one is at the mercy of the shared machine)
@@ -400,6 +419,14 @@ def worker_mlx_audio(opts) -> dict:
     # our parameters by name; this also replaces mlx-audio's all-zero audio_head with our random one
     model.load_weights(tree_flatten(ck.model.parameters()), strict=True)
     del ck
+    if opts.quant:  # the same layers at the same group size as ours (`our_backend`)
+        import mlx.nn as nn
+
+        from pipelines.tts.load import TTSConfig
+
+        group = TTSConfig().quant_block
+        nn.quantize(model, group_size=group, bits=opts.quant,
+                    class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group == 0)
     mx.eval(model.parameters())
     model.setup_caches(1)
     load_s = time.perf_counter() - t0
@@ -414,8 +441,8 @@ def worker_mlx_audio(opts) -> dict:
         pos = mx.arange(t.shape[1], dtype=mx.int32)[None]
         for _ in range(n):
             sample = model.generate_frame(t, m, pos, sampler)
-            mx.eval(sample)
-            yield np.array(sample[0])
+            mx.eval(sample)  # generate()'s one sync a frame is its EOS test, `if mx.all(sample == 0)`
+            yield np.array(sample)[0]
             t = mx.concatenate([sample.astype(mx.int32), mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
             m, pos = frame_mask, pos[:, -1:] + 1
 
@@ -424,7 +451,7 @@ def worker_mlx_audio(opts) -> dict:
     sampler = make_sampler(temp=TEMPERATURE, top_k=TOP_K)
     timed_frames(frames(2, sampler))  # warm-up
     codes, stamps = timed_frames(frames(opts.frames, sampler))
-    return run_result(load_s, greedy, codes, stamps)
+    return run_result(load_s, greedy, codes, stamps, mlx_work=mlx_work(frames(2, sampler)))
 
 
 def to_transformers_name(key: str) -> str:
@@ -646,6 +673,23 @@ def print_table(rows: list[dict]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
+def print_mlx_work(rows: list[dict]) -> None:
+    """What a frame would cost a GPU (launches, waits), counted on MLX's graph of one untimed steady frame."""
+    work = [r for r in rows if "mlx_work" in r["result"]]
+    if not work:
+        return
+    print()
+    print("an MLX frame's work (one steady frame, untimed; MLX's graph on this backend: on a CPU, fast ops such as\n"
+          "RoPE and attention expand into their parts, so a GPU runs fewer): host syncs (the host waits for the\n"
+          "device), primitive operations, and the kinds that move weights")
+    for r in work:
+        w = r["result"]["mlx_work"]
+        kinds = w["ops_by_kind"]
+        print(f"  {r['label']:<22} {r['prompt']:<8} syncs {w['host_syncs']:.0f}  ops {w['ops']:.0f}  "
+              f"Matmul {kinds.get('Matmul', 0):.0f}  Gather {kinds.get('Gather', 0):.0f}  "
+              f"QuantizedMatmul {kinds.get('QuantizedMatmul', 0):.0f}")
+
+
 def print_path(rows: list[dict]) -> None:
     """The stage-path table: what `voice-agent tts` and the agent's replies get, by context length."""
     if not rows:
@@ -676,7 +720,7 @@ def print_path(rows: list[dict]) -> None:
               + ", ".join(f"{k} {v:.1f}" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])))
 
 
-OUR_VARIANTS = ("mlx-fp32", "mlx-bf16", "onnx-fp32", "onnx-q8", "onnx-q4")
+OUR_VARIANTS = ("mlx-fp32", "mlx-bf16", "mlx-q8", "mlx-q4", "onnx-fp32", "onnx-q8", "onnx-q4")
 
 
 def main() -> None:
@@ -689,7 +733,8 @@ def main() -> None:
                     help="comma list of ONNX variants (onnx-fp32, onnx-q8, onnx-q4) timed on the path users run: "
                          "load_tts + MarvisTTS.stream (chunking, Mimi) after 0/500/1500 context rows, with the "
                          "host's bandwidth, the byte limit and where a frame's time goes; '' for none")
-    ap.add_argument("--peer-dtype", default="fp32", help="comma list of fp32, bf16 for mlx-audio (transformers: fp32)")
+    ap.add_argument("--peer-dtype", default="fp32", help="comma list of fp32, bf16, q8, q4 for mlx-audio (q: its Linear "
+                    "layers quantised as ours on MLX; transformers: fp32)")
     ap.add_argument("--prompt", default="plain,context", help="comma list of: plain (20 text tokens), context "
                     f"(+ two context segments, {2 * (CONTEXT_FRAMES + 11)} rows)")
     ap.add_argument("--greedy-frames", type=int, default=50, help="greedy frames for the cross-check (default 50)")
@@ -718,7 +763,7 @@ def main() -> None:
     impls = items(opts.impl, IMPLS, "implementation")
     paths = items(opts.path, ("onnx-fp32", "onnx-q8", "onnx-q4"), "path variant")
     ours = items(opts.ours, OUR_VARIANTS, "variant")
-    peer_dtypes = items(opts.peer_dtype, ("fp32", "bf16"), "dtype")
+    peer_dtypes = items(opts.peer_dtype, ("fp32", "bf16", "q8", "q4"), "dtype")
     prompts = items(opts.prompt, ("plain", "context"), "prompt")
     if opts.frames < 2:
         ap.error("--frames must be at least 2 (the first frame is reported on its own)")
@@ -795,19 +840,28 @@ def main() -> None:
             verdict = "MATCH" if a == b else (f"DIFFER: {same}/{total} codes equal, first differing frame {first} "
                                               "(after it the frames feed back different codes)")
             print(f"  {prompt}: ours mlx-fp32 vs {impl} {variant}: {verdict}")
+        for (impl, variant, p), res in ok.items():  # ours on MLX vs mlx-audio at the same precision
+            peer = ok.get(("mlx-audio", variant.rpartition("-")[2], p))
+            if impl != "ours" or p != prompt or not variant.startswith("mlx-") or variant == "mlx-fp32" or not peer:
+                continue
+            verdict = "MATCH" if res["greedy_codes"] == peer["greedy_codes"] else "DIFFER"
+            print(f"  {prompt}: ours {variant} vs mlx-audio {variant.rpartition('-')[2]}: {verdict}")
 
     print()
     print("ratios of time per frame, ours / peer (below 1: ours is faster), of the means and of the medians:")
     for (impl, variant, prompt), res in ok.items():
         if impl != "ours":
             continue
-        for peer in [("mlx-audio", "fp32"), ("transformers", "fp32")]:
+        precision = variant.rpartition("-")[2]
+        same_dtype = ("mlx-audio", precision if variant.startswith("mlx") else "fp32")
+        for peer in [same_dtype, ("transformers", "fp32")]:
             if (*peer, prompt) in ok:
                 ref = ok[(*peer, prompt)]
                 mean = res["s_per_frame"] / ref["s_per_frame"]
                 median = res["median_s_per_frame"] / ref["median_s_per_frame"]
                 print(f"  {prompt}: ours {variant} / {row_label(*peer)}: {mean:.2f} mean, {median:.2f} median "
                       f"(ours at {1 / mean:.2f}x / {1 / median:.2f}x the peer's speed)")
+    print_mlx_work(rows)
     print()
     print(f"load avg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if opts.json:

@@ -110,8 +110,9 @@ class MLXFrames:
     name = "mlx"
     quantization = None
 
-    def __init__(self, model):
-        self.model = model.prepare_for_cpu()
+    def __init__(self, model, cpu_layout: bool = True):
+        """cpu_layout=False runs the model in its plain layout (`Model.prepare_for_cpu`'s parity tests)."""
+        self.model = model.prepare_for_cpu() if cpu_layout else model
         self.num_codebooks = model.args.audio_num_codebooks
         self.quantization = getattr(model, "quantization_bits", None)
 
@@ -151,9 +152,9 @@ class MLXFrames:
             c = sample_mlx(model.codebook_logits(d, k), cfg.temperature, cfg.top_k, keys[k])
             codes.append(c)
             x = model.embed_audio(k, c)
-        frame = mx.stack(codes, axis=-1)
+        frame = mx.stack(codes, axis=-1)  # [1, K]
         mx.eval(frame)
-        return np.array(frame[0])
+        return np.array(frame)[0]  # index in numpy: `frame[0]` would be a second graph, a second host sync
 
 
 class OrtFrames:

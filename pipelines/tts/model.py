@@ -172,6 +172,36 @@ class Transformer(nn.Module):
         return [KVCache() for _ in self.layers]
 
 
+class ColumnLinear(nn.Module):
+    """A bias-free fp32 Linear computed as `(W @ x.T).T`: the same weight (name, shape, layout) and the same
+    products as `nn.Linear`, handed to BLAS with the weight on the left (see `Model.prepare_for_cpu`)."""
+
+    def __init__(self, weight: mx.array):
+        super().__init__()
+        self.weight = weight
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.reshape(-1, x.shape[-1])
+        return (self.weight @ rows.T).T.reshape(*x.shape[:-1], self.weight.shape[0])
+
+
+def _columns(parent: nn.Module, name: str) -> None:
+    """Swap every bias-free fp32 `nn.Linear` at or under `parent.name` for a `ColumnLinear` of its weight."""
+
+    def swap(module):
+        if isinstance(module, nn.Linear) and "bias" not in module and module.weight.dtype == mx.float32:
+            return ColumnLinear(module.weight)
+        if isinstance(module, nn.Module):
+            for key, child in module.children().items():
+                if isinstance(child, list):
+                    module[key] = [swap(c) for c in child]
+                else:
+                    module[key] = swap(child)
+        return module
+
+    setattr(parent, name, swap(getattr(parent, name)))
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -213,21 +243,33 @@ class Model(nn.Module):
         return self.decoder(self.projection(embeds), cache)[:, -1, :]
 
     def codebook_logits(self, h: mx.array, codebook: int) -> mx.array:
-        """Decoder hidden [B, D_decoder] -> logits [B, V] of codebook 1..K-1."""
-        return h @ self.audio_head[codebook - 1]
+        """Decoder hidden [B, D_decoder] -> logits [B, V] of codebook 1..K-1.
+
+        The head is taken as a range slice, a view of `audio_head`: MLX indexes with a Python int by a Gather,
+        which copies the whole [D, V] slice (8 MB fp32 for Marvis-250M) on every step of every frame; that
+        copy was 15 % of an MLX frame on a CPU."""
+        return h @ self.audio_head[codebook - 1 : codebook].squeeze(0)
 
     def prepare_for_cpu(self) -> "Model":
-        """On the CPU, keep each fp32 Linear weight in an [in, out] buffer, seen as the usual [out, in] view.
+        """On the CPU, lay out each fp32 Linear for the one-row products of generation. A no-op on the GPU.
 
-        MLX's CPU matmul hands fp32 `x @ W.T` to BLAS sgemm, which for the one-row inputs of generation runs
-        1.4x (OpenBLAS) to 2x (MLX's bundled BLAS) faster when B is not transposed. bf16/fp16 go through
-        MLX's own kernel, where this layout is slower, so they are left alone. Same values, names and
-        shapes, so checkpoints and `parameters()` are unaffected; outputs are bit-identical with MLX's
-        bundled BLAS and agree to float32 rounding with OpenBLAS. A no-op on the GPU.
+        MLX's CPU matmul hands fp32 products to BLAS sgemm, and for one input row (M = 1) OpenBLAS's
+        speed depends on which operand is transposed (`bench tts` notes, 2 cores): `x @ W.T`, as a Linear
+        computes it, is the slowest form for every shape of this model.
+        - The depth decoder and its input projection (31 steps a frame, 75 % of it) become `ColumnLinear`s:
+          `(W @ x.T).T`, the weight untouched, one output column per input row: 16 % off a frame.
+        - The backbone's Linears keep their [out, in] view but over an [in, out] buffer (`x @ W`), faster
+          at its 1536/8192 widths.
+        bf16/fp16 go through MLX's own kernel, where neither pays, so they are left alone. Same values,
+        names and shapes, so checkpoints and `parameters()` are unaffected; the products agree with
+        `x @ W.T` to float32 rounding (same sums, another order), and the greedy codes are unchanged
+        (`tests/test_tts.py`).
         """
         if mx.default_device() != mx.cpu or self._cpu_layout:
             return self
-        for _, module in self.named_modules():
+        for name in ("decoder", "projection"):
+            _columns(self, name)
+        for _, module in [*self.backbone.named_modules(), ("codebook0_head", self.codebook0_head)]:
             if isinstance(module, nn.Linear) and module.weight.dtype == mx.float32:
                 module.weight = mx.contiguous(module.weight.T).T
                 mx.eval(module.weight)  # one at a time: never two copies of the whole model
