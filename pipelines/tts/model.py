@@ -253,17 +253,17 @@ class Model(nn.Module):
     def prepare_for_cpu(self) -> "Model":
         """On the CPU, lay out each fp32 Linear for the one-row products of generation. A no-op on the GPU.
 
-        MLX's CPU matmul hands fp32 products to BLAS sgemm, and for one input row (M = 1) OpenBLAS's
-        speed depends on which operand is transposed (`bench tts` notes, 2 cores): `x @ W.T`, as a Linear
-        computes it, is the slowest form for every shape of this model.
+        MLX's CPU matmul hands fp32 products to BLAS sgemm, and for one input row (M = 1) OpenBLAS's speed
+        depends on which operand is transposed, by shape (docs/performance.md, section 6, 2 cores):
         - The depth decoder and its input projection (31 steps a frame, 75 % of it) become `ColumnLinear`s:
-          `(W @ x.T).T`, the weight untouched, one output column per input row: 16 % off a frame.
-        - The backbone's Linears keep their [out, in] view but over an [in, out] buffer (`x @ W`), faster
-          at its 1536/8192 widths.
+          `(W @ x.T).T`, the weight untouched. At their widths this is the fastest form: 16 % off a frame.
+        - The backbone's Linears and codebook 0's head keep their [out, in] view but over an [in, out]
+          buffer (`x @ W`); at their widths no form wins on every shape, and the column form measured no
+          faster over a frame.
         bf16/fp16 go through MLX's own kernel, where neither pays, so they are left alone. Same values,
         names and shapes, so checkpoints and `parameters()` are unaffected; the products agree with
-        `x @ W.T` to float32 rounding (same sums, another order), and the greedy codes are unchanged
-        (`tests/test_tts.py`).
+        `x @ W.T` to float32 rounding (the same sums in another order): logits against transformers and greedy
+        codes against the plain layout are tested (`tests/test_tts_parity.py`, `tests/test_mlx_frame_work.py`).
         """
         if mx.default_device() != mx.cpu or self._cpu_layout:
             return self
