@@ -99,26 +99,14 @@ def test_the_peers_frame_is_counted_the_same_way(tiny_args):
     sesame = pytest.importorskip("mlx_audio.tts.models.sesame.sesame", reason="mlx-audio is the peer compared with")
     from mlx_audio.lm.sample_utils import make_sampler
 
-    from agent.bench.tts import mlx_work, sesame_config
+    from agent.bench.tts import mlx_audio_frames, mlx_work, sesame_config
 
     ck = random_model(tiny_args, seed=0)
     peer = sesame.SesameModel(sesame_config(tiny_args))
     peer.load_weights(tree_flatten(ck.model.parameters()), strict=True)
     peer.setup_caches(1)
     tokens, mask = rows(tiny_args.text_vocab_size)
-    sampler = make_sampler(temp=0.9, top_k=50)
-
-    def frames():
-        t, m = mx.array(tokens)[None], mx.array(mask)[None]
-        pos = mx.arange(t.shape[1], dtype=mx.int32)[None]
-        while True:
-            sample = peer.generate_frame(t, m, pos, sampler)
-            mx.eval(sample)
-            yield np.array(sample)[0]
-            t = mx.concatenate([sample, mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
-            m, pos = mx.array(np.r_[np.ones(K, bool), False])[None, None], pos[:, -1:] + 1
-
-    theirs = mlx_work(frames())
+    theirs = mlx_work(mlx_audio_frames(peer, tokens, mask, 2, make_sampler(temp=0.9, top_k=50)))
     ours_gen = FrameGenerator(MLXFrames(ck.model)).frames(Prompt(tokens, mask, 0, 3),
                                                           GenerationConfig(temperature=0.9, top_k=50, seed=1))
     ours = mlx_work(ours_gen)

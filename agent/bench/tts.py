@@ -405,9 +405,26 @@ def sesame_config(args) -> dict:
                 depth_decoder_config=decoder)
 
 
-def worker_mlx_audio(opts) -> dict:
+def mlx_audio_frames(model, tokens, mask, n: int, sampler):
+    """`n` frames of codes from mlx-audio's Sesame `model`: the loop of its `Model.generate` (`generate_frame`,
+    the new row fed back), without its EOS check; the prompt rows `tokens`, `mask` [T, K+1]."""
     import mlx.core as mx
     import numpy as np
+
+    model.reset_caches()
+    t, m = mx.array(tokens)[None], mx.array(mask)[None]
+    pos = mx.arange(t.shape[1], dtype=mx.int32)[None]
+    frame_mask = mx.array(np.r_[np.ones(tokens.shape[1] - 1, bool), False])[None, None]
+    for _ in range(n):
+        sample = model.generate_frame(t, m, pos, sampler)
+        mx.eval(sample)  # generate()'s one sync a frame is its EOS test, `if mx.all(sample == 0)`
+        yield np.array(sample)[0]
+        t = mx.concatenate([sample.astype(mx.int32), mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
+        m, pos = frame_mask, pos[:, -1:] + 1
+
+
+def worker_mlx_audio(opts) -> dict:
+    import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_audio.lm.sample_utils import make_sampler
     from mlx_audio.tts.models.sesame.sesame import SesameModel
@@ -420,31 +437,19 @@ def worker_mlx_audio(opts) -> dict:
     model.load_weights(tree_flatten(ck.model.parameters()), strict=True)
     del ck
     if opts.quant:  # the same layers at the same group size as ours (`our_backend`)
-        import mlx.nn as nn
-
+        from pipelines.ortgraph import Precision, quantize_mlx
         from pipelines.tts.load import TTSConfig
 
-        group = TTSConfig().quant_block
-        nn.quantize(model, group_size=group, bits=opts.quant,
-                    class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group == 0)
+        quantize_mlx(model, Precision(opts.quant, TTSConfig().quant_block), embeddings=False)
     mx.eval(model.parameters())
     model.setup_caches(1)
     load_s = time.perf_counter() - t0
     reset_peak_rss()
 
     tokens, mask, _ = prompt_rows(args.text_vocab_size, args.audio_num_codebooks, opts.context)
-    frame_mask = mx.array(np.r_[np.ones(args.audio_num_codebooks, bool), False])[None, None]
 
-    def frames(n, sampler):  # the loop of mlx-audio's Model.generate, without its EOS check
-        model.reset_caches()
-        t, m = mx.array(tokens)[None], mx.array(mask)[None]
-        pos = mx.arange(t.shape[1], dtype=mx.int32)[None]
-        for _ in range(n):
-            sample = model.generate_frame(t, m, pos, sampler)
-            mx.eval(sample)  # generate()'s one sync a frame is its EOS test, `if mx.all(sample == 0)`
-            yield np.array(sample)[0]
-            t = mx.concatenate([sample.astype(mx.int32), mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
-            m, pos = frame_mask, pos[:, -1:] + 1
+    def frames(n, sampler):
+        return mlx_audio_frames(model, tokens, mask, n, sampler)
 
     greedy, _ = timed_frames(frames(opts.greedy_frames, make_sampler(temp=0.0)))
     mx.random.seed(opts.seed)
@@ -841,19 +846,20 @@ def main() -> None:
                                               "(after it the frames feed back different codes)")
             print(f"  {prompt}: ours mlx-fp32 vs {impl} {variant}: {verdict}")
         for (impl, variant, p), res in ok.items():  # ours on MLX vs mlx-audio at the same precision
-            peer = ok.get(("mlx-audio", variant.rpartition("-")[2], p))
-            if impl != "ours" or p != prompt or not variant.startswith("mlx-") or variant == "mlx-fp32" or not peer:
+            backend, _, precision = variant.rpartition("-")
+            peer = ok.get(("mlx-audio", precision, p))
+            if impl != "ours" or p != prompt or backend != "mlx" or precision == "fp32" or not peer:
                 continue
             verdict = "MATCH" if res["greedy_codes"] == peer["greedy_codes"] else "DIFFER"
-            print(f"  {prompt}: ours {variant} vs mlx-audio {variant.rpartition('-')[2]}: {verdict}")
+            print(f"  {prompt}: ours {variant} vs mlx-audio {precision}: {verdict}")
 
     print()
     print("ratios of time per frame, ours / peer (below 1: ours is faster), of the means and of the medians:")
     for (impl, variant, prompt), res in ok.items():
         if impl != "ours":
             continue
-        precision = variant.rpartition("-")[2]
-        same_dtype = ("mlx-audio", precision if variant.startswith("mlx") else "fp32")
+        backend, _, precision = variant.rpartition("-")
+        same_dtype = ("mlx-audio", precision if backend == "mlx" else "fp32")
         for peer in [same_dtype, ("transformers", "fp32")]:
             if (*peer, prompt) in ok:
                 ref = ok[(*peer, prompt)]
