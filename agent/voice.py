@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.metrics import audio_ahead, playback_stalls
+from agent.metrics import audio_ahead, play, playback_stalls
 from pipelines.llm.sentences import clean_for_speech, split_to_fit
 from pipelines.messages import AudioChunk, Segment, TTSStage, VoiceReference
 
@@ -117,7 +117,7 @@ class ReplyVoice:
         audio, codes = [], []
         began = self.clock()
         for n, chunk in enumerate(self.tts.stream(text, self.speaker, self.context + self.own_context(), self.voice,
-                                                  self.config, self.cancelled, self.queued_s)):
+                                                  self.config, self.cancelled, self.queued_s, self.waiting_s)):
             ready = self.clock()
             self._mark("first_tts_chunk", ready)
             if self.cancelled():
@@ -177,6 +177,13 @@ class ReplyVoice:
     def queued_s(self) -> float:
         """Seconds of this reply still queued for the listener (all of it while playback waits to start)."""
         return audio_ahead(self.timeline, self.tts.sample_rate, self.prebuffer or 0.0, self.clock())
+
+    def waiting_s(self) -> float:
+        """Seconds of audio the listener still waits for before this reply starts playing (0 once it has)."""
+        if self.prebuffer is None:
+            return 0.0
+        heard = play(self.timeline, self.tts.sample_rate, self.prebuffer, complete=False)
+        return 0.0 if heard.start is not None else max(0.0, self.prebuffer - heard.waiting_s)
 
     # ---- what was said -----------------------------------------------------------------------------------
 

@@ -107,9 +107,11 @@ class TTSStage(Protocol):
     def describe(self) -> str: ...
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), voice: VoiceReference | None = None,
                config=None, cancelled: Callable[[], bool] = lambda: False,
-               ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
+               ahead: Callable[[], float] | None = None,
+               waiting: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
         """`text` spoken as `speaker`, chunk by chunk; stops when `cancelled()`. `ahead()`, when given, is how
-        much audio of the same reply the listener still has queued (a TTS may size its chunks by it)."""
+        much audio of the same reply the listener still has queued, `waiting()` how much more the listener waits
+        for before playback starts (a TTS may size its chunks by them)."""
     def prepare_context(self, context: Sequence[Segment]) -> int:
         """Get ready for a next `stream` whose context is `context` (0: nothing to do)."""
     def max_chars(self, config) -> int | None:

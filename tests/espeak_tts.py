@@ -75,7 +75,8 @@ class EspeakTTS:
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
                voice: VoiceReference | None = None, config: EspeakConfig | None = None,
                cancelled: Callable[[], bool] = _never,
-               ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
+               ahead: Callable[[], float] | None = None,
+               waiting: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
         cfg = config or self.config
         self.calls.append((text, speaker, [(s.speaker, s.text) for s in context]))
         began = time.monotonic()

@@ -37,9 +37,10 @@ def replay(tmp_path_factory):
         nonlocal real_stream
         real_stream = self_tts.stream
 
-        def stream(text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False, ahead=None):
+        def stream(text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False, ahead=None,
+                   waiting=None):
             contexts.append([(s.speaker, s.text) for s in context])
-            return real_stream(text, speaker, context, voice, config, cancelled, ahead)
+            return real_stream(text, speaker, context, voice, config, cancelled, ahead, waiting)
 
         self_tts.stream = stream
 

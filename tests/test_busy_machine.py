@@ -55,10 +55,14 @@ def test_bench_loads_are_shares_of_one_core():
 
 def test_chunks_never_so_small_that_mimi_makes_the_stream_slower_than_real_time(tiny_tts):
     """Mimi costs ~35 ms a call whatever its length: one-frame chunks at 50 ms a frame would run at 1.06x real
-    time and never catch up. The chunk size has a floor where the decode's share keeps the stream at 90 %."""
+    time and never catch up. When the audio ahead cannot cover even one frame, the chunk has a floor where the
+    decode's share keeps the stream at 90 %."""
+    from pipelines.tts.stage import steady_chunk
+
     tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.050, 0.035
-    assert tiny_tts._steady_chunk(0.050, 8) == 2  # 0.050 + 0.035 / 2 = 0.0675 s a frame: under 0.072
+    assert steady_chunk(0.050, 0.035, 8) == 2  # 0.050 + 0.035 / 2 = 0.0675 s a frame: under 0.072
     assert tiny_tts._next_chunk(0.0, 8) == 2  # nothing ahead: still not one frame
+    assert tiny_tts._next_chunk(0.11, 8) == 1  # one frame fits before the audio ahead runs out: that one
     assert tiny_tts._next_chunk(2.0, 8) == 8  # far ahead: the longest
     tiny_tts.frame_seconds = 0.075  # slower than 90 % of real time on its own: amortise Mimi all the way
     assert tiny_tts._next_chunk(0.0, 8) == 8

@@ -62,7 +62,8 @@ class EspeakVoice:
     def prebuffer_s(self, text, config, least_s): return least_s
     def rtf_now(self, config): return None
 
-    def stream(self, text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False, ahead=None):
+    def stream(self, text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False, ahead=None,
+               waiting=None):
         wav = Path(tempfile.mkdtemp()) / "reply.wav"
         subprocess.run(["espeak-ng", "-s", "110", "-w", str(wav), text], check=True, capture_output=True)
         audio = load_audio(wav, self.sample_rate)

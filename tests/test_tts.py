@@ -14,7 +14,7 @@ from pipelines.messages import Segment, VoiceReference
 from pipelines.tts.codec import FRAME_SIZE, SAMPLE_RATE
 from pipelines.tts.generator import FrameGenerator, GenerationConfig, PrefixCache
 from pipelines.tts.prompt import TextTokenizer, frame_cap
-from pipelines.tts.stage import MarvisTTS
+from pipelines.tts.stage import MarvisTTS, runs_dry, start_buffer
 from pipelines.tts.weights import random_model
 
 K = 32
@@ -331,6 +331,41 @@ def test_mimi_transposed_convs_equal_pytorch_reference(mimi):
     assert np.abs(reference).max() > 1e-3
 
 
+def test_mimi_decoder_linears_equal_pytorch_reference(mimi):
+    """The decoder transformer's Linears as (W @ x.T).T (codec.py, the speed path for streamed chunks) equal
+    F.linear per layer, and a streamed decode equals the one with PyTorch's own Linear."""
+    import torch
+
+    from pipelines.tts.codec import _ColumnLinear
+
+    swapped = [m for m in mimi.mimi.decoder_transformer.modules() if type(m) is _ColumnLinear]
+    assert len(swapped) == 32  # 8 layers: the q|k|v and output projections, the two feed-forward Linears
+    assert not [m for m in mimi.mimi.encoder_transformer.modules() if type(m) is _ColumnLinear]
+    gen = torch.Generator().manual_seed(0)
+    codes = np.random.default_rng(2).integers(0, 2048, (K, 7))
+
+    def streamed():
+        with mimi.stream_decoder() as dec:
+            return np.concatenate([dec.decode(codes[:, :1]), dec.decode(codes[:, 1:3]), dec.decode(codes[:, 3:])])
+
+    with torch.no_grad():
+        for linear in swapped:
+            for rows in (1, 2, 16):
+                x = torch.randn(1, rows, linear.in_features, generator=gen)
+                torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias),
+                                           rtol=1e-5, atol=1e-5)
+        fast = streamed()
+        try:
+            for linear in swapped:
+                linear.__class__ = torch.nn.Linear
+            reference = streamed()
+        finally:
+            for linear in swapped:
+                linear.__class__ = _ColumnLinear
+    np.testing.assert_allclose(fast, reference, atol=1e-5)
+    assert np.abs(reference).max() > 1e-3
+
+
 @pytest.mark.parametrize("frame_ms", [40, 60, 100])
 def test_chunks_grow_with_the_audio_ahead_of_the_listener(frame_ms, tiny_args, tiny_tokenizer, mimi, tmp_path_factory):
     """Chunk sizes follow the measured frame rate (on a simulated clock: each frame takes frame_ms, each Mimi
@@ -386,12 +421,66 @@ def test_what_marvis_tells_the_engine(tiny_tts):
     try:
         tiny_tts.frame_seconds = None
         assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) == 0.08  # nothing measured yet
-        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # 0.102 s a frame: RTF 1.275, sized with a fifth to spare
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.030, 0.010  # far faster than real time
+        assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) == 0.08  # it plays from the first chunk
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # slower than real time
         frames = 2 + len("Hello there.")  # its frame cap: under the 20 of max_audio_length_ms
-        assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) == pytest.approx((1.2 * 1.275 - 1) * frames * 0.08)
-        assert tiny_tts.prebuffer_s("x" * 200, cfg, 0.08) == pytest.approx((1.2 * 1.275 - 1) * 20 * 0.08)  # the time cap
+        need = tiny_tts.prebuffer_s("Hello there.", cfg, 0.08)
+        assert need == pytest.approx(start_buffer(frames, 2, 1.2 * 0.100, 0.016, 8))  # planned a fifth slower
+        assert 0.08 < need < frames * 0.08  # some of it, not all
+        assert tiny_tts.prebuffer_s("x" * 200, cfg, 0.08) == pytest.approx(start_buffer(20, 2, 0.12, 0.016, 8))
     finally:
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved
+
+
+@pytest.mark.parametrize("frame_s", [0.045, 0.060, 0.075, 0.110])
+def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, monkeypatch):
+    """A reply spoken through `ReplyVoice` on a simulated clock (each frame takes `frame_s`, each Mimi call 30 ms
+    plus 4 ms a frame, as moshi's streaming decode does here): the buffer chosen at the first chunk, and the chunks
+    that fill it and follow, play without a gap (RATE_MARGIN off: the rate planned is the rate met), and one frame
+    less would run dry as planned. Faster than real time, playback starts before the stream's steady chunks."""
+    import pipelines.tts.stage as stage
+    from agent.metrics import play
+    from agent.sinks import ReplaySink
+    from agent.voice import ReplyVoice
+
+    monkeypatch.setattr(stage, "RATE_MARGIN", 1.0)
+    cfg = GenerationConfig(seed=0, max_audio_length_ms=4000, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
+    text = "Hello there, how are you doing on this fine day?"
+    now = [0.0]
+    frames, decode = tiny_tts.frames.frames, tiny_tts._chunk
+
+    def timed_frames(*a, **k):
+        for codes in frames(*a, **k):
+            now[0] += frame_s
+            yield codes
+
+    def timed_decode(decoder, pending, first):
+        chunk = decode(decoder, pending, first)
+        tiny_tts.decode_seconds = 0.030 + 0.004 * len(pending)  # as `_chunk` measures it
+        now[0] += tiny_tts.decode_seconds
+        return chunk
+
+    def speak():
+        voice = ReplyVoice(tiny_tts, cfg, 0, sink=ReplaySink(tiny_tts.sample_rate), clock=lambda: now[0],
+                           least_prebuffer_s=0.08)
+        tiny_tts.frame_seconds, tiny_tts.decode_seconds = None, 0.0
+        voice.say(text)
+        heard = play(voice.timeline, tiny_tts.sample_rate, voice.prebuffer)
+        return voice, heard.start - voice.timeline[0][0]
+
+    monkeypatch.setattr(tiny_tts, "clock", lambda: now[0])
+    monkeypatch.setattr(tiny_tts.frames, "frames", timed_frames)
+    monkeypatch.setattr(tiny_tts, "_chunk", timed_decode)
+    voice, wait = speak()
+    sizes = [n // FRAME_SIZE for _, n, _ in voice.timeline]
+    assert voice.playback()["stall_ms"] == 0, (voice.prebuffer, sizes)
+    assert sum(sizes) == frame_cap(text, 4000, 1.0, 12)
+    if voice.prebuffer > 0.08:  # the least the plan allows: one frame less runs dry
+        assert voice.prebuffer == start_buffer(sum(sizes), 2, frame_s, 0.038, 8, 0.08)  # decoded 2 frames: 38 ms
+        assert runs_dry(voice.prebuffer - 0.08, sum(sizes), 2, frame_s, 0.038, 8)
+    if frame_s < 0.06:  # faster than real time with Mimi's cost: playing within three frames of the first chunk
+        assert wait <= 3 * frame_s + 0.030 + 0.004 * 3 + 1e-9, (wait, sizes)
 
 
 def test_the_buffer_is_sized_from_this_streams_own_frames(tiny_tts):
@@ -417,5 +506,5 @@ def test_the_buffer_is_sized_from_this_streams_own_frames(tiny_tts):
     assert first.num_frames == 2  # two frames: one frame-to-frame interval of this stream measured
     assert tiny_tts.frame_seconds < 0.2  # the smoothed rate still remembers the fast stream...
     assert tiny_tts.rtf_now(cfg) > 2.0  # ...the buffer follows this one
-    assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) > 1.0
+    assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) > 0.5  # most of its 0.8 s
     stream.close()

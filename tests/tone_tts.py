@@ -51,7 +51,8 @@ class ToneTTS:
 
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
                voice: VoiceReference | None = None, config=None, cancelled: Callable[[], bool] = lambda: False,
-               ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
+               ahead: Callable[[], float] | None = None,
+               waiting: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
         self.calls.append((text, [(s.speaker, s.text, 0 if s.audio is None else s.audio.size) for s in context]))
         audio = self.audio_for(text)
         for first in range(0, audio.size, CHUNK):

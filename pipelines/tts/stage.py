@@ -24,6 +24,66 @@ from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames,
 from pipelines.tts.prompt import FRAME_MS, Prompt, PromptBuilder, TextTokenizer, chars_that_fit, frame_cap
 
 RATE_MARGIN = 1.2  # the buffer is sized for a rate this much slower than the one measured
+FRAME_S = FRAME_MS / 1000
+FRAME_SPARE = 1.25  # a chunk is planned with a quarter of a frame's time spare per frame: the next frames may be slower
+
+
+def fits(ahead_s: float, frame: float, decode: float) -> int:
+    """Frames that can be made (`frame` seconds each, a quarter spare) and decoded (`decode` seconds a Mimi call,
+    mostly a fixed cost) before `ahead_s` of queued audio runs out."""
+    return int((ahead_s - decode) // (FRAME_SPARE * frame))
+
+
+def steady_chunk(frame: float, decode: float, most: int) -> int:
+    """The fewest frames a chunk whose share of Mimi's decode keeps the stream at 90 % of real time (`most` when
+    no chunk size can)."""
+    spare = 0.9 * FRAME_S - frame
+    return most if spare <= 0 else max(1, min(most, math.ceil(decode / spare)))
+
+
+def next_chunk(ahead_s: float, frame: float, decode: float, most: int) -> int:
+    """Frames in the next chunk: the most (up to `most`) that are ready before the audio ahead of the listener runs
+    out. When not even one frame is, it will run dry whatever is made: then a chunk long enough that Mimi's fixed
+    cost a call does not make the stream slower than real time (`steady_chunk`), so it catches up."""
+    n = fits(ahead_s, frame, decode)
+    return min(most, n) if n >= 1 else steady_chunk(frame, decode, most)
+
+
+def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: float, most: int) -> bool:
+    """Whether a listener who waits for `buffer_s` of audio runs dry over an utterance of `frames`, `made` of them
+    out in its first chunk, the rest made `frame` seconds each and decoded `decode` seconds a chunk, in the chunks
+    `stream` makes: while the listener waits, the fewest frames that fill the buffer; then `next_chunk`."""
+    t, out, left, start = 0.0, made * FRAME_S, frames - made, None
+    if out >= buffer_s - 1e-9:
+        start = 0.0
+    while left > 0:
+        if start is None:
+            n = min(left, most, max(1, math.ceil((buffer_s - out) / FRAME_S - 1e-9)))
+        else:
+            n = min(left, fits(start + out - t, frame, decode), most)
+            if n < 1:
+                return True
+        t += n * frame + decode
+        out += n * FRAME_S
+        left -= n
+        if start is None and out >= buffer_s - 1e-9:
+            start = t
+    return False
+
+
+def start_buffer(frames: int, made: int, frame: float, decode: float, most: int, least_s: float = 0.0) -> float:
+    """The least audio to buffer before playback starts so that the listener never runs dry (`runs_dry`): `least_s`
+    when it can play from the first chunk on; whole frames of audio, at most the whole utterance, otherwise."""
+    if made >= frames or not runs_dry(made * FRAME_S, frames, made, frame, decode, most):
+        return least_s
+    lo, hi = made + 1, frames
+    while lo < hi:  # the fewest frames buffered that never run dry (more buffered never runs dry sooner)
+        mid = (lo + hi) // 2
+        if runs_dry(mid * FRAME_S, frames, made, frame, decode, most):
+            lo = mid + 1
+        else:
+            hi = mid
+    return max(least_s, lo * FRAME_S)
 
 
 class MarvisTTS:
@@ -85,21 +145,22 @@ class MarvisTTS:
         if seconds is None:
             return None
         cfg = config or self.config
-        chunk = self._steady_chunk(seconds, cfg.chunk_frames)  # the chunks the stream settles on
-        return (seconds + self.decode_seconds / chunk) / (FRAME_MS / 1000)
+        chunk = steady_chunk(seconds, self.decode_seconds, cfg.chunk_frames)  # the chunks the stream settles on
+        return (seconds + self.decode_seconds / chunk) / FRAME_S
 
     def prebuffer_s(self, text: str, config: GenerationConfig | None = None, least_s: float = 0.0) -> float:
-        """Audio to buffer before `text` starts playing, from the rate measured now (`rtf_now`: this call's own
-        frames once it has two) and the frames `text` may run to: nothing beyond `least_s` when frames come faster
-        than real time (or none has been measured yet); otherwise the time the stream falls behind over `text`, so
-        it plays without a gap."""
+        """Audio to buffer before `text` starts playing (the stream under way has made its first chunk), at least
+        `least_s`: the least from which the chunks `stream` goes on to make never let the listener run dry, at the
+        rate measured now (this call's own frames once it has two) made a fifth slower (a few frames' rate is noisy,
+        and a busy machine's frames vary), over the frames `text` may run to. `least_s` when nothing is measured."""
         cfg = config or self.config
-        rtf = self.rtf_now(cfg)
-        if rtf is None:
+        seconds = float(np.mean(self._intervals)) if self._intervals else self.frame_seconds
+        if seconds is None:
             return least_s
         frames = frame_cap(text.strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
-        # a fifth more than measured: a few frames' rate is noisy, and a busy machine's frames vary
-        return max(least_s, (RATE_MARGIN * rtf - 1.0) * frames * FRAME_MS / 1000)
+        made = min(frames, cfg.first_chunk_frames)
+        return max(least_s, start_buffer(frames, made, RATE_MARGIN * seconds, self.decode_seconds, cfg.chunk_frames,
+                                         least_s))
 
     def prepare_context(self, context: Sequence[Segment]) -> int:
         """Get ready for a next call whose context is `context`: encode its audio (cached) and run its rows
@@ -112,7 +173,8 @@ class MarvisTTS:
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
                voice: VoiceReference | None = None, config: GenerationConfig | None = None,
                cancelled: Callable[[], bool] = lambda: False,
-               ahead: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
+               ahead: Callable[[], float] | None = None,
+               waiting: Callable[[], float] | None = None) -> Iterator[AudioChunk]:
         """Audio chunks as frames are produced, decoded with one Mimi streaming state per utterance.
 
         The first chunk is `first_chunk_frames` (two by default: the caller sizes its playback buffer from this
@@ -121,14 +183,16 @@ class MarvisTTS:
         as the measured frame rate makes before that audio runs out. So a TTS faster than real time starts
         with one-frame chunks and no gap, then amortises Mimi's per-call cost over longer ones.
         `ahead()`, when given, says how much audio the caller's listener still has queued (an earlier sentence
-        of the same reply): the chunks start from that, not from one frame.
+        of the same reply): the chunks start from that, not from one frame. `waiting()`, when given, is how much
+        more audio the listener waits for before playback starts (the buffer `prebuffer_s` chose): until it is out,
+        each chunk is the fewest frames that fill it, so playback starts as soon as the buffer allows.
         `cancelled()` is asked after every frame: a chunk takes seconds on a slow machine, a frame does not."""
         cfg = config or self.config
         prompt = self.build_prompt(text, speaker, context, voice, cfg)
         pending: list[np.ndarray] = []
         first, target = 0, cfg.first_chunk_frames
         if ahead is not None and self.frame_seconds:  # audio still queued: the first chunk may be longer
-            target = max(target, min(cfg.chunk_frames, self._fits(ahead())))
+            target = max(target, min(cfg.chunk_frames, fits(ahead(), self.frame_seconds, self.decode_seconds)))
         started = last = None
         self._intervals = []
         self.codec.use_threads(threads_for(self.cores.free(), self.cores.cores))
@@ -149,33 +213,24 @@ class MarvisTTS:
                     pending = []
                     now = last = self.clock()
                     started = now if started is None else started
-                    queued = first * FRAME_MS / 1000 - (now - started)  # audio out minus audio played since
+                    queued = first * FRAME_S - (now - started)  # audio out minus audio played since
                     if ahead is not None:
                         queued = max(queued, ahead())
                     target = self._next_chunk(queued, cfg.chunk_frames)
+                    short = waiting() if waiting is not None else 0.0
+                    if short > 0:  # the listener waits for the buffer: the fewest frames that fill it
+                        target = min(cfg.chunk_frames, max(1, math.ceil(short / FRAME_S - 1e-9)))
             if pending:
                 yield self._chunk(decoder, pending, first)
 
     def _next_chunk(self, ahead_s: float, most: int) -> int:
-        """Frames in the next chunk: as many as fit before the audio ahead of the listener runs out (a quarter of
-        a frame's time spare per frame: the next frames may be slower), and never so few that Mimi's fixed cost
-        per call makes the chunks slower than real time (then the audio would fall behind whatever fits now)."""
+        """Frames in the next chunk (`next_chunk`) at the rate and Mimi cost measured so far."""
         frame = self.frame_seconds
         if frame is None:  # not measured yet: the smallest step
             return 1
         if frame <= 0:
             return most
-        return int(min(most, max(1, self._fits(ahead_s), self._steady_chunk(frame, most))))
-
-    def _fits(self, ahead_s: float) -> int:
-        """Frames that can be made and decoded before `ahead_s` of queued audio runs out."""
-        return int((ahead_s - self.decode_seconds) // (1.25 * self.frame_seconds))
-
-    def _steady_chunk(self, frame: float, most: int) -> int:
-        """The fewest frames a chunk whose share of Mimi's decode keeps the stream at 90 % of real time (`most`
-        when no chunk size can)."""
-        spare = 0.9 * FRAME_MS / 1000 - frame
-        return most if spare <= 0 else max(1, min(most, math.ceil(self.decode_seconds / spare)))
+        return next_chunk(ahead_s, frame, self.decode_seconds, most)
 
     def _chunk(self, decoder, frames: list[np.ndarray], first: int) -> AudioChunk:
         codes = np.stack(frames, axis=1)
