@@ -41,12 +41,17 @@ def steady_chunk(frame: float, decode: float, most: int) -> int:
     return most if spare <= 0 else max(1, min(most, math.ceil(decode / spare)))
 
 
-def next_chunk(ahead_s: float, frame: float, decode: float, most: int) -> int:
-    """Frames in the next chunk: the most (up to `most`) that are ready before the audio ahead of the listener runs
-    out. When not even one frame is, it will run dry whatever is made: then a chunk long enough that Mimi's fixed
-    cost a call does not make the stream slower than real time (`steady_chunk`), so it catches up."""
+def next_chunk(ahead_s: float, frame: float, decode: float, most: int, planned: bool = True) -> int:
+    """Frames in the next chunk. `planned` (the listener waits for the buffer `start_buffer` chose): the most, up to
+    `most`, that are ready before the audio ahead of the listener runs out; when not even one frame is, it runs dry
+    whatever is made: then a chunk long enough that Mimi's fixed cost a call does not make the stream slower than
+    real time (`steady_chunk`), so it catches up. Not planned (the listener started at the first chunk): never
+    shorter than that, so the stream's own rate never falls to the short chunks' (the whole reply's throughput
+    first: what the stage path's bench measures)."""
     n = fits(ahead_s, frame, decode)
-    return min(most, n) if n >= 1 else steady_chunk(frame, decode, most)
+    if planned:
+        return min(most, n) if n >= 1 else steady_chunk(frame, decode, most)
+    return min(most, max(1, n, steady_chunk(frame, decode, most)))
 
 
 def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: float, most: int) -> bool:
@@ -60,8 +65,8 @@ def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: floa
         if start is None:
             n = min(left, most, max(1, math.ceil((buffer_s - out) / FRAME_S - 1e-9)))
         else:
-            n = min(left, fits(start + out - t, frame, decode), most)
-            if n < 1:
+            n = min(left, next_chunk(start + out - t, frame, decode, most))
+            if t + n * frame + decode > start + out + 1e-9:  # not ready when the audio before it has played
                 return True
         t += n * frame + decode
         out += n * FRAME_S
@@ -216,21 +221,21 @@ class MarvisTTS:
                     queued = first * FRAME_S - (now - started)  # audio out minus audio played since
                     if ahead is not None:
                         queued = max(queued, ahead())
-                    target = self._next_chunk(queued, cfg.chunk_frames)
+                    target = self._next_chunk(queued, cfg.chunk_frames, planned=waiting is not None)
                     short = waiting() if waiting is not None else 0.0
                     if short > 0:  # the listener waits for the buffer: the fewest frames that fill it
                         target = min(cfg.chunk_frames, max(1, math.ceil(short / FRAME_S - 1e-9)))
             if pending:
                 yield self._chunk(decoder, pending, first)
 
-    def _next_chunk(self, ahead_s: float, most: int) -> int:
+    def _next_chunk(self, ahead_s: float, most: int, planned: bool = False) -> int:
         """Frames in the next chunk (`next_chunk`) at the rate and Mimi cost measured so far."""
         frame = self.frame_seconds
         if frame is None:  # not measured yet: the smallest step
             return 1
         if frame <= 0:
             return most
-        return next_chunk(ahead_s, frame, self.decode_seconds, most)
+        return next_chunk(ahead_s, frame, self.decode_seconds, most, planned)
 
     def _chunk(self, decoder, frames: list[np.ndarray], first: int) -> AudioChunk:
         codes = np.stack(frames, axis=1)
