@@ -439,8 +439,8 @@ def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, mon
     """A reply spoken through `ReplyVoice` on a simulated clock (each frame takes `frame_s`, each Mimi call 30 ms
     plus 4 ms a frame, as moshi's streaming decode does here): the buffer chosen at the first chunk, and the chunks
     that fill it and follow, play without a gap (RATE_MARGIN off: the rate planned is the rate met), and one frame
-    less would run dry as planned. Playback starts once one chunk of the fewest frames has filled the buffer,
-    not after the stream's steady chunk."""
+    less would run dry as planned. Playback starts once the fewest frames, in the fewest chunks, have filled the
+    buffer, not after the stream's steady chunk."""
     import pipelines.tts.stage as stage
     from agent.metrics import play
     from agent.sinks import ReplaySink
@@ -482,7 +482,8 @@ def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, mon
         assert voice.prebuffer == start_buffer(sum(sizes), 2, frame_s, 0.038, 8, 0.08)  # decoded 2 frames: 38 ms
         assert runs_dry(voice.prebuffer - 0.08, sum(sizes), 2, frame_s, 0.038, 8)
     fill = max(0, math.ceil((voice.prebuffer - 0.16) / 0.08 - 1e-9))  # frames after the first chunk's two
-    assert wait <= fill * frame_s + (0.030 + 0.004 * fill if fill else 0.0) + 1e-6, (wait, sizes)  # one chunk fills it
+    calls = math.ceil(fill / 8)  # the fewest chunks of at most chunk_frames that hold them
+    assert wait <= fill * (frame_s + 0.004) + calls * 0.030 + 1e-6, (wait, sizes)
 
 
 def test_the_buffer_is_sized_from_this_streams_own_frames(tiny_tts):
