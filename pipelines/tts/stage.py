@@ -82,7 +82,7 @@ def start_buffer(frames: int, made: int, frame: float, decode: float, most: int,
     if made >= frames or not runs_dry(made * FRAME_S, frames, made, frame, decode, most):
         return least_s
     lo, hi = made + 1, frames
-    while lo < hi:  # the fewest frames buffered that never run dry (more buffered never runs dry sooner)
+    while lo < hi:  # bisect on whole frames; `hi` only ever holds a buffer that does not run dry
         mid = (lo + hi) // 2
         if runs_dry(mid * FRAME_S, frames, made, frame, decode, most):
             lo = mid + 1
