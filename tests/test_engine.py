@@ -259,7 +259,7 @@ def test_prebuffer_follows_the_measured_tts_rate(make_engine, tiny_tts):
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # 0.102 s a frame: RTF 1.275
         frames = 12 + len("Hello there.")
         need = engine.prebuffer_s("Hello there.", cfg)
-        assert need == pytest.approx(start_buffer(frames, 2, 1.2 * 0.100, 0.016, 8))
+        assert need == pytest.approx(start_buffer(frames, 2, tiny_tts.rate_margin() * 0.100, 0.016, 8))
         assert need > (1.275 - 1) * frames * 0.08  # at least what it falls behind at the rate measured
     finally:
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved

@@ -427,9 +427,11 @@ def test_what_marvis_tells_the_engine(tiny_tts):
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.100, 0.016  # slower than real time
         frames = 2 + len("Hello there.")  # its frame cap: under the 20 of max_audio_length_ms
         need = tiny_tts.prebuffer_s("Hello there.", cfg, 0.08)
-        assert need == pytest.approx(start_buffer(frames, 2, 1.2 * 0.100, 0.016, 8))  # planned a fifth slower
+        margin = tiny_tts.rate_margin()  # planned slower than measured
+        assert 1.05 <= margin <= 1.3
+        assert need == pytest.approx(start_buffer(frames, 2, margin * 0.100, 0.016, 8))
         assert 0.08 < need < frames * 0.08  # some of it, not all
-        assert tiny_tts.prebuffer_s("x" * 200, cfg, 0.08) == pytest.approx(start_buffer(20, 2, 0.12, 0.016, 8))
+        assert tiny_tts.prebuffer_s("x" * 200, cfg, 0.08) == pytest.approx(start_buffer(20, 2, margin * 0.1, 0.016, 8))
     finally:
         tiny_tts.frame_seconds, tiny_tts.decode_seconds = saved
 
@@ -438,15 +440,14 @@ def test_what_marvis_tells_the_engine(tiny_tts):
 def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, monkeypatch):
     """A reply spoken through `ReplyVoice` on a simulated clock (each frame takes `frame_s`, each Mimi call 30 ms
     plus 4 ms a frame, as moshi's streaming decode does here): the buffer chosen at the first chunk, and the chunks
-    that fill it and follow, play without a gap (RATE_MARGIN off: the rate planned is the rate met), and one frame
+    that fill it and follow, play without a gap (no margin: the rate planned is the rate met), and one frame
     less would run dry as planned. Playback starts once the fewest frames, in the fewest chunks, have filled the
     buffer, not after the stream's steady chunk."""
-    import pipelines.tts.stage as stage
     from agent.metrics import play
     from agent.sinks import ReplaySink
     from agent.voice import ReplyVoice
 
-    monkeypatch.setattr(stage, "RATE_MARGIN", 1.0)
+    monkeypatch.setattr(tiny_tts, "rate_margin", lambda: 1.0)
     cfg = GenerationConfig(seed=0, max_audio_length_ms=4000, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
     text = "Hello there, how are you doing on this fine day?"
     now = [0.0]
@@ -484,6 +485,44 @@ def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, mon
     fill = max(0, math.ceil((voice.prebuffer - 0.16) / 0.08 - 1e-9))  # frames after the first chunk's two
     calls = math.ceil(fill / 8)  # the fewest chunks of at most chunk_frames that hold them
     assert wait <= fill * (frame_s + 0.004) + calls * 0.030 + 1e-6, (wait, sizes)
+
+
+def test_the_margin_follows_how_much_the_frames_vary(tiny_tts, monkeypatch):
+    """The buffer is planned for a rate slower than the first interval measured by as much as intervals vary: a
+    stream's spread (coefficient of variation) sets the next margin, 1 + 2 spreads within 1.05-1.3; before any
+    stream, RATE_MARGIN. A steadier machine gets a smaller buffer for the same measured rate."""
+    import pipelines.tts.stage as stage
+
+    monkeypatch.setattr(tiny_tts, "rate_spread", None)
+    assert tiny_tts.rate_margin() == stage.RATE_MARGIN
+    cfg = GenerationConfig(seed=0, max_audio_length_ms=2000, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
+    now, pattern = [0.0], []
+
+    def clock():  # frame n is `pattern[n % len]` seconds after the one before
+        return now[0]
+
+    frames = tiny_tts.frames.frames
+
+    def timed(*a, **k):
+        for n, codes in enumerate(frames(*a, **k)):
+            now[0] += pattern[n % len(pattern)]
+            yield codes
+
+    monkeypatch.setattr(tiny_tts, "clock", clock)
+    monkeypatch.setattr(tiny_tts.frames, "frames", timed)
+    margins = {}
+    for name, intervals in {"steady": [0.060], "busy": [0.055, 0.065]}.items():
+        pattern[:] = intervals
+        for _ in tiny_tts.stream("Hello there, how are you?", 0, config=cfg):
+            pass
+        for _ in tiny_tts.stream("Hi.", 0, config=cfg):  # the spread is taken as the next stream starts
+            break
+        margins[name] = tiny_tts.rate_margin()
+        tiny_tts._intervals, tiny_tts.frame_seconds, tiny_tts.decode_seconds = [0.060], 0.060, 0.030
+        margins[name + " buffer"] = tiny_tts.prebuffer_s("Hello there, how are you doing today?", cfg, 0.08)
+    assert margins["steady"] == 1.05  # no spread: the floor
+    assert margins["busy"] == pytest.approx(1.0 + 2 * 0.005 / 0.06, abs=0.01)  # 60 ms +- 5: spread 1/12
+    assert margins["steady buffer"] < margins["busy buffer"]
 
 
 def test_the_buffer_is_sized_from_this_streams_own_frames(tiny_tts):

@@ -23,7 +23,9 @@ from pipelines.tts.codec import FRAME_SIZE
 from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, PrefixCache
 from pipelines.tts.prompt import FRAME_MS, Prompt, PromptBuilder, TextTokenizer, chars_that_fit, frame_cap
 
-RATE_MARGIN = 1.2  # the buffer is sized for a rate this much slower than the one measured
+RATE_MARGIN = 1.2  # the buffer is sized for a rate this much slower than the one measured (before any spread is)
+MARGIN_SPREADS = 2.0  # once the frames' spread is known: 1 + this many coefficients of variation of an interval
+MARGIN_RANGE = (1.05, 1.3)  # the margin stays within these
 FRAME_S = FRAME_MS / 1000
 FRAME_SPARE = 1.25  # a chunk is planned with a quarter of a frame's time spare per frame: the next frames may be slower
 
@@ -113,6 +115,7 @@ class MarvisTTS:
         self.frame_seconds: float | None = None  # measured seconds from frame to frame while streaming, smoothed
         self.decode_seconds = 0.0  # the last Mimi chunk decode
         self._intervals: list[float] = []  # frame to frame in the current (or last) stream call
+        self.rate_spread: float | None = None  # the frame-to-frame intervals' coefficient of variation, last stream
         self.cores = CoreMeter()  # what other programs leave free: sizes Mimi's thread pool at each call
 
     @property
@@ -156,16 +159,26 @@ class MarvisTTS:
     def prebuffer_s(self, text: str, config: GenerationConfig | None = None, least_s: float = 0.0) -> float:
         """Audio to buffer before `text` starts playing (the stream under way has made its first chunk), at least
         `least_s`: the least from which the chunks `stream` goes on to make never let the listener run dry, at the
-        rate measured now (this call's own frames once it has two) made a fifth slower (a few frames' rate is noisy,
-        and a busy machine's frames vary), over the frames `text` may run to. `least_s` when nothing is measured."""
+        rate measured now (this call's own frames once it has two) made slower by `rate_margin` (one interval is a
+        noisy sample, and a busy machine's frames vary), over the frames `text` may run to. `least_s` when nothing
+        is measured."""
         cfg = config or self.config
         seconds = float(np.mean(self._intervals)) if self._intervals else self.frame_seconds
         if seconds is None:
             return least_s
         frames = frame_cap(text.strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
         made = min(frames, cfg.first_chunk_frames)
-        return max(least_s, start_buffer(frames, made, RATE_MARGIN * seconds, self.decode_seconds, cfg.chunk_frames,
-                                         least_s))
+        return max(least_s, start_buffer(frames, made, self.rate_margin() * seconds, self.decode_seconds,
+                                         cfg.chunk_frames, least_s))
+
+    def rate_margin(self) -> float:
+        """How much slower than the rate measured the buffer is planned for: a reply's first interval is one sample
+        of a rate that varies, by little on an idle machine and by much on a busy one. From the spread of the last
+        stream's intervals (two coefficients of variation, within MARGIN_RANGE); RATE_MARGIN before one is known."""
+        if self.rate_spread is None:
+            return RATE_MARGIN
+        low, high = MARGIN_RANGE
+        return min(high, max(low, 1.0 + MARGIN_SPREADS * self.rate_spread))
 
     def prepare_context(self, context: Sequence[Segment]) -> int:
         """Get ready for a next call whose context is `context`: encode its audio (cached) and run its rows
@@ -199,6 +212,8 @@ class MarvisTTS:
         if ahead is not None and self.frame_seconds:  # audio still queued: the first chunk may be longer
             target = max(target, min(cfg.chunk_frames, fits(ahead(), self.frame_seconds, self.decode_seconds)))
         started = last = None
+        if len(self._intervals) >= 4:  # the last stream's spread, before its intervals are dropped
+            self.rate_spread = float(np.std(self._intervals) / np.mean(self._intervals))
         self._intervals = []
         self.codec.use_threads(threads_for(self.cores.free(), self.cores.cores))
         with self.codec.stream_decoder() as decoder:
