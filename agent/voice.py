@@ -116,8 +116,10 @@ class ReplyVoice:
         # a later piece starts while the earlier ones still play: the TTS may make long chunks from the start
         audio, codes = [], []
         began = self.clock()
+        # the first piece's buffer is planned over its chunks (`waiting`); a later one follows the audio queued
+        waiting = self.waiting_s if self.prebuffer is None else None
         for n, chunk in enumerate(self.tts.stream(text, self.speaker, self.context + self.own_context(), self.voice,
-                                                  self.config, self.cancelled, self.queued_s, self.waiting_s)):
+                                                  self.config, self.cancelled, self.queued_s, waiting)):
             ready = self.clock()
             self._mark("first_tts_chunk", ready)
             if self.cancelled():
