@@ -67,7 +67,7 @@ def play(timeline: list[tuple], sample_rate: int, jitter_s: float, complete: boo
     out, buffered = Playback(), 0.0
     for ready, samples, *_ in timeline:
         buffered += samples / rate
-        if buffered >= jitter_s:
+        if buffered >= jitter_s - 1e-9:  # whole frames of buffer: a float sum of chunks must not fall just short
             out.start = ready
             break
     if out.start is None and complete and timeline:

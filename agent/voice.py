@@ -185,7 +185,8 @@ class ReplyVoice:
         if self.prebuffer is None:
             return 0.0
         heard = play(self.timeline, self.tts.sample_rate, self.prebuffer, complete=False)
-        return 0.0 if heard.start is not None else max(0.0, self.prebuffer - heard.waiting_s)
+        short = self.prebuffer - heard.waiting_s
+        return 0.0 if heard.start is not None or short < 1e-9 else short
 
     # ---- what was said -----------------------------------------------------------------------------------
 

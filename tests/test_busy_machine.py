@@ -62,7 +62,7 @@ def test_chunks_never_so_small_that_mimi_makes_the_stream_slower_than_real_time(
     tiny_tts.frame_seconds, tiny_tts.decode_seconds = 0.050, 0.035
     assert steady_chunk(0.050, 0.035, 8) == 2  # 0.050 + 0.035 / 2 = 0.0675 s a frame: under 0.072
     assert tiny_tts._next_chunk(0.0, 8) == 2  # nothing ahead: still not one frame
-    assert tiny_tts._next_chunk(0.11, 8, planned=True) == 1  # the buffer was planned: the one frame that fits
+    assert tiny_tts._next_chunk(0.11, 8, greedy=True) == 1  # the buffer was planned: the one frame that fits
     assert tiny_tts._next_chunk(0.11, 8) == 2  # the listener started at the first chunk: not below the floor
     assert tiny_tts._next_chunk(2.0, 8) == 8  # far ahead: the longest
     tiny_tts.frame_seconds = 0.075  # slower than 90 % of real time on its own: amortise Mimi all the way

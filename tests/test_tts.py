@@ -15,7 +15,7 @@ from pipelines.messages import Segment, VoiceReference
 from pipelines.tts.codec import FRAME_SIZE, SAMPLE_RATE
 from pipelines.tts.generator import FrameGenerator, GenerationConfig, PrefixCache
 from pipelines.tts.prompt import TextTokenizer, frame_cap
-from pipelines.tts.stage import MarvisTTS, runs_dry, start_buffer
+from pipelines.tts.stage import MarvisTTS, keeps_up, runs_dry, start_buffer
 from pipelines.tts.weights import random_model
 
 K = 32
@@ -481,7 +481,7 @@ def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, mon
     assert sum(sizes) == frame_cap(text, 4000, 1.0, 12)
     if voice.prebuffer > 0.08:  # the least the plan allows: one frame less runs dry
         assert voice.prebuffer == start_buffer(sum(sizes), 2, frame_s, 0.038, 8, 0.08)  # decoded 2 frames: 38 ms
-        assert runs_dry(voice.prebuffer - 0.08, sum(sizes), 2, frame_s, 0.038, 8)
+        assert runs_dry(voice.prebuffer - 0.08, sum(sizes), 2, frame_s, 0.038, 8, keeps_up(frame_s, 0.038, 8))
     fill = max(0, math.ceil((voice.prebuffer - 0.16) / 0.08 - 1e-9))  # frames after the first chunk's two
     calls = math.ceil(fill / 8)  # the fewest chunks of at most chunk_frames that hold them
     assert wait <= fill * (frame_s + 0.004) + calls * 0.030 + 1e-6, (wait, sizes)

@@ -43,20 +43,27 @@ def steady_chunk(frame: float, decode: float, most: int) -> int:
     return most if spare <= 0 else max(1, min(most, math.ceil(decode / spare)))
 
 
-def next_chunk(ahead_s: float, frame: float, decode: float, most: int, planned: bool = True) -> int:
-    """Frames in the next chunk. `planned` (the listener waits for the buffer `start_buffer` chose): the most, up to
-    `most`, that are ready before the audio ahead of the listener runs out; when not even one frame is, it runs dry
-    whatever is made: then a chunk long enough that Mimi's fixed cost a call does not make the stream slower than
-    real time (`steady_chunk`), so it catches up. Not planned (the listener started at the first chunk): never
-    shorter than that, so the stream's own rate never falls to the short chunks' (the whole reply's throughput
-    first: what the stage path's bench measures)."""
+def next_chunk(ahead_s: float, frame: float, decode: float, most: int, greedy: bool = True) -> int:
+    """Frames in the next chunk. `greedy`: the most, up to `most`, that are ready before the audio ahead of the
+    listener runs out; when not even one frame is, it runs dry whatever is made: then a chunk long enough that Mimi's
+    fixed cost a call does not make the stream slower than real time (`steady_chunk`), so it catches up. Not greedy:
+    never shorter than that (the whole utterance's throughput first: a stream slower than real time, or one whose
+    listener started at the first chunk, as the stage path's bench measures)."""
     n = fits(ahead_s, frame, decode)
-    if planned:
+    if greedy:
         return min(most, n) if n >= 1 else steady_chunk(frame, decode, most)
     return min(most, max(1, n, steady_chunk(frame, decode, most)))
 
 
-def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: float, most: int) -> bool:
+def keeps_up(frame: float, decode: float, most: int) -> bool:
+    """Whether a stream at its steady chunks is at least as fast as real time: then short chunks can start playback
+    early and the stream still catches up (`next_chunk` greedy); otherwise every chunk is long (Mimi's cost a call
+    spread thin), since the stream falls behind whatever is done and short chunks only fall further."""
+    return frame + decode / steady_chunk(frame, decode, most) <= FRAME_S
+
+
+def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: float, most: int,
+             greedy: bool = True) -> bool:
     """Whether a listener who waits for `buffer_s` of audio runs dry over an utterance of `frames`, `made` of them
     out in its first chunk, the rest made `frame` seconds each and decoded `decode` seconds a chunk, in the chunks
     `stream` makes: while the listener waits, the fewest frames that fill the buffer; then `next_chunk`."""
@@ -67,9 +74,9 @@ def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: floa
         if start is None:
             n = min(left, most, max(1, math.ceil((buffer_s - out) / FRAME_S - 1e-9)))
         else:
-            n = min(left, next_chunk(start + out - t, frame, decode, most))
-            if t + n * frame + decode > start + out + 1e-9:  # not ready when the audio before it has played
-                return True
+            n = min(left, next_chunk(start + out - t, frame, decode, most, greedy))
+            if t + FRAME_SPARE * n * frame + decode > start + out + 1e-9:  # not ready, with the spare a chunk
+                return True  # is planned with (a long chunk's Mimi call also costs more than the first one's)
         t += n * frame + decode
         out += n * FRAME_S
         left -= n
@@ -79,18 +86,20 @@ def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: floa
 
 
 def start_buffer(frames: int, made: int, frame: float, decode: float, most: int, least_s: float = 0.0) -> float:
-    """The least audio to buffer before playback starts so that the listener never runs dry (`runs_dry`): `least_s`
-    when it can play from the first chunk on; whole frames of audio, at most the whole utterance, otherwise."""
-    if made >= frames or not runs_dry(made * FRAME_S, frames, made, frame, decode, most):
+    """The least audio to buffer before playback starts so that the listener never runs dry (`runs_dry`, greedy
+    chunks when the stream `keeps_up`): `least_s` when it can play from the first chunk on; whole frames of audio,
+    at most the whole utterance, otherwise."""
+    greedy = keeps_up(frame, decode, most)
+    if made >= frames or not runs_dry(made * FRAME_S, frames, made, frame, decode, most, greedy):
         return least_s
     lo, hi = made + 1, frames
     while lo < hi:  # bisect on whole frames; `hi` only ever holds a buffer that does not run dry
         mid = (lo + hi) // 2
-        if runs_dry(mid * FRAME_S, frames, made, frame, decode, most):
+        if runs_dry(mid * FRAME_S, frames, made, frame, decode, most, greedy):
             lo = mid + 1
         else:
             hi = mid
-    return max(least_s, lo * FRAME_S)
+    return max(least_s, lo * FRAME_MS / 1000)  # whole frames, exactly (lo * FRAME_S is off by a float step)
 
 
 class MarvisTTS:
@@ -116,6 +125,7 @@ class MarvisTTS:
         self.decode_seconds = 0.0  # the last Mimi chunk decode
         self._intervals: list[float] = []  # frame to frame in the current (or last) stream call
         self.rate_spread: float | None = None  # the frame-to-frame intervals' coefficient of variation, last stream
+        self._greedy = True  # the chunk rule the last planned buffer assumed (`keeps_up`)
         self.cores = CoreMeter()  # what other programs leave free: sizes Mimi's thread pool at each call
 
     @property
@@ -168,8 +178,9 @@ class MarvisTTS:
             return least_s
         frames = frame_cap(text.strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
         made = min(frames, cfg.first_chunk_frames)
-        return max(least_s, start_buffer(frames, made, self.rate_margin() * seconds, self.decode_seconds,
-                                         cfg.chunk_frames, least_s))
+        planned = self.rate_margin() * seconds
+        self._greedy = keeps_up(planned, self.decode_seconds, cfg.chunk_frames)  # the chunks the plan assumes
+        return max(least_s, start_buffer(frames, made, planned, self.decode_seconds, cfg.chunk_frames, least_s))
 
     def rate_margin(self) -> float:
         """How much slower than the rate measured the buffer is planned for: a reply's first interval is one sample
@@ -236,21 +247,21 @@ class MarvisTTS:
                     queued = first * FRAME_S - (now - started)  # audio out minus audio played since
                     if ahead is not None:
                         queued = max(queued, ahead())
-                    target = self._next_chunk(queued, cfg.chunk_frames, planned=waiting is not None)
+                    target = self._next_chunk(queued, cfg.chunk_frames, greedy=waiting is not None and self._greedy)
                     short = waiting() if waiting is not None else 0.0
                     if short > 0:  # the listener waits for the buffer: the fewest frames that fill it
                         target = min(cfg.chunk_frames, max(1, math.ceil(short / FRAME_S - 1e-9)))
             if pending:
                 yield self._chunk(decoder, pending, first)
 
-    def _next_chunk(self, ahead_s: float, most: int, planned: bool = False) -> int:
+    def _next_chunk(self, ahead_s: float, most: int, greedy: bool = False) -> int:
         """Frames in the next chunk (`next_chunk`) at the rate and Mimi cost measured so far."""
         frame = self.frame_seconds
         if frame is None:  # not measured yet: the smallest step
             return 1
         if frame <= 0:
             return most
-        return next_chunk(ahead_s, frame, self.decode_seconds, most, planned)
+        return next_chunk(ahead_s, frame, self.decode_seconds, most, greedy)
 
     def _chunk(self, decoder, frames: list[np.ndarray], first: int) -> AudioChunk:
         codes = np.stack(frames, axis=1)
