@@ -223,7 +223,7 @@ class MarvisTTS:
         if ahead is not None and self.frame_seconds:  # audio still queued: the first chunk may be longer
             target = max(target, min(cfg.chunk_frames, fits(ahead(), self.frame_seconds, self.decode_seconds)))
         started = last = None
-        if len(self._intervals) >= 4:  # the last stream's spread, before its intervals are dropped
+        if len(self._intervals) >= 4 and np.mean(self._intervals) > 0:  # the last stream's spread, kept as they go
             self.rate_spread = float(np.std(self._intervals) / np.mean(self._intervals))
         self._intervals = []
         self.codec.use_threads(threads_for(self.cores.free(), self.cores.cores))
