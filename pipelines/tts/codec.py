@@ -242,8 +242,8 @@ class _ColumnLinear(torch.nn.Linear):
     """`nn.Linear` as (W @ x.T).T, for the few rows a streamed chunk gives Mimi's decoder transformer (two a frame).
 
     At so few rows the weight read dominates, and BLAS reads a [out, in] weight fastest as the left operand: a
-    1-frame streaming decode went from ~34 to ~26 ms here (the transformer's 32 Linears). Equal to `F.linear`
-    to float rounding (tests/test_tts.py)."""
+    1-frame streamed decode took 28-30 ms against 34-35 with `nn.Linear` (scripts/bench_mimi_chunks.py, two runs;
+    longer chunks 0.79-1.15 of its time, mostly below 1). Equal to `F.linear` to float rounding (tests/test_tts.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
