@@ -55,6 +55,11 @@ def next_chunk(ahead_s: float, frame: float, decode: float, most: int, greedy: b
     return min(most, max(1, n, steady_chunk(frame, decode, most)))
 
 
+def fill_chunk(short_s: float, most: int) -> int:
+    """The fewest frames (at most `most`) that fill `short_s` of audio the listener still waits for."""
+    return min(most, max(1, math.ceil(short_s / FRAME_S - 1e-9)))
+
+
 def keeps_up(frame: float, decode: float, most: int) -> bool:
     """Whether a stream at its steady chunks is at least as fast as real time: then short chunks can start playback
     early and the stream still catches up (`next_chunk` greedy); otherwise every chunk is long (Mimi's cost a call
@@ -72,7 +77,7 @@ def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: floa
         start = 0.0
     while left > 0:
         if start is None:
-            n = min(left, most, max(1, math.ceil((buffer_s - out) / FRAME_S - 1e-9)))
+            n = min(left, fill_chunk(buffer_s - out, most))
         else:
             n = min(left, next_chunk(start + out - t, frame, decode, most, greedy))
             if t + FRAME_SPARE * n * frame + decode > start + out + 1e-9:  # not ready, with the spare a chunk
@@ -155,11 +160,16 @@ class MarvisTTS:
         cfg = config or self.config
         return chars_that_fit(cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
 
+    def _frame_seconds_now(self) -> float | None:
+        """Seconds a frame at the rate measured now: the current stream call's mean interval, the last measured
+        frame's before it has two. None: not measured."""
+        return float(np.mean(self._intervals)) if self._intervals else self.frame_seconds
+
     def rtf_now(self, config: GenerationConfig | None = None) -> float | None:
         """Seconds of work a second of audio at the rate measured now: frame to frame in the current stream call
         (the last one's before it makes a second frame), Mimi's decode spread over the chunks it settles on. None:
         not measured."""
-        seconds = float(np.mean(self._intervals)) if self._intervals else self.frame_seconds
+        seconds = self._frame_seconds_now()
         if seconds is None:
             return None
         cfg = config or self.config
@@ -173,7 +183,7 @@ class MarvisTTS:
         noisy sample, and a busy machine's frames vary), over the frames `text` may run to. `least_s` when nothing
         is measured."""
         cfg = config or self.config
-        seconds = float(np.mean(self._intervals)) if self._intervals else self.frame_seconds
+        seconds = self._frame_seconds_now()
         if seconds is None:
             return least_s
         frames = frame_cap(text.strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
@@ -250,7 +260,7 @@ class MarvisTTS:
                     target = self._next_chunk(queued, cfg.chunk_frames, greedy=waiting is not None and self._greedy)
                     short = waiting() if waiting is not None else 0.0
                     if short > 0:  # the listener waits for the buffer: the fewest frames that fill it
-                        target = min(cfg.chunk_frames, max(1, math.ceil(short / FRAME_S - 1e-9)))
+                        target = fill_chunk(short, cfg.chunk_frames)
             if pending:
                 yield self._chunk(decoder, pending, first)
 
