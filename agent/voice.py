@@ -91,6 +91,7 @@ class ReplyVoice:
         self.timeline: list[tuple[float, int, float]] = []
         self.prebuffer: float | None = None  # seconds buffered before playback, chosen at the first chunk
         self.prebuffer_rtf: float | None = None  # the TTS's real-time factor it was sized from (this reply's)
+        self.prebuffer_margin: float | None = None  # how much slower than that rate the buffer was planned for
         self.rebuffer = 0.0  # seconds a later piece re-buffers if the audio runs dry (the rate dropped mid-reply)
         self.rebuffers: list[float] = []  # each re-buffer threshold set at a piece boundary
         self.written = 0  # samples handed out (before any cut to what was played)
@@ -148,6 +149,8 @@ class ReplyVoice:
         need = self.tts.prebuffer_s(text, self.config, self.least_prebuffer_s)
         if self.prebuffer is None:
             self.prebuffer, self.prebuffer_rtf = need, self.tts.rtf_now(self.config)
+            margin = getattr(self.tts, "rate_margin", None)  # how much slower the plan took the rate to be
+            self.prebuffer_margin = margin() if callable(margin) else None
             if self.sink is not None:
                 self.sink.set_prebuffer(need)
             return
@@ -227,6 +230,8 @@ class ReplyVoice:
         out["prebuffer_ms"] = round(self.prebuffer * 1000.0, 1)
         if self.prebuffer_rtf is not None:  # why: the rate this reply's first frames were made at
             out["prebuffer_rtf"] = round(self.prebuffer_rtf, 3)
+        if self.prebuffer_margin is not None:
+            out["prebuffer_margin"] = round(self.prebuffer_margin, 3)
         if self.rebuffers:
             out["rebuffer_ms"] = round(max(self.rebuffers) * 1000.0, 1)
         audio_s = sum(n for _, n, _ in self.timeline) / self.tts.sample_rate

@@ -23,10 +23,12 @@ from pipelines.tts.codec import FRAME_SIZE
 from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, PrefixCache
 from pipelines.tts.prompt import FRAME_MS, Prompt, PromptBuilder, TextTokenizer, chars_that_fit, frame_cap
 
-RATE_MARGIN = 1.2  # the buffer is sized for a rate this much slower than the one measured (before any spread is)
-MARGIN_SPREADS = 2.0  # once the frames' spread is known: 1 + this many coefficients of variation of an interval
-MARGIN_RANGE = (1.05, 1.3)  # the margin stays within these
+RATE_MARGIN = 1.2  # the buffer is sized for a rate this much slower than the one measured (before any stream has run)
+MARGIN_STREAMS = 3  # once streams have run: the most that any of the last this many needed (`rate_need`)
+MARGIN_RANGE = (1.0, 1.3)  # the margin stays within these
 FRAME_S = FRAME_MS / 1000
+MIMI_PER_FRAME = 0.16  # a Mimi call of n frames costs ~(1 + 0.16 n) times its fixed part (scripts/bench_mimi_chunks.py:
+# ~23 ms + ~4 ms a frame on two threads, ~39 + ~6.4 on one: the ratio holds)
 FRAME_SPARE = 1.25  # a chunk is planned with a quarter of a frame's time spare per frame: the next frames may be slower
 
 
@@ -90,6 +92,16 @@ def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: floa
     return False
 
 
+def rate_need(intervals: Sequence[float]) -> float | None:
+    """The margin a stream's buffer needed: planned from its first frame-to-frame interval, every later frame is
+    made by the time that rate, this many times slower, says (the most of the mean interval from the second on,
+    over the first). None for a stream too short to say (fewer than four intervals)."""
+    if len(intervals) < 4 or intervals[0] <= 0:
+        return None
+    later = np.asarray(intervals[1:], np.float64)
+    return float(np.max(np.cumsum(later) / np.arange(1, len(later) + 1)) / intervals[0])
+
+
 def start_buffer(frames: int, made: int, frame: float, decode: float, most: int, least_s: float = 0.0) -> float:
     """The least audio to buffer before playback starts so that the listener never runs dry (`runs_dry`, greedy
     chunks when the stream `keeps_up`): `least_s` when it can play from the first chunk on; whole frames of audio,
@@ -128,8 +140,9 @@ class MarvisTTS:
         self.clock = time.monotonic
         self.frame_seconds: float | None = None  # measured seconds from frame to frame while streaming, smoothed
         self.decode_seconds = 0.0  # the last Mimi chunk decode
+        self.decode_frames = 0  # the frames it decoded (0: not known; its cost is then taken as all fixed)
         self._intervals: list[float] = []  # frame to frame in the current (or last) stream call
-        self.rate_spread: float | None = None  # the frame-to-frame intervals' coefficient of variation, last stream
+        self.rate_needs: list[float] = []  # what the last streams' buffers needed over their first interval (`rate_need`)
         self._greedy = True  # the chunk rule the last planned buffer assumed (`keeps_up`)
         self.cores = CoreMeter()  # what other programs leave free: sizes Mimi's thread pool at each call
 
@@ -165,6 +178,14 @@ class MarvisTTS:
         frame's before it has two. None: not measured."""
         return float(np.mean(self._intervals)) if self._intervals else self.frame_seconds
 
+    def decode_cost(self) -> tuple[float, float]:
+        """Mimi's cost a call as (fixed seconds, seconds a frame), scaled from the last call's cost and length
+        (`MIMI_PER_FRAME`). The chunk helpers take the per-frame part as part of the frame's time."""
+        if self.decode_frames <= 0:
+            return self.decode_seconds, 0.0
+        fixed = self.decode_seconds / (1.0 + MIMI_PER_FRAME * self.decode_frames)
+        return fixed, MIMI_PER_FRAME * fixed
+
     def rtf_now(self, config: GenerationConfig | None = None) -> float | None:
         """Seconds of work a second of audio at the rate measured now: frame to frame in the current stream call
         (the last one's before it makes a second frame), Mimi's decode spread over the chunks it settles on. None:
@@ -173,8 +194,9 @@ class MarvisTTS:
         if seconds is None:
             return None
         cfg = config or self.config
-        chunk = steady_chunk(seconds, self.decode_seconds, cfg.chunk_frames)  # the chunks the stream settles on
-        return (seconds + self.decode_seconds / chunk) / FRAME_S
+        fixed, per_frame = self.decode_cost()
+        chunk = steady_chunk(seconds + per_frame, fixed, cfg.chunk_frames)  # the chunks the stream settles on
+        return (seconds + per_frame + fixed / chunk) / FRAME_S
 
     def prebuffer_s(self, text: str, config: GenerationConfig | None = None, least_s: float = 0.0) -> float:
         """Audio to buffer before `text` starts playing (the stream under way has made its first chunk), at least
@@ -188,18 +210,20 @@ class MarvisTTS:
             return least_s
         frames = frame_cap(text.strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
         made = min(frames, cfg.first_chunk_frames)
-        planned = self.rate_margin() * seconds
-        self._greedy = keeps_up(planned, self.decode_seconds, cfg.chunk_frames)  # the chunks the plan assumes
-        return max(least_s, start_buffer(frames, made, planned, self.decode_seconds, cfg.chunk_frames, least_s))
+        fixed, per_frame = self.decode_cost()
+        planned = self.rate_margin() * seconds + per_frame
+        self._greedy = keeps_up(planned, fixed, cfg.chunk_frames)  # the chunks the plan assumes
+        return max(least_s, start_buffer(frames, made, planned, fixed, cfg.chunk_frames, least_s))
 
     def rate_margin(self) -> float:
         """How much slower than the rate measured the buffer is planned for: a reply's first interval is one sample
-        of a rate that varies, by little on an idle machine and by much on a busy one. From the spread of the last
-        stream's intervals (two coefficients of variation, within MARGIN_RANGE); RATE_MARGIN before one is known."""
-        if self.rate_spread is None:
+        of a rate that varies, by little on an idle machine and by much on a busy one, and drifts as a stream goes
+        on. The most the last MARGIN_STREAMS streams needed (`rate_need`, within MARGIN_RANGE); RATE_MARGIN before
+        any has run."""
+        if not self.rate_needs:
             return RATE_MARGIN
         low, high = MARGIN_RANGE
-        return min(high, max(low, 1.0 + MARGIN_SPREADS * self.rate_spread))
+        return min(high, max(low, max(self.rate_needs)))
 
     def prepare_context(self, context: Sequence[Segment]) -> int:
         """Get ready for a next call whose context is `context`: encode its audio (cached) and run its rows
@@ -231,10 +255,12 @@ class MarvisTTS:
         pending: list[np.ndarray] = []
         first, target = 0, cfg.first_chunk_frames
         if ahead is not None and self.frame_seconds:  # audio still queued: the first chunk may be longer
-            target = max(target, min(cfg.chunk_frames, fits(ahead(), self.frame_seconds, self.decode_seconds)))
+            fixed, per_frame = self.decode_cost()
+            target = max(target, min(cfg.chunk_frames, fits(ahead(), self.frame_seconds + per_frame, fixed)))
         started = last = None
-        if len(self._intervals) >= 4 and np.mean(self._intervals) > 0:  # the last stream's spread, kept as they go
-            self.rate_spread = float(np.std(self._intervals) / np.mean(self._intervals))
+        need = rate_need(self._intervals)  # the last stream's, taken as the next one starts
+        if need is not None:
+            self.rate_needs = (self.rate_needs + [need])[-MARGIN_STREAMS:]
         self._intervals = []
         self.codec.use_threads(threads_for(self.cores.free(), self.cores.cores))
         with self.codec.stream_decoder() as decoder:
@@ -271,13 +297,15 @@ class MarvisTTS:
             return 1
         if frame <= 0:
             return most
-        return next_chunk(ahead_s, frame, self.decode_seconds, most, greedy)
+        fixed, per_frame = self.decode_cost()
+        return next_chunk(ahead_s, frame + per_frame, fixed, most, greedy)
 
     def _chunk(self, decoder, frames: list[np.ndarray], first: int) -> AudioChunk:
         codes = np.stack(frames, axis=1)
         t0 = self.clock()
         audio = decoder.decode(codes)
-        self.decode_seconds = self.clock() - t0  # Mimi's cost per call is mostly fixed: the last one stands for the next
+        self.decode_seconds = self.clock() - t0  # the last call stands for the next (`decode_cost`)
+        self.decode_frames = len(frames)
         return AudioChunk(audio, codes, first, self.sample_rate, self.samples_per_frame)
 
     def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
