@@ -149,8 +149,7 @@ class ReplyVoice:
         need = self.tts.prebuffer_s(text, self.config, self.least_prebuffer_s)
         if self.prebuffer is None:
             self.prebuffer, self.prebuffer_rtf = need, self.tts.rtf_now(self.config)
-            margin = getattr(self.tts, "rate_margin", None)  # how much slower the plan took the rate to be
-            self.prebuffer_margin = margin() if callable(margin) else None
+            self.prebuffer_margin = self.tts.rate_margin()  # how much slower the plan took the rate to be
             if self.sink is not None:
                 self.sink.set_prebuffer(need)
             return

@@ -122,3 +122,5 @@ class TTSStage(Protocol):
         more when this TTS makes audio slower than real time now, so that the piece plays without a gap."""
     def rtf_now(self, config) -> float | None:
         """Seconds of work per second of audio as measured now, in the stream under way (None: not measured)."""
+    def rate_margin(self) -> float | None:
+        """How much slower than measured `prebuffer_s` takes the rate to be (None: it plans no rate)."""

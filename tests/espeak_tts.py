@@ -100,3 +100,6 @@ class EspeakTTS:
 
     def rtf_now(self, config: EspeakConfig | None = None) -> float | None:
         return self.rtf  # the last piece's synthesis time over its audio
+
+    def rate_margin(self) -> float | None:
+        return None  # the whole piece is made before it plays: no rate is planned

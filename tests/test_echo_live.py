@@ -61,6 +61,7 @@ class EspeakVoice:
     def max_chars(self, config): return None
     def prebuffer_s(self, text, config, least_s): return least_s
     def rtf_now(self, config): return None
+    def rate_margin(self): return None
 
     def stream(self, text, speaker=0, context=(), voice=None, config=None, cancelled=lambda: False, ahead=None,
                waiting=None):

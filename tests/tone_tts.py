@@ -75,3 +75,6 @@ class ToneTTS:
 
     def rtf_now(self, config) -> float | None:
         return None  # no model: nothing measured
+
+    def rate_margin(self) -> float | None:
+        return None
