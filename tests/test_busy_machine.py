@@ -72,7 +72,8 @@ def test_chunks_never_so_small_that_mimi_makes_the_stream_slower_than_real_time(
 def test_no_stage_pool_spins(tmp_path, tiny_args):
     """Every ONNX Runtime pool of the agent sleeps between ops instead of spinning: with another program on one of
     two cores, a spinning pool waits at each op for its descheduled thread (the reply LLM spun inside a run: 22-26 ms
-    a delta with a core taken against 17 on one idle thread; scripts/bench_threads.py)."""
+    a delta with a core taken against 17 on one idle thread; scripts/bench_threads.py). The one exception is the
+    TTS frame graph's second session, which spins inside a run and is used only while every core is free."""
     from agent.build import build_asr, build_llm
     from agent.config import load_config
     from conftest import require_checkpoints
@@ -85,6 +86,43 @@ def test_no_stage_pool_spins(tmp_path, tiny_args):
     asr = build_asr(cfg)
     net = asr._network()
     sessions.update(asr_encoder=net.encoder.session, asr_decoder=net.decoder.session, asr_cross=net.decoder.cross)
-    sessions["tts"] = OrtFrameModel(random_model(tiny_args, seed=0).model, cache_dir=tmp_path / "tts").session
+    tts = OrtFrameModel(random_model(tiny_args, seed=0).model, cache_dir=tmp_path / "tts")
+    sessions["tts"] = tts.session
     for name, session in sessions.items():
         assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0", name
+    spinning = tts.spinning.get_session_options()
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert spinning.get_session_config_entry("session.force_spinning_stop") == "1"  # sleeps once a run ends
+
+
+def test_the_frame_pool_spins_only_while_every_core_is_free(tiny_args, tiny_tokenizer, mimi, tmp_path_factory,
+                                                            monkeypatch):
+    """The TTS stage looks at the cores other programs leave free at each chunk: the frames run on the spinning
+    session only while every core is free (idle: ~50 ms a frame against 59 sleeping; with a core taken a spinning
+    pool takes 126 against 71), and both sessions make the same frames."""
+    import numpy as np
+
+    from pipelines.tts.generator import GenerationConfig
+    from test_tts import make_tts
+
+    tts = make_tts(tiny_args, tiny_tokenizer, mimi, "onnx", tmp_path_factory)
+    ort = tts.frames.backend.ort
+    assert ort.spinning is not ort.session
+    cfg = GenerationConfig(seed=0, max_audio_length_ms=800, chunk_frames=2, first_chunk_frames=2, stop_on_eos=False)
+    looks = iter([2.0, 2.0, 1.0, 1.0, 2.0] + [2.0] * 20)  # the cores free at the stream's start, then at each chunk
+    monkeypatch.setattr(tts.cores, "cores", 2)
+    monkeypatch.setattr(tts.cores, "free", lambda: next(looks))
+    used = []
+    run = ort.run
+
+    def spied(*a, **k):
+        used.append(ort.spin)
+        return run(*a, **k)
+
+    monkeypatch.setattr(ort, "run", spied)
+    chunks = [c.codes for c in tts.stream("hello there how are you", 0, config=cfg)]
+    frames = used[-sum(c.shape[1] for c in chunks):]  # the session each frame ran on
+    assert frames[:4] == [True, True, True, True] and frames[4:8] == [False] * 4 and frames[8] is True, frames
+    monkeypatch.setattr(tts.cores, "free", lambda: 1.0)  # a core taken all along: the sleeping pool, same frames
+    again = [c.codes for c in tts.stream("hello there how are you", 0, config=cfg)]
+    assert np.array_equal(np.concatenate(chunks, axis=1), np.concatenate(again, axis=1))

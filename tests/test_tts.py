@@ -135,6 +135,9 @@ class ScriptedFrames:
     def make_cache(self):
         return _Offset()
 
+    def use_spin(self, on):
+        pass
+
     def rng(self, cfg):
         return None
 

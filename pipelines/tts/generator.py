@@ -119,6 +119,9 @@ class MLXFrames:
     def make_cache(self) -> _MLXCache:
         return _MLXCache(self.model.make_backbone_cache())
 
+    def use_spin(self, on: bool) -> None:
+        """MLX's CPU pool has no such choice."""
+
     def rng(self, cfg: GenerationConfig):
         import mlx.core as mx
 
@@ -169,6 +172,10 @@ class OrtFrames:
 
     def make_cache(self):
         return self.ort.make_cache()
+
+    def use_spin(self, on: bool) -> None:
+        """Run the frames on the session whose pool spins inside a run (`on`: every core is free) or sleeps."""
+        self.ort.spin = on
 
     def rng(self, cfg: GenerationConfig):
         if cfg.temperature <= 0:

@@ -203,12 +203,17 @@ class OrtFrameModel:
         self.num_codebooks = a.audio_num_codebooks
         self.vocab = a.audio_vocab_size
         self.block = precision.block if precision.bits else None
-        # the pool sleeps, never spins: on two cores with another program busy on one, a spinning pool waited at
-        # every op for its descheduled thread (126 ms a frame vs 71 sleeping; idle 50 vs 59: bench agent --load)
+        # two sessions of the one graph: a pool that sleeps, and one that spins inside a run. On two cores with
+        # another program busy on one, a spinning pool waited at every op for its descheduled thread (126 ms a frame
+        # vs 71 sleeping); on idle cores it is the faster (50 vs 59: docs/performance.md §4). `spin` chooses, at
+        # each frame (the TTS stage sets it from the cores other programs leave free); the same numbers either way
         net = OrtNet(cache_dir, FORMAT_VERSION, precision, lambda: build_pieces(model), ("frame",),
                      f"building the ONNX TTS ({precision.label}, once per checkpoint)" if progress else None,
-                     compose=lambda pieces: compose_frame(pieces, a), threads=threads, spin=False, profile=profile)
+                     compose=lambda pieces: compose_frame(pieces, a), threads=threads, spin=False, profile=profile,
+                     also_spinning=True)
         self.built, self.session = net.built, net.sessions["frame"]
+        self.spinning = net.spinning.get("frame", self.session)
+        self.spin = False
         self._codes = np.zeros(self.num_codebooks, np.int64)
         self._logits = np.zeros((self.num_codebooks, self.vocab), np.float32)
         import onnxruntime as ort
@@ -228,7 +233,8 @@ class OrtFrameModel:
         T, start, K = len(tokens), cache.offset, self.num_codebooks
         if start + T > cache.max_len:
             raise ValueError(f"the TTS cache holds {cache.max_len} positions; {start} + {T} rows do not fit")
-        bind = self.session.io_binding()
+        session = self.spinning if self.spin else self.session
+        bind = session.io_binding()
         feeds = {
             "tokens": np.ascontiguousarray(tokens, np.int64),
             "mask": np.ascontiguousarray(mask, np.float32),
@@ -249,7 +255,7 @@ class OrtFrameModel:
             bind.bind_ortvalue_output(f"backbone.present_v{i}", v)
         for name, value in self._outputs.items():
             bind.bind_ortvalue_output(name, value)
-        self.session.run_with_iobinding(bind)
+        session.run_with_iobinding(bind)
         cache.offset = start + T
         return self._codes.astype(np.int32), self._logits
 

@@ -262,7 +262,7 @@ class MarvisTTS:
         if need is not None:
             self.rate_needs = (self.rate_needs + [need])[-MARGIN_STREAMS:]
         self._intervals = []
-        self.codec.use_threads(threads_for(self.cores.free(), self.cores.cores))
+        self._use_cores()
         with self.codec.stream_decoder() as decoder:
             for codes in self.frames.frames(prompt, cfg, self.prefix):
                 if cancelled():
@@ -278,6 +278,7 @@ class MarvisTTS:
                     yield self._chunk(decoder, pending, first)
                     first += len(pending)
                     pending = []
+                    self._use_cores()
                     now = last = self.clock()
                     started = now if started is None else started
                     queued = first * FRAME_S - (now - started)  # audio out minus audio played since
@@ -289,6 +290,13 @@ class MarvisTTS:
                         target = fill_chunk(short, cfg.chunk_frames)
             if pending:
                 yield self._chunk(decoder, pending, first)
+
+    def _use_cores(self) -> None:
+        """Size Mimi's pool to the cores other programs leave free now, and let the frame pool spin inside a run
+        only while every core is (a spinning pool on a core another program holds waits at every op)."""
+        free = self.cores.free()
+        self.codec.use_threads(threads_for(free, self.cores.cores))
+        self.frames.backend.use_spin(free >= self.cores.cores - 0.25)
 
     def _next_chunk(self, ahead_s: float, most: int, greedy: bool = False) -> int:
         """Frames in the next chunk (`next_chunk`) at the rate and Mimi cost measured so far."""
