@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.messages import TIME_EPS
+
 STAGES = ["endpoint", "asr_final", "llm_first_token", "first_sentence", "first_tts_chunk", "first_sample_played"]
 LABELS = {
     "endpoint": "endpoint",
@@ -67,7 +69,7 @@ def play(timeline: list[tuple], sample_rate: int, jitter_s: float, complete: boo
     out, buffered = Playback(), 0.0
     for ready, samples, *_ in timeline:
         buffered += samples / rate
-        if buffered >= jitter_s - 1e-9:  # whole frames of buffer: a float sum of chunks must not fall just short
+        if buffered >= jitter_s - TIME_EPS:  # whole frames of buffer: a float sum of chunks must not fall just short
             out.start = ready
             break
     if out.start is None and complete and timeline:

@@ -20,7 +20,7 @@ import numpy as np
 
 from agent.metrics import audio_ahead, play, playback_stalls
 from pipelines.llm.sentences import clean_for_speech, split_to_fit
-from pipelines.messages import AudioChunk, Segment, TTSStage, VoiceReference
+from pipelines.messages import TIME_EPS, AudioChunk, Segment, TTSStage, VoiceReference
 
 
 class ChunkSink(Protocol):
@@ -188,7 +188,7 @@ class ReplyVoice:
             return 0.0
         heard = play(self.timeline, self.tts.sample_rate, self.prebuffer, complete=False)
         short = self.prebuffer - heard.waiting_s
-        return 0.0 if heard.start is not None or short < 1e-9 else short
+        return 0.0 if heard.start is not None or short < TIME_EPS else short
 
     # ---- what was said -----------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 TTS_SAMPLE_RATE = 24_000  # Mimi's rate: all Marvis says; another TTS stage tells its own (`TTSStage.sample_rate`)
+TIME_EPS = 1e-9  # seconds: a float sum of chunk lengths may fall this short of a whole number of frames
 
 
 # ---- conversation -> TTS -----------------------------------------------------------------------------------

@@ -456,15 +456,15 @@ class OrtNet:
     def __init__(self, cache_dir: Path | None, fmt: int, precision: Precision, build: Callable[[], dict],
                  names: tuple[str, ...], progress: str | None = None, compose: Callable[[dict], dict] | None = None,
                  threads: int | None = None, spin: bool | str = False, profile: bool = False,
-                 also_spinning: bool = False):
+                 also_spinning: tuple[str, ...] = ()):
         self.precision = precision
         folder, self.built = build_cached(cache_dir, precision.stamp(fmt), build, progress, compose=compose)
         threads = threads or os.cpu_count() or 1
         self.sessions = {name: session(folder / f"{name}.onnx", threads, spin=spin, profile=profile)
                          for name in names}
-        # `spinning`: a second session of each graph whose pool spins inside a run, opened only when asked for
+        # `spinning`: a second session of the graphs named in `also_spinning`, whose pool spins inside a run
         self.spinning = {name: session(folder / f"{name}.onnx", threads, spin="run")
-                         for name in names} if also_spinning and not profile else {}
+                         for name in also_spinning} if not profile else {}
         if cache_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -210,7 +210,7 @@ class OrtFrameModel:
         net = OrtNet(cache_dir, FORMAT_VERSION, precision, lambda: build_pieces(model), ("frame",),
                      f"building the ONNX TTS ({precision.label}, once per checkpoint)" if progress else None,
                      compose=lambda pieces: compose_frame(pieces, a), threads=threads, spin=False, profile=profile,
-                     also_spinning=True)
+                     also_spinning=("frame",))
         self.built, self.session = net.built, net.sessions["frame"]
         self.spinning = net.spinning.get("frame", self.session)
         self.spin = False

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipelines.cores import CoreMeter, threads_for
 from pipelines.errors import CheckpointError
-from pipelines.messages import TTS_SAMPLE_RATE, AudioChunk, Segment, Speech, VoiceReference
+from pipelines.messages import TIME_EPS, TTS_SAMPLE_RATE, AudioChunk, Segment, Speech, VoiceReference
 from pipelines.tts.codec import FRAME_SIZE
 from pipelines.tts.generator import FrameGenerator, GenerationConfig, MLXFrames, PrefixCache
 from pipelines.tts.prompt import FRAME_MS, Prompt, PromptBuilder, TextTokenizer, chars_that_fit, frame_cap
@@ -59,7 +59,7 @@ def next_chunk(ahead_s: float, frame: float, decode: float, most: int, greedy: b
 
 def fill_chunk(short_s: float, most: int) -> int:
     """The fewest frames (at most `most`) that fill `short_s` of audio the listener still waits for."""
-    return min(most, max(1, math.ceil(short_s / FRAME_S - 1e-9)))
+    return min(most, max(1, math.ceil(short_s / FRAME_S - TIME_EPS)))
 
 
 def keeps_up(frame: float, decode: float, most: int) -> bool:
@@ -75,19 +75,19 @@ def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: floa
     out in its first chunk, the rest made `frame` seconds each and decoded `decode` seconds a chunk, in the chunks
     `stream` makes: while the listener waits, the fewest frames that fill the buffer; then `next_chunk`."""
     t, out, left, start = 0.0, made * FRAME_S, frames - made, None
-    if out >= buffer_s - 1e-9:
+    if out >= buffer_s - TIME_EPS:
         start = 0.0
     while left > 0:
         if start is None:
             n = min(left, fill_chunk(buffer_s - out, most))
         else:
             n = min(left, next_chunk(start + out - t, frame, decode, most, greedy))
-            if t + FRAME_SPARE * n * frame + decode > start + out + 1e-9:  # not ready, with the spare a chunk
+            if t + FRAME_SPARE * n * frame + decode > start + out + TIME_EPS:  # not ready, with the spare a chunk
                 return True  # is planned with (a long chunk's Mimi call also costs more than the first one's)
         t += n * frame + decode
         out += n * FRAME_S
         left -= n
-        if start is None and out >= buffer_s - 1e-9:
+        if start is None and out >= buffer_s - TIME_EPS:
             start = t
     return False
 
