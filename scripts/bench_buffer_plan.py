@@ -1,7 +1,7 @@
 """How well the playback buffer is planned, on frame timings recorded from the real TTS.
 
     .venv/bin/python scripts/bench_buffer_plan.py record /tmp/traces.json [--loads 0,0.5,1] [--reps 3]
-    .venv/bin/python scripts/bench_buffer_plan.py replay /tmp/traces.json [more.json ...]
+    .venv/bin/python scripts/bench_buffer_plan.py replay /tmp/traces.json [more.json ...] [--margin-streams N]
 
 `record` streams four sentences `--reps` times with the default config's TTS, with another process busy on each
 share of one core in `--loads` (agent/bench/load.py), and keeps each stream's frame-to-frame intervals.
@@ -135,10 +135,16 @@ def main() -> None:
     rec.add_argument("--reps", type=int, default=3)
     rep = sub.add_parser("replay")
     rep.add_argument("traces", type=Path, nargs="+")
+    rep.add_argument("--margin-streams", type=int, default=None,
+                     help="plan with the most the last N streams needed (the stage's MARGIN_STREAMS otherwise)")
     opts = ap.parse_args()
     if opts.what == "record":
         record(opts.out, [float(x) for x in opts.loads.split(",")], opts.reps)
     else:
+        if opts.margin_streams is not None:
+            import pipelines.tts.stage as stage
+
+            stage.MARGIN_STREAMS = max(1, opts.margin_streams)
         replay(opts.traces)
 
 

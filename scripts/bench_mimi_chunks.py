@@ -1,7 +1,7 @@
 """What a streamed Mimi decode costs by chunk length, with the decoder transformer's Linears as the agent runs them
 (`(W @ x.T).T`, codec.py `_ColumnLinear`) and as PyTorch's own `nn.Linear`, in one run.
 
-    .venv/bin/python scripts/bench_mimi_chunks.py [--runs 3] [--threads 2]
+    .venv/bin/python scripts/bench_mimi_chunks.py [--runs 3] [--threads 2] [--load 0]
 
 Random Mimi (seed 0), 32 codebooks, random codes; per chunk length the median over `--runs` streams of six calls
 each (the first call of a stream, which warms it, is left out). A call's cost is mostly fixed (the decoder's ~40 M
@@ -21,8 +21,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--load", type=float, default=0.0, help="share of one core another process keeps busy meanwhile")
     opts = ap.parse_args()
+    if not 0.0 <= opts.load <= 1.0:
+        raise SystemExit("--load is a share of one core, in 0..1")
 
+    from agent.bench.load import busy_core
+
+    with busy_core(opts.load):
+        measure(opts)
+
+
+def measure(opts) -> None:
     import torch
 
     from pipelines.tts.codec import MimiCodec, _ColumnLinear
@@ -51,7 +61,8 @@ def main() -> None:
         print(f"{label:22s}" + "".join(f"{1000 * result[n]:8.1f}" for n in result))
         return result
 
-    print(f"Mimi streamed decode, ms a call (median), torch {torch.__version__}, {opts.threads} threads")
+    print(f"Mimi streamed decode, ms a call (median), torch {torch.__version__}, {opts.threads} threads, "
+          f"another process on {opts.load:g} of a core")
     print(f"{'frames a chunk':22s}" + "".join(f"{n:8d}" for n in (1, 2, 3, 4, 5, 8)))
     ours = time_all("(W @ x.T).T  (agent)")
     state = rng.bit_generator.state
