@@ -9,6 +9,9 @@ at every op for one the machine has descheduled; the figure to hold is the last 
 busy-machine issue asks for at most 1.3).
 
 - tts: the median time of a Marvis frame (the one-graph ORT frame; no Mimi), 30 frames, three times;
+- tts-path: the stage path's real-time factor (`MarvisTTS.stream`: frames, chunks, Mimi) over a 60-frame sentence,
+  four times; its one-thread case also keeps Mimi on one thread and the frame pool sleeping, the pool cases are the
+  stage's own choice at each chunk (pipelines/cores.py);
 - llm: the reply model's time per streamed delta over a reply, four replies;
 - asr: Whisper tiny.en's transcript of a 3 s utterance of sessions/demo, four times.
 The thread count is the one knob the agent does not expose, so the script sets it on the graphs' `OrtNet`.
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("tts", "llm", "asr")
+STAGES = ("tts", "tts-path", "llm", "asr")
 
 
 def _pool(module: str, threads: int | None) -> None:
@@ -47,7 +50,26 @@ def measure(stage: str, threads: int | None, load: float) -> list[float]:
     from agent.config import load_config
 
     cfg = load_config("default")
-    if stage == "tts":
+    if stage == "tts-path":
+        import dataclasses
+
+        _pool("pipelines.tts.ort", threads)
+        from agent.build import build_tts
+
+        tts = build_tts(cfg, log=lambda m: None)
+        if threads == 1:
+            tts._use_cores = lambda: (tts.codec.use_threads(1), tts.frames.backend.use_spin(False))
+        tts.warmup()
+        gen = dataclasses.replace(tts.config, max_audio_length_ms=60 * 80, stop_on_eos=False)
+
+        def work() -> float:
+            start, frames = time.perf_counter(), 0
+            for chunk in tts.stream("The capital of France is Paris, a city of art and light, of rivers and bridges.",
+                                    0, config=gen):
+                frames += chunk.codes.shape[1]
+            return (time.perf_counter() - start) / (frames * 0.08)
+        runs = 4
+    elif stage == "tts":
         import dataclasses
 
         _pool("pipelines.tts.ort", threads)
@@ -114,15 +136,16 @@ def main() -> None:
     if any(s not in STAGES for s in stages) or not 0 < args.load <= 1:
         sys.exit(f"error: --stages takes {', '.join(STAGES)}; --load is in (0, 1]")
     cases = [("1 thread, idle", "1", 0.0), ("pool, idle", "pool", 0.0), (f"pool, {args.load:g} core taken", "pool", args.load)]
-    print(f"{'stage':<5} | " + " | ".join(f"{name:>22}" for name, _, _ in cases) + " | loaded / 1 thread idle")
+    print(f"{'stage':<8} | " + " | ".join(f"{name:>22}" for name, _, _ in cases) + " | loaded / 1 thread idle")
     for stage in stages:
         medians = []
         for _, threads, load in cases:
             out = subprocess.run([sys.executable, __file__, "--one", stage, threads, str(load)], cwd=ROOT,
                                  capture_output=True, text=True, check=True)
             figures = json.loads(out.stdout.strip().splitlines()[-1])
-            medians.append(sorted(figures)[len(figures) // 2] * 1000)
-        print(f"{stage:<5} | " + " | ".join(f"{m:19.1f} ms" for m in medians) + f" | {medians[2] / medians[0]:.2f}")
+            medians.append(sorted(figures)[len(figures) // 2])
+        cells = [f"{m:18.2f} RTF" if stage == "tts-path" else f"{1000 * m:19.1f} ms" for m in medians]
+        print(f"{stage:<8} | " + " | ".join(cells) + f" | {medians[2] / medians[0]:.2f}")
 
 
 if __name__ == "__main__":
