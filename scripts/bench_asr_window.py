@@ -16,7 +16,6 @@ what is measured here, not the time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,18 +27,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def scripted_turns(folder: Path) -> list[tuple[np.ndarray, str]]:
-    """(16 kHz audio, text) of each `script` event of a session bundle."""
+    """(16 kHz audio, text) of each scripted turn of a session bundle."""
+    from agent.scripted import Script
+    from agent.session import read_session
     from pipelines.audio import resample
 
-    meta = json.loads((folder / "session.json").read_text())
-    rate = meta["mic_rate"]
-    mic = np.frombuffer((folder / "mic.pcm").read_bytes(), np.int16).astype(np.float32) / 32768
+    session = read_session(folder)
+    rate = session.rate
     turns = []
-    for line in (folder / "events.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        if event.get("type") == "script":
-            audio = mic[int(max(0.0, event["t"] - 0.2) * rate): int((event["t"] + event["duration_s"] + 0.3) * rate)]
-            turns.append((audio if rate == 16000 else resample(audio, rate, 16000), event["text"]))
+    for turn in Script(session.events).turns:
+        audio = session.mic[int(max(0.0, turn.start_s - 0.2) * rate): int((turn.end_s + 0.3) * rate)]
+        turns.append((audio if rate == 16000 else resample(audio, rate, 16000), turn.text))
     return turns
 
 

@@ -55,6 +55,7 @@ def measure(stage: str, threads: int | None, load: float) -> list[float]:
 
         _pool("pipelines.tts.ort", threads)
         from agent.build import build_tts
+        from pipelines.tts.stage import FRAME_S
 
         tts = build_tts(cfg, log=lambda m: None)
         if threads == 1:
@@ -67,7 +68,7 @@ def measure(stage: str, threads: int | None, load: float) -> list[float]:
             for chunk in tts.stream("The capital of France is Paris, a city of art and light, of rivers and bridges.",
                                     0, config=gen):
                 frames += chunk.codes.shape[1]
-            return (time.perf_counter() - start) / (frames * 0.08)
+            return (time.perf_counter() - start) / (frames * FRAME_S)
         runs = 4
     elif stage == "tts":
         import dataclasses
