@@ -1,8 +1,9 @@
 """Where Whisper's encoder spends its time on ONNX Runtime, and what does not make it faster.
 
-    .venv/bin/python scripts/bench_asr_encoder.py [--runs 5]
+    .venv/bin/python scripts/bench_asr_encoder.py [--runs 5] [--model checkpoints/stand-ins/whisper-base.en-mlx-fp32]
 
-On the default model (tiny.en's encoder graph as the agent builds it, a random mel of its 30 s window), in one process:
+On the default model (tiny.en's encoder graph as the agent builds it, a random mel of its 30 s window; `--model`:
+any mlx-whisper folder, e.g. a stand-in of the fetched set's), in one process:
 1. the time per ONNX op type (the session's own profile);
 2. the standard `Attention` op against ONNX Runtime's fused `MultiHeadAttention` at one encoder layer's shape;
 3. the pool sleeping, spinning only inside a run, and spinning;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 import tempfile
@@ -55,6 +57,7 @@ def attention_model(kind: str, positions: int, width: int, heads: int) -> bytes:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--model", help="an mlx-whisper folder instead of the default config's")
     opts = ap.parse_args()
 
     import onnx
@@ -65,7 +68,10 @@ def main() -> None:
     from pipelines.asr.load import load_asr
     from pipelines.ortgraph import quantize, save, session
 
-    asr = load_asr(load_config("default").asr, ROOT)
+    section = load_config("default").asr
+    if opts.model:
+        section = dataclasses.replace(section, model=opts.model)
+    asr = load_asr(section, ROOT)
     asr.warmup()  # builds the graphs into the cache if they are not there
     path = next(Path(asr.ort_cache).rglob("encoder.onnx"))
     mel = np.random.default_rng(0).standard_normal((1, 3000, 80)).astype(np.float32)

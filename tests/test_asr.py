@@ -481,7 +481,7 @@ def test_the_stage_is_placed_once_and_float16_weights_are_widened_on_onnx(synthe
     from types import SimpleNamespace
 
     from pipelines.asr.load import asr_placement, load_asr
-    from pipelines.ortgraph import weights_key
+    from pipelines.ortgraph import Precision, weights_key
 
     fp32 = convert_ct2_whisper(synthetic_bin, tmp_path / "fp32")
     fp16 = convert_ct2_whisper(synthetic_bin, tmp_path / "fp16", dtype="float16")
@@ -498,6 +498,11 @@ def test_the_stage_is_placed_once_and_float16_weights_are_widened_on_onnx(synthe
     assert half.ort_cache == tmp_path / "cache" / f"whisper-{weights_key(fp16)}-fp32"
     on_mlx = load_asr(section("fp16", "mlx"), root=tmp_path)
     assert on_mlx.backend == "mlx" and on_mlx.fp16  # float16 arithmetic where MLX has the kernels for it
+    # asr.quantization "8": int8 arithmetic on ONNX Runtime, in graphs of its own; MLX runs the weights as stored
+    int8 = SimpleNamespace(**{**vars(section("fp32")), "quantization": "8"})
+    assert asr_placement(int8) == Placement("onnx", Precision(8, dynamic=True))
+    assert load_asr(int8, root=tmp_path).ort_cache == tmp_path / "cache" / f"whisper-{weights_key(fp32)}-dq8"
+    assert asr_placement(SimpleNamespace(**{**vars(int8), "backend": "mlx"})) == Placement("mlx")
 
 
 @pytest.mark.slow

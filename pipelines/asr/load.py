@@ -1,7 +1,7 @@
 """Config -> a ready ASR stage: where Whisper runs (resolved once, here) and its ONNX graph cache.
 
 `section` is the agent's `[asr]` config section (anything with its fields: model, language, initial_prompt,
-backend, ort_cache, temperature_fallback); relative paths in it are under `root`.
+backend, ort_cache, temperature_fallback; quantization if it has one); relative paths in it are under `root`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from pipelines.paths import local_path
 
 def asr_placement(section, root: Path | None = None) -> Placement:
     """Where Whisper runs: `asr.backend` resolved for this machine, at fp32 (float16 weights are widened on ONNX
-    Runtime). Resolved here only: the stage is built with it, the CLI's BLAS check asks it."""
-    from pipelines.ortgraph import resolve
+    Runtime), or on ONNX Runtime with `asr.quantization` "8" every matrix in int8 (pipelines/asr/ort.py).
+    Resolved here only: the stage is built with it, the CLI's BLAS check asks it."""
+    from pipelines.ortgraph import Precision, resolve
 
-    return resolve(section.backend, "none")
+    placement = resolve(section.backend, "none")
+    if placement.backend == "onnx" and getattr(section, "quantization", "none") == "8":
+        return Placement("onnx", Precision(8, dynamic=True))
+    return placement
 
 
 def load_asr(section, root: Path | None = None):

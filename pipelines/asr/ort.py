@@ -14,9 +14,12 @@ temperature fallback, no-speech and compression checks) stays in charge. Notable
   The cache mlx-whisper holds between calls is that graph's feed dict. The token embedding is stored once,
   transposed [n_state, n_vocab]: a Gather on axis 1 embeds, a MatMul projects to logits.
 - `cross_qk` (word timestamps only) is not computed: a list of None.
-- fp32 throughout. ORT's 8-bit MatMulNBits halves a decoder step (the logits projection reads the whole
-  51864 x 384 embedding each token) but changed 1-3 of the 15 shipped utterances' transcripts, whether it
-  quantised every MatMul or the logits only, so it is not used.
+- fp32, or with `asr.quantization = "8"` every matrix in int8. ORT's 8-bit MatMulNBits halves a decoder step
+  (the logits projection reads the whole 51864 x 384 embedding each token) but hardly speeds up the encoder (its
+  weights are read once for 1500 positions: arithmetic, not bytes, bounds it), so the encoder and the cross
+  projection multiply in int8 instead (`int8_matmul`, activations quantised a row at a time as the run goes).
+  On real weights (tiny.en, base) that changed 1 and 4 of 29 transcripts, with 44 and 36 word errors in 244
+  against fp32's 45 and 35, in ~0.65 of the time (scripts/bench_asr_precision.py, docs/performance.md).
 - All graphs are one cached build (folder + stamp), loaded from there afterwards.
 """
 
@@ -26,13 +29,24 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.ortgraph import Graph, OrtNet, Precision, empty_kv, float_params, kv_names
+from pipelines.ortgraph import (
+    QUANT_BLOCK,
+    Graph,
+    OrtNet,
+    Precision,
+    empty_kv,
+    float_params,
+    int8_matmul,
+    kv_names,
+    quantize,
+)
 
 FORMAT_VERSION = 3  # 2: encoder + decoder graphs in one folder; 3: cross K/V by head
 
 
-def _linear(g: Graph, p: dict, name: str, h: str) -> str:
-    out = g.op("MatMul", [h, g.init(f"{name}.w", p[f"{name}.weight"].T)])
+def _linear(g: Graph, p: dict, name: str, h: str, int8: bool = False) -> str:
+    w = p[f"{name}.weight"].T
+    out = int8_matmul(g, h, w, name) if int8 else g.op("MatMul", [h, g.init(f"{name}.w", w)])
     return g.op("Add", [out, g.init(f"{name}.b", p[f"{name}.bias"])]) if f"{name}.bias" in p else out
 
 
@@ -41,13 +55,14 @@ def _norm(g: Graph, p: dict, name: str, h: str) -> str:
                                        g.init(f"{name}.o", p[f"{name}.bias"])], axis=-1, epsilon=1e-5)
 
 
-def _mlp(g: Graph, p: dict, b: str, x: str) -> str:
-    h = g.op("Gelu", [_linear(g, p, f"{b}.mlp1", _norm(g, p, f"{b}.mlp_ln", x))], approximate="none")
-    return g.op("Add", [x, _linear(g, p, f"{b}.mlp2", h)])
+def _mlp(g: Graph, p: dict, b: str, x: str, int8: bool = False) -> str:
+    h = g.op("Gelu", [_linear(g, p, f"{b}.mlp1", _norm(g, p, f"{b}.mlp_ln", x), int8)], approximate="none")
+    return g.op("Add", [x, _linear(g, p, f"{b}.mlp2", h, int8)])
 
 
-def build_encoder(encoder, n_head: int):
-    """The fp32 ONNX graph of an mlx-whisper AudioEncoder: mel [1, 2 * n_ctx, n_mels] -> [1, n_ctx, n_state]."""
+def build_encoder(encoder, n_head: int, int8: bool = False):
+    """The ONNX graph of an mlx-whisper AudioEncoder: mel [1, 2 * n_ctx, n_mels] -> [1, n_ctx, n_state]; fp32, or
+    with `int8` its blocks' projections in int8 arithmetic (`int8_matmul`; the convolutions stay fp32)."""
     import mlx.core as mx
     from onnx import TensorProto as TP
 
@@ -66,9 +81,9 @@ def build_encoder(encoder, n_head: int):
     for i in range(len(encoder.blocks)):
         b = f"blocks.{i}"
         h = _norm(g, p, f"{b}.attn_ln", x)
-        q, k, v = (_linear(g, p, f"{b}.attn.{n}", h) for n in ("query", "key", "value"))
+        q, k, v = (_linear(g, p, f"{b}.attn.{n}", h, int8) for n in ("query", "key", "value"))
         attn = g.op("Attention", [q, k, v], q_num_heads=n_head, kv_num_heads=n_head)
-        x = _mlp(g, p, b, g.op("Add", [x, _linear(g, p, f"{b}.attn.out", attn)]))
+        x = _mlp(g, p, b, g.op("Add", [x, _linear(g, p, f"{b}.attn.out", attn, int8)]), int8)
     g.output("features", _norm(g, p, "ln_post", x), TP.FLOAT, [1, n_ctx, n_state])
     return g.model()
 
@@ -79,10 +94,11 @@ def _heads(g: Graph, x: str, n_head: int, head_dim: int) -> str:
     return g.op("Transpose", [g.op("Reshape", [x, shape])], perm=[0, 2, 1, 3])
 
 
-def build_cross(decoder, n_head: int):
+def build_cross(decoder, n_head: int, int8: bool = False):
     """Audio features [B, n_audio, n_state] -> every block's cross-attention K and V, by head: [B, n_head,
     n_audio, head_dim] each. Laid out once per utterance the way the decoder's attention reads them, so a decoder
-    step does not transpose 2 x n_audio x n_state floats a block (the 3-D form made ORT do that every token)."""
+    step does not transpose 2 x n_audio x n_state floats a block (the 3-D form made ORT do that every token).
+    `int8`: the projections in int8 arithmetic (`int8_matmul`)."""
     from onnx import TensorProto as TP
 
     p = float_params(decoder, ("blocks.",))
@@ -94,7 +110,8 @@ def build_cross(decoder, n_head: int):
         a = f"blocks.{i}.cross_attn"
         kv_w = np.concatenate([p[f"{a}.key.weight"].T, p[f"{a}.value.weight"].T], axis=1)  # [D, 2D]
         kv_b = np.concatenate([np.zeros(n_state, np.float32), p[f"{a}.value.bias"]])  # the key has no bias
-        kv = g.op("Add", [g.op("MatMul", [features, g.init(f"{a}.kv.w", kv_w)]), g.init(f"{a}.kv.b", kv_b)])
+        product = int8_matmul(g, features, kv_w, f"{a}.kv") if int8 else g.op("MatMul", [features, g.init(f"{a}.kv.w", kv_w)])
+        kv = g.op("Add", [product, g.init(f"{a}.kv.b", kv_b)])
         k, v = g.op("Split", [kv, split], n_out=2, axis=-1)
         head_dim = n_state // n_head
         g.output(f"cross_k{i}", _heads(g, k, n_head, head_dim), TP.FLOAT, ["batch", n_head, "audio", head_dim])
@@ -142,16 +159,26 @@ def build_decoder(decoder, n_head: int):
     return g.model()
 
 
-def load(encoder, decoder, dims, cache_dir: Path | None = None,
-         threads: int | None = None) -> tuple[OrtWhisperEncoder, OrtWhisperDecoder]:
-    """Drop-ins for an mlx-whisper model's (MLX) `encoder` and `decoder`, built into `cache_dir` once."""
+def load(encoder, decoder, dims, cache_dir: Path | None = None, threads: int | None = None,
+         precision: Precision = Precision()) -> tuple[OrtWhisperEncoder, OrtWhisperDecoder]:
+    """Drop-ins for an mlx-whisper model's (MLX) `encoder` and `decoder`, built into `cache_dir` once. With a
+    `dynamic` precision every matrix is int8: the graphs that run over all 1500 audio positions (the encoder and
+    the cross projection, bound by arithmetic) quantise their activations a row at a time (`int8_matmul`); the
+    decoder (one token a step, bound by the bytes of its weights) is `MatMulNBits` 8-bit, blocks of 32."""
+    if precision.bits is not None and not precision.dynamic:
+        raise ValueError(f"Whisper on ONNX Runtime runs fp32 or dynamic int8, not {precision.label}")
+    int8 = precision.dynamic
 
     def build() -> dict:
-        return {"encoder": build_encoder(encoder, dims.n_audio_head), "cross": build_cross(decoder, dims.n_text_head),
+        return {"encoder": build_encoder(encoder, dims.n_audio_head, int8),
+                "cross": build_cross(decoder, dims.n_text_head, int8),
                 "decoder": build_decoder(decoder, dims.n_text_head)}
 
-    sessions = OrtNet(cache_dir, FORMAT_VERSION, Precision(), build, ("encoder", "cross", "decoder"),
-                      threads=threads).sessions  # fp32: 8-bit changed transcripts (above)
+    def compose(models: dict) -> dict:
+        return {**models, "decoder": quantize(models["decoder"], 8, QUANT_BLOCK)}
+
+    sessions = OrtNet(cache_dir, FORMAT_VERSION, precision, build, ("encoder", "cross", "decoder"),
+                      threads=threads, compose=compose if int8 else None).sessions
     return (OrtWhisperEncoder(encoder, sessions["encoder"]),
             OrtWhisperDecoder(decoder, sessions["cross"], sessions["decoder"], dims.n_text_head))
 

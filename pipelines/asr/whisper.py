@@ -144,8 +144,10 @@ class WhisperASR:
         self.trim, self.margin_s, self.floor_s = trim, margin_s, floor_s
         self.temperatures = FALLBACK if fallback else (0.0,)
         self._last: tuple[np.ndarray, Transcript] | None = None  # (16 kHz input, its transcript)
-        if placement.backend not in ("mlx", "onnx") or placement.precision.bits is not None:
-            raise ConfigError(f"asr: Whisper runs on mlx or onnx in fp32, not {placement}")
+        dynamic = placement.backend == "onnx" and placement.precision.dynamic
+        if placement.backend not in ("mlx", "onnx") or (placement.precision.bits is not None and not dynamic):
+            raise ConfigError(f"asr: Whisper runs on mlx or onnx in fp32 (onnx: or dynamic int8), not {placement}")
+        self.precision = placement.precision
         # encoder and text decoder on ONNX Runtime (pipelines/asr/ort.py) when placed there
         self.backend = placement.backend
         self.ort_cache = ort_cache
@@ -166,7 +168,8 @@ class WhisperASR:
             if self.backend == "onnx":
                 from pipelines.asr.ort import load
 
-                model.encoder, model.decoder = load(model.encoder, model.decoder, model.dims, self.ort_cache)
+                model.encoder, model.decoder = load(model.encoder, model.decoder, model.dims, self.ort_cache,
+                                                    precision=self.precision)
             self._net = model
         return self._net
 
