@@ -33,13 +33,13 @@ class ASRSection:
     model: str = "checkpoints/whisper-tiny.en"
     language: str = ""  # "" = detect (tiny.en is English only)
     initial_prompt: str = ""
-    # the encoder's 30 s window on: auto (a CPU: onnx, fp32, same numbers; a Mac GPU: mlx) | mlx | onnx
+    # the encoder's 30 s window on: auto (a CPU: onnx; a Mac GPU: mlx) | mlx | onnx
     backend: str = field(default="auto", metadata={"choices": ("auto", "mlx", "onnx")})
     ort_cache: str = "checkpoints/.ort"
     # onnx only: "8" runs every matrix in int8 (the encoder's in int8 arithmetic, activations quantised as the run
     # goes; the decoder's weights 8-bit): ~0.65 of the fp32 time a turn, word errors within the noise
     # (docs/performance.md). MLX runs the weights as stored
-    quantization: str = field(default="none", metadata={"choices": ("none", "8")})
+    quantization: str = field(default="8", metadata={"choices": ("none", "8")})
     temperature_fallback: bool = False  # mlx-whisper's hotter retries after a failed greedy decode: up to 6 decodes
 
 
