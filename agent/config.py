@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    data.pop("on_cpu", None)  # only the config named on the command line swaps itself (`cpu_swap`)
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -259,10 +261,37 @@ def config_path(name: str) -> Path:
     raise ConfigError(f"no config '{name}' (presets: {known})")
 
 
-def load_config(name: str | None = "default", overrides: list[tuple[str, str]] = ()) -> AgentConfig:
+def cpu_swap(path: Path, on_cpu: bool | None = None) -> Path | None:
+    """The config that stands in for the one at `path` on this machine: its top-level `on_cpu = "file.toml"` when
+    the models run on a CPU here (ONNX Runtime's `auto`: no Apple GPU; `on_cpu` forces the answer), else None.
+    `configs/fetched.toml` names the set fitted to a CPU so: the published set stays on Apple silicon."""
+    try:
+        swap = tomllib.loads(path.read_bytes().decode("utf-8")).get("on_cpu")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None  # `_read_toml` says what is wrong with it
+    if swap is None:
+        return None
+    if not isinstance(swap, str) or not (path.parent / swap).is_file():
+        raise ConfigError(f"{path}: `on_cpu` must name a config file beside it, got {swap!r}")
+    if on_cpu is None:
+        from pipelines.ortgraph import prefer_onnx
+
+        on_cpu = prefer_onnx()
+    return (path.parent / swap).resolve() if on_cpu else None
+
+
+def load_config(name: str | None = "default", overrides: list[tuple[str, str]] = (),
+                on_cpu: bool | None = None) -> AgentConfig:
+    """The config `name` (a preset, a file in configs/ or a path) with `overrides`; a config with `on_cpu` is
+    replaced by the one it names when the models run on a CPU here (`cpu_swap`), and a line on stderr says so."""
     cfg = AgentConfig()
     if name:
-        _apply(cfg, _read_toml(config_path(name)))
+        path = config_path(name)
+        swap = cpu_swap(path, on_cpu)
+        if swap is not None:
+            print(f"config {name}: the models run on this machine's CPU, so {swap.name} (the same set fitted to a "
+                  f"CPU) is used", file=sys.stderr)
+        _apply(cfg, _read_toml(swap or path))
     if overrides:
         _apply(cfg, parse_overrides(list(overrides)))
     _check_ranges(cfg)

@@ -54,8 +54,20 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+def default_kinds(on_cpu: bool | None = None) -> list[str]:
+    """What `voice-agent fetch` gets with no kinds named: everything `--config fetched` runs here, so on a CPU
+    (no Apple GPU: `configs/fetched.toml` swaps to the CPU set) base.en instead of small.en, on Apple silicon
+    small.en instead of base.en. Either can still be named."""
+    if on_cpu is None:
+        from pipelines.ortgraph import prefer_onnx
+
+        on_cpu = prefer_onnx()
+    skip = "whisper" if on_cpu else "whisper-cpu"
+    return [name for name in DOWNLOADS if name != skip]
+
+
 def fetch(what: list[str] | None = None, root: Path = CHECKPOINTS, reachable=hub_reachable, log=print) -> list[Path]:
-    names = what or list(DOWNLOADS)
+    names = what or default_kinds()
     unknown = [n for n in names if n not in DOWNLOADS]
     if unknown:
         raise VoiceAgentError(f"unknown model kind {', '.join(unknown)}; choose from {', '.join(DOWNLOADS)}")

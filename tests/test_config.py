@@ -15,6 +15,7 @@ from pipelines.errors import ConfigError
 def _toml(path) -> dict:
     """A preset as written, with the file it `extends` under it."""
     data = tomllib.loads(path.read_text())
+    data.pop("on_cpu", None)  # which config stands in on a CPU, not a value of this one
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -26,12 +27,33 @@ def _toml(path) -> dict:
     return merge(_toml(path.parent / parent), data)
 
 
-@pytest.mark.parametrize("preset", ["default", "push_to_talk", "replay", "demo", "marvis-100m", "whisper-base", "fetched"])
+@pytest.mark.parametrize("preset", ["default", "push_to_talk", "replay", "demo", "marvis-100m", "whisper-base", "fetched",
+                                    "fetched-cpu"])
 def test_presets_load(preset):
-    cfg = load_config(preset)
+    cfg = load_config(preset, on_cpu=False)  # as written (`fetched` swaps itself on a CPU: below)
     written = _toml(CONFIG_DIR / f"{preset}.toml")
     assert written and isinstance(cfg, AgentConfig)
     assert_config_holds(cfg, written)  # every value the preset (and what it extends) sets is the one loaded
+
+
+def test_the_fetched_set_is_fitted_to_a_cpu_where_it_runs_on_one(tmp_path, capsys):
+    """`--config fetched` is the published set (Whisper small.en) on Apple silicon; on a CPU it names the set
+    fitted to one (base.en, the Llama at 4 bits), says so, and `voice-agent fetch` gets what that machine runs."""
+    from agent.config import cpu_swap
+    from agent.fetch import default_kinds
+
+    published, on_cpu = load_config("fetched", on_cpu=False), load_config("fetched", on_cpu=True)
+    assert published.asr.model.endswith("whisper-small.en-mlx") and published.llm.quantization == "auto"
+    assert on_cpu.to_dict() == load_config("fetched-cpu").to_dict()
+    assert on_cpu.asr.model.endswith("whisper-base.en-mlx-fp32") and on_cpu.llm.quantization == "4"
+    assert "fetched-cpu.toml" in capsys.readouterr().err
+    assert cpu_swap(CONFIG_DIR / "fetched-cpu.toml", on_cpu=True) is None  # its own parent's on_cpu is not followed
+    assert "whisper-cpu" in default_kinds(on_cpu=True) and "whisper" not in default_kinds(on_cpu=True)
+    assert "whisper" in default_kinds(on_cpu=False) and "whisper-cpu" not in default_kinds(on_cpu=False)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('on_cpu = "missing.toml"\n')
+    with pytest.raises(ConfigError, match="on_cpu"):
+        load_config(str(bad), on_cpu=False)
 
 
 def test_preset_values_and_extends():

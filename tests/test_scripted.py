@@ -48,7 +48,7 @@ def test_a_stand_in_is_taken_only_for_a_model_that_is_absent(tmp_path):
     from pipelines.errors import CheckpointError, ConfigError
     from pipelines.standins import STAND_IN
 
-    cfg = load_config("fetched")
+    cfg = load_config("fetched", on_cpu=False)  # the published set (small.en), wherever this runs
     assert stand_in_config(load_config("default"), stand_ins=tmp_path) == (load_config("default"), [])
     with pytest.raises(CheckpointError, match="no such model folder, and no stand-in"):
         stand_in_config(cfg, log=lambda _: None, stand_ins=tmp_path)  # none written there
