@@ -13,10 +13,10 @@ from agent.config import ROOT
 
 
 def test_a_bad_set_name_is_one_line():
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "replies", "--sets", "third"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "replies", "--sets", "fourth"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "--sets takes first, second" in (out.stdout + out.stderr)
+    assert "--sets takes first, second, third" in (out.stdout + out.stderr)
 
 
 def test_the_second_set_is_spoken_in_two_voices_and_reported(tmp_path):

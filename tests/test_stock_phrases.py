@@ -104,3 +104,34 @@ def test_a_reply_said_before_is_not_said_again_another_candidate_is(default_llm)
     assert rejected == [(before.strip(), ["the same as an earlier reply"])], rejected
     assert reply.strip() and not reply_problems(reply, [before]), reply
     assert words(reply)[0] != words(before)[0]  # it starts otherwise
+
+
+def test_a_whole_short_sentence_said_before_is_not_said_again(default_llm):
+    """"That's a classic one." has four words, too few for the five-word ban, and came back turn after turn, also
+    as "That's a classic one, but ...": a whole sentence of an earlier reply from three to four words long is
+    banned anywhere, the token that would finish it is not chosen; other words after the same start are, and a
+    sentence of one or two words ("Sure.") is not banned."""
+    from pipelines.llm.form import reply_problems, short_sentences
+    from pipelines.llm.reply import Bans
+
+    tok = default_llm.tokenizer
+    earlier = ["Ha! That's a classic one. Why did the penguin cross the ice?"]
+    assert short_sentences(earlier[0]) == {("that's", "a", "classic", "one")}
+    bans = Bans(tok, 0, earlier)
+    assert bans and not Bans(tok, 0, ["Sure."])
+    vocab = len(tok.get_vocab())
+
+    def leading(text: str) -> np.ndarray:
+        logits = np.zeros(vocab, np.float32)
+        logits[tok.encode(text, add_special_tokens=False)[0]] = 10.0
+        return logits
+
+    one = tok.encode(" one", add_special_tokens=False)[0]
+    for start in ("That's a classic", "Oh, that's a classic"):
+        reply = tok.encode(start, add_special_tokens=False)
+        assert bans(reply, leading(" one")) == [one], start  # the earlier sentence again, wherever it starts
+        assert bans(reply, leading(" joke")) == []  # another word: another sentence
+        assert Bans(tok, 0, ["That was a good one."])(reply, leading(" one")) == []  # never said
+    assert reply_problems("Oh, that's a classic one!", earlier) == ["says an earlier sentence again: that's a classic one"]
+    assert reply_problems("That's a classic one, but a new one.", earlier)[0].startswith("says an earlier sentence")
+    assert reply_problems("Sure. That's a classic joke.", earlier) == []

@@ -1,10 +1,12 @@
 """Replies worth hearing: fixed sets of spoken questions through the agent's ASR and reply LLM, checked.
 
-    voice-agent bench replies [--config default] [--sets first,second] [--json out.json] [--dotted.key value ...]
+    voice-agent bench replies [--config default] [--sets first,second,third] [--json out.json] [--dotted.key value ...]
 
 The first set: 22 turns in 5 conversations, 20 questions and remarks spoken by espeak-ng (made at run time) and two
 clips of real people (tests/fixtures: jfk.flac, and arctic_a0007.wav from CMU ARCTIC). The second: 25 turns in 5
-conversations, in espeak-ng and in Piper's neural voice, written after the reply checks and not tuned for. Each turn's audio goes through the agent's ASR; the transcript goes to
+conversations, in espeak-ng and in Piper's neural voice, written after the reply checks and not tuned for; the
+third, 25 more in 5 conversations, written after a short sentence of an earlier reply was banned too (it asks for
+more jokes and fun facts). Each turn's audio goes through the agent's ASR; the transcript goes to
 the reply LLM in its conversation, and the reply is chosen, cut and cleaned as the turn engine speaks it
 (`agent.engine.checked_reply`: a first piece with problems is not said; `spoken_reply`). Checks:
 - form (every turn): one or two sentences, at most 40 words, no list or dialogue markup, no run of five words
@@ -87,7 +89,37 @@ SECOND: list[tuple[str, list[tuple[str, tuple[str, ...] | None]]]] = [
                ("What is two plus two?", ("four", "4")),
                ("That's all for now, thank you.", None)]),
 ]
-SETS = ("first", "second")
+# The third set, written after a whole short sentence of an earlier reply ("That's a classic one.") was banned too,
+# and not tuned for. It asks for more of the same (jokes, fun facts) so that a stock sentence has a chance to
+# come back. espeak-ng and Piper only: the two clips of real people that ship are the first set's.
+THIRD: list[tuple[str, list[tuple[str, tuple[str, ...] | None]]]] = [
+    ("piper", [("What season is it when leaves fall from the trees?", ("autumn", "fall")),
+               ("What do you call a baby dog?", ("puppy",)),
+               ("Tell me a joke about a cat.", None),
+               ("Tell me another one.", None),
+               ("Thanks, that was funny.", None)]),
+    ("espeak", [("How many hours are there in a day?", ("24", "twenty")),
+                ("What is the capital of Germany?", ("berlin",)),
+                ("What do cows eat?", ("grass", "hay")),
+                ("Tell me a fun fact.", None),
+                ("Tell me another fun fact.", None)]),
+    ("piper", [("I want to learn to cook.", None),
+               ("What should I make first?", None),
+               ("How long should I boil an egg?", ("minute", "minutes")),
+               ("What colour is a ripe banana?", ("yellow",)),
+               ("Thanks, bye.", None)]),
+    ("espeak", [("Can you tell me a joke?", None),
+                ("Tell me another joke.", None),
+                ("One more joke, please.", None),
+                ("Which is bigger, the sun or the moon?", ("sun",)),
+                ("What is five plus three?", ("eight", "8"))]),
+    ("piper", [("Good evening.", None),
+               ("I just got a new puppy.", None),
+               ("What should I name him?", None),
+               ("How often should I walk him?", None),
+               ("Okay, good night.", None)]),
+]
+SETS = ("first", "second", "third")
 
 
 def espeak(text: str, folder: Path):
@@ -110,7 +142,7 @@ def conversations(which: str, folder: Path) -> list[list[tuple[object, str, tupl
 
     m = _sessions()
     return [[(lambda text=text, voice=voice: m.turn_audio(text, folder, voice), text, keys, voice)
-             for text, keys in conv] for voice, conv in SECOND]
+             for text, keys in conv] for voice, conv in (SECOND if which == "second" else THIRD)]
 
 
 def main() -> None:
@@ -120,7 +152,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="voice-agent bench replies")
     p.add_argument("--config", default="default")
     p.add_argument("--json", type=Path)
-    p.add_argument("--sets", default="first,second", help="which question sets: first, second or both (first,second)")
+    p.add_argument("--sets", default="first,second,third", help="which question sets (comma-separated): first, second, third")
     p.add_argument("--keep-all", action="store_true",
                    help="commit every reply to the LLM's history (as the agent did before replies with problems were kept out)")
     args, cfg = parse_with_config(p)

@@ -8,10 +8,14 @@ out of the LLM's history, so a small model does not copy its own slip into every
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 MAX_SENTENCES = 2
 MAX_WORDS = 40
 REPEAT_WORDS = 5  # a run of this many words said in an earlier reply of the conversation is a stock phrase
+# and so is a whole sentence of an earlier reply, shorter than that but at least this long ("That's a classic one.";
+# "Yes." or "Sure thing!" may come again)
+SHORT_SENTENCE_WORDS = 3
 
 _MARKUP = [
     (re.compile(r"(^|\s)[A-Z]\s?:\s"), "dialogue label (A:)"),
@@ -31,6 +35,20 @@ def words(text: str) -> list[str]:
 def word_runs(w: list[str], size: int = REPEAT_WORDS) -> list[tuple[str, ...]]:
     """Every run of `size` consecutive words of `w`, in order."""
     return [tuple(w[i:i + size]) for i in range(len(w) - size + 1)]
+
+
+def short_sentences(text: str) -> set[tuple[str, ...]]:
+    """The words of each sentence of `text` from `SHORT_SENTENCE_WORDS` to `REPEAT_WORDS` - 1 words long (longer
+    ones are stock phrases by their runs already)."""
+    found = (tuple(words(piece)) for piece in _SENTENCE_END.split(text))
+    return {w for w in found if SHORT_SENTENCE_WORDS <= len(w) < REPEAT_WORDS}
+
+
+def stock_runs(earlier: Sequence[str]) -> set[tuple[str, ...]]:
+    """What a reply may not say again, given the earlier replies: every run of `REPEAT_WORDS` words of them, and
+    every shorter sentence of them whole, anywhere ("That's a classic one." said once: "That's a classic one, but"
+    is that again)."""
+    return {run for text in earlier for run in (*word_runs(words(text)), *short_sentences(text))}
 
 
 def complete_sentences(text: str) -> int:
@@ -72,5 +90,9 @@ def reply_problems(reply: str, earlier: list[str] = ()) -> list[str]:
         said = set(word_runs(w))
         if grams & said:
             problems.append("repeats an earlier reply: " + " ".join(sorted(grams & said)[0]))
+            break
+        again = sorted(s for s in short_sentences(before) if s in set(word_runs(own, len(s))))
+        if again:
+            problems.append("says an earlier sentence again: " + " ".join(again[0]))
             break
     return problems

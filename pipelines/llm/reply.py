@@ -49,7 +49,9 @@ class Bans:
     - as the first token, one of `first` (a reply unlike one not wanted);
     - a token whose text ends a run of `REPEAT_WORDS` words said in an earlier reply of the conversation (`avoid`),
       compared as `pipelines.llm.form.words` does (lower case, punctuation ignored), so a stock phrase is never
-      spoken twice rather than only kept out of the history after it was said. Checked on the likeliest tokens in
+      spoken twice rather than only kept out of the history after it was said;
+    - a token whose text ends a whole shorter sentence of an earlier reply, said anywhere (`stock_runs`: "That's a
+      classic one." once is enough, "That's a classic one, but ..." is the same again). Checked on the likeliest tokens in
       turn: greedy decoding checks until one passes; sampling, until the tokens checked hold all but 1e-4 of the
       probability at `temperature` (at most `_MOST_CHECKED`). A word the model is still spelling out counts as
       said: "Madr" + "id" is banned when "... is Madrid" was said before, even if "Madridian" was coming."""
@@ -58,21 +60,21 @@ class Bans:
 
     def __init__(self, tokenizer, n: int, avoid: Sequence[str] = (), temperature: float = 0.0,
                  first: set[int] = frozenset()):
-        from pipelines.llm.form import REPEAT_WORDS, word_runs, words
+        from pipelines.llm.form import stock_runs, words
 
         self.tokenizer, self.n, self.temperature, self._words = tokenizer, n, temperature, words
         self.first = sorted(first)  # tokens the reply may not start with
-        self.size = REPEAT_WORDS
-        self.grams = {run for text in avoid for run in word_runs(words(text))}
+        self.grams = stock_runs(avoid)
+        self.sizes = sorted({len(run) for run in self.grams})
 
     def __bool__(self) -> bool:
         return self.n >= 2 or bool(self.grams) or bool(self.first)
 
-    def _repeats(self, reply: list[int], token: int, before: int) -> bool:
-        """`reply + [token]` ends a run said before, in a word from index `before - 1` on."""
-        w = self._words(self.tokenizer.decode(reply + [token]))
-        return any(tuple(w[i:i + self.size]) in self.grams
-                   for i in range(max(0, before - self.size), len(w) - self.size + 1))
+    def _repeats(self, text: str, before: int) -> bool:
+        """`text` (the reply with the token) ends a stock run, in a word from index `before - 1` on."""
+        w = self._words(text)
+        return any(tuple(w[i:i + size]) in self.grams
+                   for size in self.sizes for i in range(max(0, before - size), len(w) - size + 1))
 
     def __call__(self, reply: list[int], logits: np.ndarray) -> list[int]:
         banned = banned_tokens(reply, self.n) + ([] if reply else self.first)
@@ -91,7 +93,7 @@ class Bans:
             if scores[token] == -np.inf:
                 break
             scores[token] = -np.inf
-            repeats = self._repeats(reply, token, before)
+            repeats = self._repeats(self.tokenizer.decode(reply + [token]), before)
             if repeats:
                 banned.append(token)
             if self.temperature <= 0:
