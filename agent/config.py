@@ -261,6 +261,9 @@ def config_path(name: str) -> Path:
     raise ConfigError(f"no config '{name}' (presets: {known})")
 
 
+_TOLD: set[tuple[str, Path]] = set()  # the swaps already said on stderr
+
+
 def cpu_swap(path: Path, on_cpu: bool | None = None) -> Path | None:
     """The config that stands in for the one at `path` on this machine: its top-level `on_cpu = "file.toml"` when
     the models run on a CPU here (ONNX Runtime's `auto`: no Apple GPU; `on_cpu` forces the answer), else None.
@@ -288,7 +291,8 @@ def load_config(name: str | None = "default", overrides: list[tuple[str, str]] =
     if name:
         path = config_path(name)
         swap = cpu_swap(path, on_cpu)
-        if swap is not None:
+        if swap is not None and (name, swap) not in _TOLD:  # once a process: some verbs load a config twice
+            _TOLD.add((name, swap))
             print(f"config {name}: the models run on this machine's CPU, so {swap.name} (the same set fitted to a "
                   f"CPU) is used", file=sys.stderr)
         _apply(cfg, _read_toml(swap or path))
