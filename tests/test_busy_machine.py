@@ -109,7 +109,8 @@ def test_the_frame_pool_spins_only_while_every_core_is_free(tiny_args, tiny_toke
     ort = tts.frames.backend.ort
     assert ort.spinning is not ort.session
     cfg = GenerationConfig(seed=0, max_audio_length_ms=800, chunk_frames=2, first_chunk_frames=2, stop_on_eos=False)
-    looks = iter([2.0, 2.0, 1.0, 1.0, 2.0] + [2.0] * 20)  # the cores free at the stream's start, then at each chunk
+    seen = [2.0, 2.0, 1.0, 1.0, 2.0] + [2.0] * 20  # the cores free at the stream's start, then after each chunk
+    looks = iter(seen)
     monkeypatch.setattr(tts.cores, "cores", 2)
     monkeypatch.setattr(tts.cores, "free", lambda: next(looks))
     used = []
@@ -122,7 +123,10 @@ def test_the_frame_pool_spins_only_while_every_core_is_free(tiny_args, tiny_toke
     monkeypatch.setattr(ort, "run", spied)
     chunks = [c.codes for c in tts.stream("hello there how are you", 0, config=cfg)]
     frames = used[-sum(c.shape[1] for c in chunks):]  # the session each frame ran on
-    assert frames[:4] == [True, True, True, True] and frames[4:8] == [False] * 4 and frames[8] is True, frames
+    # a chunk's frames run on the session chosen from the look before it (how many frames a chunk has follows
+    # the measured rate, so it is taken from the chunks made)
+    expected = [seen[k] >= 1.75 for k, c in enumerate(chunks) for _ in range(c.shape[1])]
+    assert len(chunks) >= 5 and False in frames and frames == expected, (frames, [c.shape[1] for c in chunks])
     monkeypatch.setattr(tts.cores, "free", lambda: 1.0)  # a core taken all along: the sleeping pool, same frames
     again = [c.codes for c in tts.stream("hello there how are you", 0, config=cfg)]
     assert np.array_equal(np.concatenate(chunks, axis=1), np.concatenate(again, axis=1))
