@@ -212,3 +212,4 @@ def test_serve_on_a_port_in_use_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in proc.stderr
+    assert "loading the models" not in proc.stdout  # said at once, not after the models load

@@ -391,10 +391,35 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _can_listen(host: str, port: int) -> None:
+    """One clear error now, before the models load, if `host:port` cannot be listened on (a port in use): the
+    same bind the server makes (SO_REUSEADDR, as asyncio sets it on POSIX), on every address `host` names."""
+    import socket
+
+    def refused(exc: OSError) -> VoiceAgentError:
+        return VoiceAgentError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                               f"pick another --port (0: any free one)")
+
+    try:
+        addresses = {info[:3] + (info[4],) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError as exc:
+        raise refused(exc) from None
+    for family, kind, proto, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise refused(exc) from None
+
+
 def serve(cfg: AgentConfig, host: str = "127.0.0.1", port: int = 8765, log: Log = _say) -> None:
-    """Load the models, then run until Ctrl-C; prints the URL (with this run's token) to open."""
+    """Load the models, then run until Ctrl-C; prints the URL (with this run's token) to open. A port that
+    cannot be listened on is one error before anything loads."""
     from agent.build import build_stages
     from agent.engine import TurnEngine
+
+    _can_listen(host, port)
 
     def load():
         stages = build_stages(cfg, log=log)
