@@ -207,17 +207,24 @@ class _Draft:
         return getattr(self.target, name)
 
 
+def _parse_toml(path: Path) -> dict[str, Any]:
+    """One config file's own table (no `extends` followed), or a one-line ConfigError."""
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+
+
 def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     if path in seen:
         raise ConfigError(f"{path}: `extends` loops back to itself")
-    try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    data = _parse_toml(path)
     data.pop("on_cpu", None)  # only the config named on the command line swaps itself (`cpu_swap`)
     parent = data.pop("extends", None)
     if parent is None:
@@ -268,10 +275,9 @@ def cpu_swap(path: Path, on_cpu: bool | None = None) -> Path | None:
     """The config that stands in for the one at `path` on this machine: its top-level `on_cpu = "file.toml"` when
     the models run on a CPU here (ONNX Runtime's `auto`: no Apple GPU; `on_cpu` forces the answer), else None.
     `configs/fetched.toml` names the set fitted to a CPU so: the published set stays on Apple silicon."""
-    try:
-        swap = tomllib.loads(path.read_bytes().decode("utf-8")).get("on_cpu")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None  # `_read_toml` says what is wrong with it
+    if not path.is_file():
+        return None  # `_read_toml` says so
+    swap = _parse_toml(path).get("on_cpu")
     if swap is None:
         return None
     if not isinstance(swap, str) or not (path.parent / swap).is_file():
