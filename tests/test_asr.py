@@ -435,6 +435,10 @@ def test_hotter_retries_only_when_switched_on(tiny_dir, monkeypatch):
     real_run = decoding.DecodingTask.run
     monkeypatch.setattr(decoding.DecodingTask, "run",
                         lambda self, mel: temperatures.append(self.options.temperature) or real_run(self, mel))
+    real_greedy = WhisperASR._greedy  # the greedy pass on ONNX Runtime (pipelines/asr/greedy.py)
+    monkeypatch.setattr(WhisperASR, "_greedy",
+                        lambda self, model, x, options, *a, **k: temperatures.append(options.temperature)
+                        or real_greedy(self, model, x, options, *a, **k))
     audio, text = next((a, t) for a, t in shipped_utterances() if t.startswith("Thanks, that is all"))
     for fallback, expected in ((False, [0.0]), (True, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])):
         temperatures.clear()
@@ -541,3 +545,48 @@ def test_the_mel_without_the_padding_is_mlx_whispers_exactly(samples):
                   np.zeros(samples, np.float32)):
         ours, theirs = np.array(padded_log_mel(audio, 80)), np.array(log_mel_spectrogram(audio, 80, padding=N_SAMPLES))
         assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 2.4e-7, samples
+
+
+@pytest.mark.slow
+def test_the_numpy_greedy_loop_is_mlx_whispers(tiny_dir, tmp_path):
+    """On ONNX Runtime a greedy window is decoded by pipelines/asr/greedy.py instead of mlx-whisper's lazy MLX loop
+    (~2 ms a token less here). Against mlx-whisper's own `DecodingTask` on the same network and window: the same
+    tokens, and the no-speech probability and average log-probability (which decide whether a window is silence)
+    to float rounding, on real speech, espeak-ng turns, hiss and a near-silent window, with and without an
+    initial prompt; teacher-forced (the stand-ins' timing) the same log-probability sum as `_forced_task`.
+    ("Float rounding" is MLX's: its CPU logsumexp is a few 1e-4 off float64, numpy's much closer.)"""
+    import mlx.core as mx
+    from mlx_whisper.audio import N_FRAMES, pad_or_trim
+    from mlx_whisper.decoding import DecodingOptions, DecodingTask
+    from mlx_whisper.tokenizer import get_tokenizer
+
+    from pipelines.asr.whisper import _forced_task, padded_log_mel
+
+    asr = WhisperASR(tiny_dir, placement=Placement("onnx"), ort_cache=tmp_path / "asr")
+    model = asr._network()
+    arctic = load_audio(ROOT / "tests" / "fixtures" / "arctic_a0007.wav", 16000)
+    rng = np.random.default_rng(4)
+    clips = [load_audio(JFK, 16000), arctic, *(a for a, _ in shipped_utterances()[5:9]),
+             rng.normal(0, 3e-3, 48000).astype(np.float32), rng.normal(0, 1e-4, 16000).astype(np.float32)]
+    tokenizer = get_tokenizer(False, num_languages=model.num_languages, language="en", task="transcribe")
+    prompt = tokenizer.encode(" Kennedy's inaugural address.")
+    spoken = 0
+    for i, clip in enumerate(clips):
+        window = pad_or_trim(padded_log_mel(clip, model.dims.n_mels), N_FRAMES, axis=-2).astype(mx.float32)
+        for p in ([], prompt) if i < 2 else ([],):
+            options = DecodingOptions(language="en", temperature=0.0, prompt=p, fp16=False)
+            ours = asr._greedy(model, window, options, encoded=False)
+            theirs = DecodingTask(model, options).run(window[None])[0]
+            assert ours.tokens == theirs.tokens and ours.text == theirs.text, (i, ours.text, theirs.text)
+            assert ours.no_speech_prob == pytest.approx(theirs.no_speech_prob, rel=1e-4, abs=1e-6)
+            # MLX's CPU logsumexp is ~3e-4 off float64 here (its exp is approximate); numpy's is within 1e-6
+            assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-3)
+            spoken += bool(ours.text)
+        script = [tokenizer.timestamp_begin, *tokenizer.encode(" a scripted reply, word for word"),
+                  tokenizer.timestamp_begin + 100]
+        options = DecodingOptions(language="en", temperature=0.0, prompt=[], fp16=False)
+        ours = asr._greedy(model, window, options, encoded=False, forced=script)
+        theirs = _forced_task()(model, options, script).run(window[None])[0]
+        assert ours.tokens == theirs.tokens == script, (ours.tokens, theirs.tokens)
+        assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-3)
+    assert spoken >= 6  # the speech was heard (a loop that always stops at once would not be)

@@ -104,15 +104,15 @@ def test_teacher_forced_whisper_steps_are_the_free_decoding_steps(jfk_path, tmp_
 
     asr = WhisperASR(tiny, placement=Placement("onnx"), ort_cache=tmp_path / "asr")
     net = asr._network()
-    real_decoder = net.decoder
+    real_step = net.decoder.step  # every decoder call of the greedy loop (pipelines/asr/greedy.py)
     calls: list[tuple[list[int], np.ndarray]] = []
 
-    def recording(tokens, features, kv_cache=None):
-        logits, kv_cache, cross = real_decoder(tokens, features, kv_cache=kv_cache)
+    def recording(tokens, cache):
+        logits, cache = real_step(tokens, cache)
         calls.append((np.array(tokens).reshape(-1).tolist(), np.array(logits)[0, -1]))
-        return logits, kv_cache, cross
+        return logits, cache
 
-    net.decoder = recording
+    net.decoder.step = recording
     audio = load_audio(jfk_path, 16000)
     heard = asr.transcribe(audio).text
     free = list(calls)

@@ -3,8 +3,9 @@
 An utterance's ASR here is the encoder over Whisper's whole 30 s window (1500 positions; encoding fewer costs
 accuracy, measured in tests/test_asr.py) and then the text decoder, one token at a time; on MLX's CPU path
 both are slow (~1.6 s encoder, ~46 ms a token). Both run through ONNX Runtime's kernels instead, emitted from
-the mlx-whisper `AudioEncoder` / `TextDecoder` parameters, so mlx-whisper's own `DecodingTask` (logit filters,
-temperature fallback, no-speech and compression checks) stays in charge. Notable:
+the mlx-whisper `AudioEncoder` / `TextDecoder` parameters. They stand in for mlx-whisper's encoder and decoder, so
+its `DecodingTask` can run them; the stage's greedy windows call `features` / `start` / `step` with numpy instead
+(pipelines/asr/greedy.py: the same rules without MLX's per-token bookkeeping). Notable:
 - Encoder fp32: its features equal MLX's to float rounding.
 - The decoder is two graphs: `cross` projects the audio features to every block's cross-attention K/V once per
   decoding run (the first call, when mlx-whisper's `Inference` passes no cache), laid out by head as the
@@ -192,8 +193,11 @@ class OrtWhisperEncoder:
     def __call__(self, mel):
         import mlx.core as mx
 
-        features = self.session.run(["features"], {"mel": np.asarray(mel.astype(mx.float32))})[0]
-        return mx.array(features)
+        return mx.array(self.features(np.asarray(mel.astype(mx.float32))))
+
+    def features(self, mel: np.ndarray) -> np.ndarray:
+        """mel [1, 3000, n_mels] float32 -> features [1, 1500, n_state] float32."""
+        return self.session.run(["features"], {"mel": mel})[0]
 
 
 class OrtWhisperDecoder:
@@ -211,13 +215,23 @@ class OrtWhisperDecoder:
 
         tokens = np.array(tokens, dtype=np.int64)
         if kv_cache is None:
-            features = np.asarray(audio_features.astype(mx.float32))
-            kv_cache = dict(zip(self._cross_outputs, self.cross.run(self._cross_outputs, {"features": features})))
-            empty = empty_kv(self.n_layer, self.n_head, features.shape[-1] // self.n_head, batch=tokens.shape[0])
-            kv_cache.update(zip(kv_names(self.n_layer), empty))
-        offset = kv_cache["past_k0"].shape[2]
-        feeds = {**kv_cache, "tokens": tokens, "positions": np.arange(offset, offset + tokens.shape[1], dtype=np.int64)}
+            kv_cache = self.start(np.asarray(audio_features.astype(mx.float32)), batch=tokens.shape[0])
+        logits, kv_cache = self.step(tokens, kv_cache)
+        return mx.array(logits), kv_cache, [None] * self.n_layer
+
+    def start(self, features: np.ndarray, batch: int = 1) -> dict:
+        """A decoding run's cache: the cross-attention K/V of `features` [B, positions, n_state] and an empty
+        self-attention past."""
+        cache = dict(zip(self._cross_outputs, self.cross.run(self._cross_outputs, {"features": features})))
+        cache.update(zip(kv_names(self.n_layer), empty_kv(self.n_layer, self.n_head,
+                                                          features.shape[-1] // self.n_head, batch=batch)))
+        return cache
+
+    def step(self, tokens: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
+        """tokens [B, T] int64 after the cache's -> (logits [B, T, n_vocab] float32, the grown cache)."""
+        offset = cache["past_k0"].shape[2]
+        feeds = {**cache, "tokens": tokens, "positions": np.arange(offset, offset + tokens.shape[1], dtype=np.int64)}
         out = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
-        kv_cache = {**kv_cache, **{past: out[present] for past, present in
-                                   zip(kv_names(self.n_layer), kv_names(self.n_layer, kind="present"))}}
-        return mx.array(out["logits"]), kv_cache, [None] * self.n_layer
+        cache = {**cache, **{past: out[present] for past, present in
+                             zip(kv_names(self.n_layer), kv_names(self.n_layer, kind="present"))}}
+        return out["logits"], cache

@@ -5,7 +5,8 @@ Notable:
   Runtime drop-ins (pipelines/asr/ort.py) when `backend` is onnx, never mlx-whisper's module-level cached model
   (which any other caller could reload or swap). So the 30 s windows are walked here, not by mlx-whisper's
   `transcribe` (which only takes a model path): the same windows, skips and segment rules for the options this
-  agent uses, tested to give its text exactly; decoding itself is mlx-whisper's `DecodingTask`.
+  agent uses, tested to give its text exactly; decoding itself is mlx-whisper's `DecodingTask`, except a greedy
+  window on ONNX Runtime: its steps run in numpy by the task's own rules (pipelines/asr/greedy.py, tested equal).
 - `model_dir` is always a local folder (config.json + weights.safetensors/.npz). mlx-whisper would
   treat a path that does not exist as a hub repo id and download it; we refuse first, so a typo or a
   missing conversion is a one-line `CheckpointError`, never a network call.
@@ -152,6 +153,7 @@ class WhisperASR:
         self.backend = placement.backend
         self.ort_cache = ort_cache
         self._net = None  # this stage's Whisper (`_network`)
+        self._rules: dict = {}  # (language, prompt) -> the numpy loop's rules and tokenizer (`_greedy`)
 
     def _network(self):
         """This stage's own Whisper, loaded once: mlx-whisper's model of its folder (not mlx-whisper's module-level
@@ -181,17 +183,53 @@ class WhisperASR:
         from mlx_whisper.decoding import DecodingOptions, DecodingTask
 
         task = _encoded_task() if encoded else DecodingTask
+        numpy_loop = self.backend == "onnx" and language is not None  # pipelines/asr/greedy.py
         if forced is not None:
             options = DecodingOptions(language=language, temperature=0.0, prompt=prompt, fp16=self.fp16)
+            if numpy_loop:
+                return self._greedy(model, x, options, encoded, forced)
             return _forced_task()(model, options, forced).run(x[None])[0]
         for temperature in temperatures:
             options = DecodingOptions(language=language, temperature=temperature, prompt=prompt, fp16=self.fp16)
-            result = task(model, options).run(x if encoded else x[None])[0]
+            if numpy_loop and temperature == 0:
+                result = self._greedy(model, x, options, encoded)
+            else:
+                result = task(model, options).run(x if encoded else x[None])[0]
             if result.no_speech_prob > NO_SPEECH_MIN:
                 break  # silence: hotter decoding will not find words either
             if result.compression_ratio <= COMPRESSION_RATIO_MAX and result.avg_logprob >= LOGPROB_MIN:
                 break
         return result
+
+    def _greedy(self, model, x, options, encoded: bool, forced: list[int] | None = None):
+        """`_decode`'s greedy pass on ONNX Runtime: mlx-whisper's task for the rules, the numpy loop of
+        pipelines/asr/greedy.py for the steps; an mlx-whisper `DecodingResult`."""
+        import mlx.core as mx
+        from mlx_whisper.decoding import DecodingResult, DecodingTask, compression_ratio
+
+        from pipelines.asr.greedy import GreedyRules, decode_greedy
+
+        key = (options.language, tuple(options.prompt or ()))
+        rules = self._rules.get(key)
+        if rules is None:
+            task = DecodingTask(model, options)
+            rules = self._rules[key] = (GreedyRules(task), task.tokenizer)
+        rules, tokenizer = rules
+        if encoded:
+            features = np.asarray(x.astype(mx.float32))
+        else:
+            features = model.encoder.features(np.asarray(x[None].astype(mx.float32)))
+        decoder = model.decoder
+        cache = decoder.start(features)
+
+        def step(tokens: np.ndarray, past):
+            return decoder.step(tokens, cache if past is None else past)
+
+        tokens, total, no_speech = decode_greedy(rules, step, None if forced is None else [*forced, tokenizer.eot])
+        text = tokenizer.decode(tokens).strip()
+        return DecodingResult(audio_features=None, language=options.language, tokens=tokens, text=text,
+                              avg_logprob=total / (len(tokens) + 1), no_speech_prob=no_speech, temperature=0.0,
+                              compression_ratio=compression_ratio(text))
 
     def _run_trimmed(self, audio: np.ndarray) -> dict:
         """One window of the utterance's mel + margin: encoder on the sliced positions, then decode."""
