@@ -565,3 +565,32 @@ def test_the_buffer_is_sized_from_this_streams_own_frames(tiny_tts):
     assert tiny_tts.rtf_now(cfg) > 2.0  # ...the buffer follows this one
     assert tiny_tts.prebuffer_s("Hello there.", cfg, 0.08) > 0.5  # most of its 0.8 s
     stream.close()
+
+
+def test_warmup_measures_the_first_replys_margin(tiny_tts, monkeypatch):
+    """After the warm-up the first reply's buffer is planned with a margin measured on this machine (the
+    warm-up's own streams, `rate_need`, the most of the last MARGIN_STREAMS as for every later reply), not the
+    RATE_MARGIN guess: a warm-up whose frames came steadily plans the first reply with 1.0, one whose later frames
+    came a quarter slower with 1.25."""
+    import pipelines.tts.stage as stage
+
+    now, pattern = [0.0], []
+    frames = tiny_tts.frames.frames
+
+    def timed(*a, **k):
+        for n, codes in enumerate(frames(*a, **k)):
+            now[0] += pattern[min(n, len(pattern) - 1)]
+            yield codes
+
+    monkeypatch.setattr(tiny_tts, "clock", lambda: now[0])
+    monkeypatch.setattr(tiny_tts.frames, "frames", timed)
+    cfg = GenerationConfig(seed=0, max_audio_length_ms=800, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
+    for intervals, margin in (([0.05], 1.0), ([0.04, 0.04] + [0.05] * 20, 1.25)):
+        monkeypatch.setattr(tiny_tts, "rate_needs", [])
+        pattern[:] = intervals
+        tiny_tts.warmup()
+        pattern[:] = [0.05]
+        for _ in tiny_tts.stream("Hello there.", 0, config=cfg):
+            break  # the first chunk: the buffer is sized now
+        assert tiny_tts.rate_margin() == pytest.approx(margin), intervals
+        assert len(tiny_tts.rate_needs) == stage.MARGIN_STREAMS

@@ -27,6 +27,7 @@ RATE_MARGIN = 1.2  # the buffer is sized for a rate this much slower than the on
 MARGIN_STREAMS = 3  # once streams have run: the most that any of the last this many needed (`rate_need`)
 MARGIN_RANGE = (1.0, 1.3)  # the margin stays within these
 FRAME_S = FRAME_MS / 1000
+WARMUP_FRAMES = 10  # each warm-up stream that measures the first reply's margin (`warmup`): 9 intervals
 MIMI_PER_FRAME = 0.16  # a Mimi call of n frames costs ~(1 + 0.16 n) times its fixed part (scripts/bench_mimi_chunks.py:
 # ~23 ms + ~4 ms a frame on two threads, ~39 + ~6.4 on one: the ratio holds)
 FRAME_SPARE = 1.25  # a chunk is planned with a quarter of a frame's time spare per frame: the next frames may be slower
@@ -328,8 +329,16 @@ class MarvisTTS:
         return Speech(self.codec.decode(codes), codes, stopped_on_eos=len(frames) < prompt.max_frames)
 
     def warmup(self) -> None:
-        """Touch every weight and Mimi's streaming path once, so the first real turn is not the slow one."""
+        """Touch every weight and Mimi's streaming path once, so the first real turn is not the slow one; then make
+        MARGIN_STREAMS short streams whose frames measure the margin the first reply's buffer is planned with
+        (`rate_need`), as every later reply's is: the most the last three streams needed. Before, the first reply
+        of a session was planned with the RATE_MARGIN guess, a rate a fifth slower than measured: near real time,
+        hundreds of ms more buffer than the replies after it."""
         cfg = dataclasses.replace(self.config, temperature=0.0, max_audio_length_ms=2 * FRAME_MS, stop_on_eos=False)
         for _ in self.stream("Hi.", 0, config=cfg):
             pass
+        cfg = dataclasses.replace(cfg, max_audio_length_ms=WARMUP_FRAMES * FRAME_MS)
+        for _ in range(MARGIN_STREAMS):
+            for _ in self.stream("Hi.", 0, config=cfg):
+                pass  # its intervals become a `rate_need` as the next stream starts
         self.prefix.clear()
