@@ -8,6 +8,7 @@ are checked without depending on the shipped weights.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -582,11 +583,44 @@ def test_the_numpy_greedy_loop_is_mlx_whispers(tiny_dir, tmp_path):
             # MLX's CPU logsumexp is ~3e-4 off float64 here (its exp is approximate); numpy's is within 1e-6
             assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-3)
             spoken += bool(ours.text)
-        script = [tokenizer.timestamp_begin, *tokenizer.encode(" a scripted reply, word for word"),
-                  tokenizer.timestamp_begin + 100]
+            if not p:
+                plain = ours
+        if not plain.tokens:
+            continue
+        script = list(plain.tokens)  # forced with the words it heard: every step's token is one the rules allow
         options = DecodingOptions(language="en", temperature=0.0, prompt=[], fp16=False)
-        ours = asr._greedy(model, window, options, encoded=False, forced=script)
+        forced = asr._greedy(model, window, options, encoded=False, forced=script)
         theirs = _forced_task()(model, options, script).run(window[None])[0]
-        assert ours.tokens == theirs.tokens == script, (ours.tokens, theirs.tokens)
-        assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-3)
+        assert forced.tokens == theirs.tokens == script, (forced.tokens, theirs.tokens)
+        assert math.isfinite(theirs.avg_logprob) and forced.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-3)
+        assert forced.avg_logprob == pytest.approx(plain.avg_logprob, abs=1e-6)  # the same steps as free decoding
     assert spoken >= 6  # the speech was heard (a loop that always stops at once would not be)
+
+
+def test_the_numpy_greedy_loop_stops_where_mlx_whispers_does():
+    """Bounds, with a decoder that never ends the text: at most `sample_len` tokens are sampled, and no position at or
+    past the text context (n_ctx; Whisper's positional table has no row for it) is ever fed, however long the prompt
+    before the sampled tokens (mlx-whisper stops a window there)."""
+    from pipelines.asr.greedy import GreedyRules, decode_greedy
+
+    def rules(initial: int, sample_len: int, n_ctx: int = 448) -> GreedyRules:
+        r = GreedyRules.__new__(GreedyRules)  # the loop's fields, without a task: no timestamps, nothing suppressed
+        r.eot, r.ts, r.no_timestamps, r.no_speech = 50, 60, None, None
+        r.sample_begin, r.sot_index, r.sample_len, r.n_ctx = initial, 0, sample_len, n_ctx
+        r.initial_tokens, r.blank, r.timestamps = [1] * initial, None, False
+        r.suppress = np.zeros(64, np.float32)
+        return r
+
+    for initial, sample_len, expected in ((3, 224, 224), (227, 224, 448 - 227 + 1), (448, 224, 1)):
+        fed = []
+
+        def step(tokens, cache):
+            start = 0 if cache is None else cache
+            fed.extend(range(start, start + tokens.shape[1]))
+            logits = np.zeros((1, tokens.shape[1], 64), np.float32)
+            logits[..., 7] = 5.0  # always the same text token, never the end
+            return logits, start + tokens.shape[1]
+
+        tokens, total, no_speech = decode_greedy(rules(initial, sample_len), step)
+        assert len(tokens) == expected, (initial, len(tokens))
+        assert max(fed) < 448 and math.isnan(no_speech) and total < 0

@@ -18,7 +18,8 @@ to them in numpy:
 
 Temperatures above 0 and language detection stay with mlx-whisper's own task. tests/test_asr.py holds this loop to
 mlx-whisper's on real speech, noise and silence: the same tokens and text, the same no-speech probability and
-average log-probability to float rounding.
+average log-probability to float rounding. (Rounding is where they can part: MLX's CPU logsumexp is ~3e-4 from
+float64, numpy's much nearer, so a timestamp-or-text decision within that of a tie may go the other way.)
 """
 
 from __future__ import annotations
@@ -114,8 +115,6 @@ def _decode(rules: GreedyRules, step: Step, forced: list[int] | None) -> tuple[l
     last = logits[0, -1]
     total = np.float32(0.0)
     for i in range(rules.sample_len):
-        if i > 0 and len(tokens) > rules.n_ctx:
-            break
         scores = rules.filtered(last, tokens)
         if forced is not None:
             chosen = forced[min(len(tokens) - rules.sample_begin, len(forced) - 1)]
@@ -123,7 +122,7 @@ def _decode(rules: GreedyRules, step: Step, forced: list[int] | None) -> tuple[l
             chosen = int(np.argmax(scores))
         total = np.float32(total + (scores[chosen] - _logsumexp(scores)))
         tokens.append(chosen)
-        if chosen == rules.eot:
+        if chosen == rules.eot or len(tokens) > rules.n_ctx:  # mlx-whisper feeds no position past n_ctx - 1
             break
         if i + 1 < rules.sample_len:
             logits, cache = step(np.array([[chosen]], np.int64), cache)

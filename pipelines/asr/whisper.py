@@ -6,7 +6,8 @@ Notable:
   (which any other caller could reload or swap). So the 30 s windows are walked here, not by mlx-whisper's
   `transcribe` (which only takes a model path): the same windows, skips and segment rules for the options this
   agent uses, tested to give its text exactly; decoding itself is mlx-whisper's `DecodingTask`, except a greedy
-  window on ONNX Runtime: its steps run in numpy by the task's own rules (pipelines/asr/greedy.py, tested equal).
+  window on ONNX Runtime: its steps run in numpy by the task's own rules (pipelines/asr/greedy.py, tested equal
+  on real speech; only a near-tie within MLX's rounding could decide otherwise).
 - `model_dir` is always a local folder (config.json + weights.safetensors/.npz). mlx-whisper would
   treat a path that does not exist as a hub repo id and download it; we refuse first, so a typo or a
   missing conversion is a one-line `CheckpointError`, never a network call.
@@ -332,7 +333,8 @@ class WhisperASR:
     def transcribe_forced(self, audio: np.ndarray, sample_rate: int, words: str) -> Transcript:
         """What transcribing `audio` costs when its words are `words`, and those words: the same steps as
         `transcribe` (the encoder on the window, mlx-whisper's decoding loop with its filters, one decoder step per
-        token), each step's token taken from `words` instead of the logits (teacher forcing). For stand-in weights
+        token; on ONNX Runtime the numpy loop of `_greedy`), each step's token taken from `words` instead of the
+        logits (teacher forcing). For stand-in weights
         (pipelines/standins.py): shape-true and random, so their own words mean nothing, their cost everything."""
         return self._transcribe(audio, sample_rate, words)
 

@@ -331,13 +331,13 @@ class MarvisTTS:
     def warmup(self) -> None:
         """Touch every weight and Mimi's streaming path once, so the first real turn is not the slow one; then make
         MARGIN_STREAMS short streams whose frames measure the margin the first reply's buffer is planned with
-        (`rate_need`), as every later reply's is: the most the last three streams needed. Before, the first reply
+        (`rate_need`), as every later reply's is: the most the last MARGIN_STREAMS streams needed. Before, the first reply
         of a session was planned with the RATE_MARGIN guess, a rate a fifth slower than measured: near real time,
         hundreds of ms more buffer than the replies after it."""
         cfg = dataclasses.replace(self.config, temperature=0.0, max_audio_length_ms=2 * FRAME_MS, stop_on_eos=False)
         for _ in self.stream("Hi.", 0, config=cfg):
             pass
-        cfg = dataclasses.replace(cfg, max_audio_length_ms=WARMUP_FRAMES * FRAME_MS)
+        cfg = dataclasses.replace(cfg, max_audio_length_ms=WARMUP_FRAMES * FRAME_MS, min_text_frames=WARMUP_FRAMES)
         for _ in range(MARGIN_STREAMS):
             for _ in self.stream("Hi.", 0, config=cfg):
                 pass  # its intervals become a `rate_need` as the next stream starts
