@@ -397,7 +397,9 @@ def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], pr
     try:
         models = build()
         bar = tqdm(total=len(models), desc=progress, unit="graph", disable=None if progress else True, leave=False)
-        if stamp.get("quantization") and not stamp.get("dynamic"):  # dynamic: the builder made its int8 graphs
+        # blockwise bits are applied here, a graph at a time; dynamic int8 the builder wrote into its graphs
+        blockwise = bool(stamp.get("quantization")) and not stamp.get("dynamic")
+        if blockwise:
             for name in list(models):
                 models[name] = quantize(models[name], stamp["quantization"], stamp.get("block", QUANT_BLOCK))
                 bar.update()
@@ -405,7 +407,7 @@ def build_cached(folder: Path | None, stamp: dict, build: Callable[[], dict], pr
             models = compose(models)
         for name in list(models):
             save(models.pop(name), tmp / f"{name}.onnx")
-            if not stamp.get("quantization") or stamp.get("dynamic"):
+            if not blockwise:
                 bar.update()
         bar.close()
         (tmp / "ready.json").write_text(json.dumps(stamp))

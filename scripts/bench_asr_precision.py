@@ -37,15 +37,12 @@ def main() -> None:
     ap.add_argument("--timing-only", nargs="*", default=[], help="model folders only timed (stand-ins)")
     opts = ap.parse_args()
 
-    from bench_asr_window import scripted_turns
+    from bench_asr_window import set_errors, word_sets
 
     from agent.config import load_config
     from pipelines.asr.load import load_asr
-    from test_asr import shipped_utterances, word_count, word_errors
 
-    sets = {"shipped": shipped_utterances()}
-    for folder in opts.sessions:
-        sets[folder.name] = scripted_turns(folder)
+    sets = word_sets(opts.sessions)
     turns = [turn for items in sets.values() for turn in items]
     base = load_config("default").asr
     for model in [m for m in opts.models.split(",") if m] + list(opts.timing_only):
@@ -63,12 +60,9 @@ def main() -> None:
                 texts.append(heard.text)
             line = f"{Path(model).name:28s} {asr.precision.label:13s} median {1000 * np.median(times):4.0f} ms a turn"
             if not timing_only:
-                cells, errors_all, words_all, i = [], 0, 0, 0
-                for name, items in sets.items():
-                    errors = sum(word_errors(t, h) for (_, t), h in zip(items, texts[i:i + len(items)]))
-                    words = sum(word_count(t) for _, t in items)
-                    cells.append(f"{name} {errors}/{words}")
-                    errors_all, words_all, i = errors_all + errors, words_all + words, i + len(items)
+                scored = set_errors(sets, texts)
+                cells = [f"{name} {errors}/{words}" for name, errors, words in scored]
+                errors_all, words_all = sum(e for _, e, _ in scored), sum(w for _, _, w in scored)
                 line += f" | {' | '.join(cells)} | all {errors_all}/{words_all} ({100 * errors_all / words_all:.1f} %)"
                 if reference:
                     line += f" | {sum(a != b for a, b in zip(reference, texts))} of {len(texts)} transcripts differ"

@@ -41,6 +41,29 @@ def scripted_turns(folder: Path) -> list[tuple[np.ndarray, str]]:
     return turns
 
 
+def word_sets(sessions: list[Path]) -> dict[str, list[tuple[np.ndarray, str]]]:
+    """The sets of (audio, text) turns the ASR benches score: the shipped utterances, then each bundle's script."""
+    from test_asr import shipped_utterances
+
+    sets = {"shipped": shipped_utterances()}
+    for folder in sessions:
+        sets[folder.name] = scripted_turns(folder)
+    return sets
+
+
+def set_errors(sets: dict[str, list[tuple[np.ndarray, str]]], heard: list[str]) -> list[tuple[str, int, int]]:
+    """(set name, word errors, words) of each set, `heard` holding a transcript for every turn of every set in
+    order."""
+    from test_asr import word_count, word_errors
+
+    out, i = [], 0
+    for name, items in sets.items():
+        errors = sum(word_errors(text, h) for (_, text), h in zip(items, heard[i:i + len(items)]))
+        out.append((name, errors, sum(word_count(text) for _, text in items)))
+        i += len(items)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--floors", default="8,12,15,20", help="comma list of floor_s values to try")
@@ -50,11 +73,7 @@ def main() -> None:
     from agent.config import load_config
     from pipelines.asr.load import asr_placement, load_asr
     from pipelines.asr.whisper import WhisperASR
-    from test_asr import shipped_utterances, word_count, word_errors
-
-    sets = {"shipped": shipped_utterances()}
-    for folder in opts.sessions:
-        sets[folder.name] = scripted_turns(folder)
+    sets = word_sets(opts.sessions)
     section = load_config("default").asr
     default = load_asr(section, ROOT)  # the agent's own model, placement and graph cache
     cases = [("full window", {"trim": False})]
@@ -64,15 +83,13 @@ def main() -> None:
     for label, kw in cases:
         asr = WhisperASR(default.model_dir, placement=asr_placement(section, ROOT), ort_cache=default.ort_cache, **kw)
         asr.warmup()
-        cells, errors_all, words_all = [], 0, 0
-        for items in sets.values():
-            errors = words = 0
-            for audio, text in items:
-                asr.reset()
-                errors += word_errors(text, asr.transcribe(audio).text)
-                words += word_count(text)
-            cells.append(f"{errors:>4}/{words:<4} {100 * errors / words:5.1f} %")
-            errors_all, words_all = errors_all + errors, words_all + words
+        heard = []
+        for audio, _ in (turn for items in sets.values() for turn in items):
+            asr.reset()
+            heard.append(asr.transcribe(audio).text)
+        scored = set_errors(sets, heard)
+        cells = [f"{errors:>4}/{words:<4} {100 * errors / words:5.1f} %" for _, errors, words in scored]
+        errors_all, words_all = sum(e for _, e, _ in scored), sum(w for _, _, w in scored)
         print(f"{label:14s} | " + " | ".join(f"{c:>18}" for c in cells) + f" | {errors_all}/{words_all}", flush=True)
 
 
