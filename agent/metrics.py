@@ -60,16 +60,19 @@ class Playback:
 
 
 def play(timeline: list[tuple], sample_rate: int, jitter_s: float, complete: bool = True) -> Playback:
-    """Play `timeline` — (wall time a chunk was ready, its samples[, re-buffer seconds]) in order — as a speaker
-    does: start once `jitter_s` of audio is buffered (or with the last chunk), then in real time. A chunk not ready
-    when the audio before it has played out is an underrun; playback resumes once the chunk's re-buffer threshold
-    (seconds from it on) is queued again, or as soon as it is ready without one. `complete`: the timeline is the
-    whole utterance (what is left plays out at its end); otherwise playback may still be waiting for audio."""
+    """Play `timeline` — (wall time a chunk was ready, its samples[, re-buffer seconds[, start buffer seconds]])
+    in order — as a speaker does: start once `jitter_s` of audio is buffered (or the chunk's own start buffer, the
+    one in force when it came: a plan may change while the listener waits), or with the last chunk, then in real
+    time. A chunk not ready when the audio before it has played out is an underrun; playback resumes once the
+    chunk's re-buffer threshold (seconds from it on) is queued again, or as soon as it is ready without one.
+    `complete`: the timeline is the whole utterance (what is left plays out at its end); otherwise playback may
+    still be waiting for audio."""
     rate = float(sample_rate)
     out, buffered = Playback(), 0.0
-    for ready, samples, *_ in timeline:
+    for ready, samples, *rest in timeline:
         buffered += samples / rate
-        if buffered >= jitter_s - TIME_EPS:  # whole frames of buffer: a float sum of chunks must not fall just short
+        need = rest[1] if len(rest) > 1 else jitter_s
+        if buffered >= need - TIME_EPS:  # whole frames of buffer: a float sum of chunks must not fall just short
             out.start = ready
             break
     if out.start is None and complete and timeline:

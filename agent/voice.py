@@ -87,9 +87,12 @@ class ReplyVoice:
         self._mark = mark or (lambda stage, wall: None)
         self._said = said or (lambda text: None)
         self.spoken: list[Spoken] = []
-        # (clock time a chunk was ready, its samples, the re-buffer threshold in force: see agent.metrics.play)
-        self.timeline: list[tuple[float, int, float]] = []
-        self.prebuffer: float | None = None  # seconds buffered before playback, chosen at the first chunk
+        # (clock time a chunk was ready, its samples, the re-buffer threshold and the start buffer in force: see
+        # agent.metrics.play)
+        self.timeline: list[tuple[float, int, float, float | None]] = []
+        self.prebuffer: float | None = None  # seconds buffered before playback: planned at the first chunk, then
+        # planned again at each chunk while the listener waits, from the intervals this reply's frames have had
+        self.prebuffer_first: float | None = None  # the first chunk's plan (from one interval)
         self.prebuffer_rtf: float | None = None  # the TTS's real-time factor it was sized from (this reply's)
         self.prebuffer_margin: float | None = None  # how much slower than that rate the buffer was planned for
         self.rebuffer = 0.0  # seconds a later piece re-buffers if the audio runs dry (the rate dropped mid-reply)
@@ -98,6 +101,7 @@ class ReplyVoice:
         self.tts_seconds = 0.0  # time spent in the TTS's stream, for the real-time factor the reply achieved
         self.stopped = False  # cancelled in the middle of a piece
         self.full = False  # `most_s` of audio is out
+        self._replanning = False  # the first piece's buffer is planned again at each chunk until playback starts
 
     # ---- speaking ----------------------------------------------------------------------------------------
 
@@ -119,6 +123,7 @@ class ReplyVoice:
         began = self.clock()
         # the first piece's buffer is planned over its chunks (`waiting`); a later one follows the audio queued
         waiting = self.waiting_s if self.prebuffer is None else None
+        out_s = 0.0  # this piece's audio out, the chunk at hand included
         for n, chunk in enumerate(self.tts.stream(text, self.speaker, self.context + self.own_context(), self.voice,
                                                   self.config, self.cancelled, self.queued_s, waiting)):
             ready = self.clock()
@@ -126,10 +131,15 @@ class ReplyVoice:
             if self.cancelled():
                 self.stopped = True
                 break
+            chunk_audio, chunk_codes = self._within_cap(chunk)
+            out_s += chunk_audio.size / self.tts.sample_rate
             if n == 0:
                 self._size_buffer(text)
-            chunk_audio, chunk_codes = self._within_cap(chunk)
-            self.timeline.append((ready, chunk_audio.size, self.rebuffer))
+            elif self._replanning:
+                self._plan_again(text, out_s)
+            self.timeline.append((ready, chunk_audio.size, self.rebuffer, self.prebuffer))
+            if self._replanning and self.waiting_s() <= 0.0:
+                self._replanning = False  # it plays (or this chunk starts it): the plan holds from here
             self.written += chunk_audio.size
             if self.sink is not None:
                 self.sink.write(chunk_audio)
@@ -148,8 +158,10 @@ class ReplyVoice:
         sets a re-buffer, so that playback pauses once at a piece boundary instead of stuttering through it."""
         need = self.tts.prebuffer_s(text, self.config, self.least_prebuffer_s)
         if self.prebuffer is None:
-            self.prebuffer, self.prebuffer_rtf = need, self.tts.rtf_now(self.config)
+            self.prebuffer = self.prebuffer_first = need
+            self.prebuffer_rtf = self.tts.rtf_now(self.config)
             self.prebuffer_margin = self.tts.rate_margin()  # how much slower the plan took the rate to be
+            self._replanning = True
             if self.sink is not None:
                 self.sink.set_prebuffer(need)
             return
@@ -162,6 +174,24 @@ class ReplyVoice:
                 self.rebuffers.append(threshold)
                 if self.sink is not None:
                     self.sink.set_prebuffer(threshold)
+
+    def _plan_again(self, text: str, out_s: float) -> None:
+        """While the listener still waits for the first piece: the buffer planned again from every interval the
+        stream has measured so far (the first plan had one), with `out_s` of the piece out (the chunk at hand
+        included), and lowered when that plan needs less: a first interval slower than the frames after it then
+        costs no more wait than those frames need. It is never raised here (a slowing stream's later pieces
+        re-buffer at their boundary, `_size_buffer`): raised on the noisy margin of a few intervals, the wait grew
+        by more than the stalls it saved (scripts/bench_buffer_plan.py, docs/performance.md §10). When what is
+        out already suffices, playback starts with this chunk, and the buffer is what was queued then."""
+        if out_s >= self.prebuffer - TIME_EPS:
+            return  # this chunk starts playback as planned
+        need = self.tts.prebuffer_s(text, self.config, self.least_prebuffer_s, out_s)
+        if need >= self.prebuffer - TIME_EPS:
+            return
+        self.prebuffer = out_s if need <= out_s + TIME_EPS else need
+        self.prebuffer_rtf = self.tts.rtf_now(self.config)  # the rate the buffer in force was planned from
+        if self.sink is not None:
+            self.sink.set_prebuffer(self.prebuffer)
 
     def _within_cap(self, chunk: AudioChunk) -> tuple[np.ndarray, np.ndarray | None]:
         if self.most_samples is None:
@@ -227,12 +257,14 @@ class ReplyVoice:
         """How the reply played: stalls after the first sample, the buffer chosen, the TTS's real-time factor."""
         out = dict(playback_stalls(self.timeline, self.tts.sample_rate, self.prebuffer))
         out["prebuffer_ms"] = round(self.prebuffer * 1000.0, 1)
+        if self.prebuffer_first is not None and abs(self.prebuffer_first - self.prebuffer) > 1e-6:
+            out["prebuffer_first_ms"] = round(self.prebuffer_first * 1000.0, 1)  # planned again while waiting
         if self.prebuffer_rtf is not None:  # why: the rate this reply's first frames were made at
             out["prebuffer_rtf"] = round(self.prebuffer_rtf, 3)
         if self.prebuffer_margin is not None:
             out["prebuffer_margin"] = round(self.prebuffer_margin, 3)
         if self.rebuffers:
             out["rebuffer_ms"] = round(max(self.rebuffers) * 1000.0, 1)
-        audio_s = sum(n for _, n, _ in self.timeline) / self.tts.sample_rate
+        audio_s = sum(n for _, n, *_ in self.timeline) / self.tts.sample_rate
         out["tts_rtf"] = round(self.tts_seconds / audio_s, 3)
         return out

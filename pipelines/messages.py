@@ -118,9 +118,10 @@ class TTSStage(Protocol):
     def max_chars(self, config) -> int | None:
         """The longest text one `stream` call says whole under `config`; the engine says a longer sentence in
         pieces that fit (None: any length)."""
-    def prebuffer_s(self, text: str, config, least_s: float) -> float:
+    def prebuffer_s(self, text: str, config, least_s: float, out_s: float = 0.0) -> float:
         """Audio to buffer before `text` (a piece of a reply, the stream under way) plays, at least `least_s`:
-        more when this TTS makes audio slower than real time now, so that the piece plays without a gap."""
+        more when this TTS makes audio slower than real time now, so that the piece plays without a gap.
+        `out_s`: seconds of `text` already made (0: its first chunk's); asked again while the listener waits."""
     def rtf_now(self, config) -> float | None:
         """Seconds of work per second of audio as measured now, in the stream under way (None: not measured)."""
     def rate_margin(self) -> float | None:

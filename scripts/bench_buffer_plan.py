@@ -99,19 +99,25 @@ def replay(paths: list[Path]) -> None:
     own = stage.MarvisTTS.rate_margin
 
     def fixed(m):
-        return lambda rows, i: m
+        return lambda rows, i, seen: m
 
     policies = {"the stage's plan": None, "margin 1.0": fixed(1.0), "margin 1.1": fixed(1.1),
-                "margin 1.2": fixed(1.2), "oracle": lambda rows, i: max(1.0, stage.rate_need(rows[i]) or 1.0)}
-    print("load  plan               wait p50   p90 ms   stalls p50   p90   max ms   streams with a stall")
+                "margin 1.2": fixed(1.2), "oracle": lambda rows, i, seen: max(1.0, stage.rate_need(rows[i], seen) or 1.0)}
+    again = ReplyVoice._plan_again
+    print("load  plan                         wait p50   p90 ms   stalls p50   p90   max ms   streams with a stall")
     for load, rows in sorted(traces.items()):
         cur["scale"] = MIMI_SCALE.get(load, 1.0 + load)
-        for name, policy in policies.items():
+        for (name, policy), once in [(item, once) for item in policies.items() for once in (True, False)]:
+            # once: the buffer planned at the first chunk only (as before 2026-12-06); else planned again while
+            # the listener waits
+            ReplyVoice._plan_again = (lambda self, text, out_s: None) if once else again
             tts.frame_seconds, tts.decode_seconds, tts.decode_frames, tts.rate_needs, tts._intervals = None, 0, 0, [], []
+            tts.past_intervals = []
             waits, stalls = [], []
             for i, iv in enumerate(rows):
                 cur["iv"] = iv
-                tts.rate_margin = (lambda: own(tts)) if policy is None else (lambda m=policy(rows, i): m)
+                tts.rate_margin = ((lambda seen=1: own(tts, seen)) if policy is None
+                                   else (lambda seen=1, rows=rows, i=i, policy=policy: policy(rows, i, seen)))
                 cfg = GenerationConfig(seed=0, max_audio_length_ms=(len(iv) + 1) * 80, chunk_frames=8,
                                        first_chunk_frames=2, stop_on_eos=False)
                 voice = ReplyVoice(tts, cfg, 0, sink=ReplaySink(tts.sample_rate), clock=lambda: now[0],
@@ -121,7 +127,8 @@ def replay(paths: list[Path]) -> None:
                 waits.append((heard.start - voice.timeline[0][0]) * 1000)
                 stalls.append(voice.playback()["stall_ms"])
             w, s = np.array(waits), np.array(stalls)
-            print(f"{load:<5g} {name:18s} {np.percentile(w, 50):8.0f} {np.percentile(w, 90):8.0f} "
+            label = name + (", first chunk only" if once else ", planned again")
+            print(f"{load:<5g} {label:28s} {np.percentile(w, 50):8.0f} {np.percentile(w, 90):8.0f} "
                   f"{np.percentile(s, 50):12.0f} {np.percentile(s, 90):5.0f} {s.max():8.0f}   "
                   f"{int((s > 0).sum())} of {len(s)}")
 

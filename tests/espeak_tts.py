@@ -94,7 +94,7 @@ class EspeakTTS:
     def max_chars(self, config: EspeakConfig | None = None) -> int | None:
         return None  # espeak-ng says any length of text in one call
 
-    def prebuffer_s(self, text: str, config: EspeakConfig | None, least_s: float) -> float:
+    def prebuffer_s(self, text: str, config: EspeakConfig | None, least_s: float, out_s: float = 0.0) -> float:
         # the whole piece is made before its first chunk is handed out: from then on every chunk is ready
         return least_s
 

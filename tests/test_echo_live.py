@@ -59,7 +59,7 @@ class EspeakVoice:
     def describe(self): return "espeak-ng (test voice)"
     def prepare_context(self, context): return 0
     def max_chars(self, config): return None
-    def prebuffer_s(self, text, config, least_s): return least_s
+    def prebuffer_s(self, text, config, least_s, out_s=0.0): return least_s
     def rtf_now(self, config): return None
     def rate_margin(self): return None
 

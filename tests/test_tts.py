@@ -450,7 +450,7 @@ def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, mon
     from agent.sinks import ReplaySink
     from agent.voice import ReplyVoice
 
-    monkeypatch.setattr(tiny_tts, "rate_margin", lambda: 1.0)
+    monkeypatch.setattr(tiny_tts, "rate_margin", lambda seen=1: 1.0)
     cfg = GenerationConfig(seed=0, max_audio_length_ms=4000, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
     text = "Hello there, how are you doing on this fine day?"
     now = [0.0]
@@ -480,7 +480,7 @@ def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, mon
     monkeypatch.setattr(tiny_tts.frames, "frames", timed_frames)
     monkeypatch.setattr(tiny_tts, "_chunk", timed_decode)
     voice, wait = speak()
-    sizes = [n // FRAME_SIZE for _, n, _ in voice.timeline]
+    sizes = [n // FRAME_SIZE for _, n, *_ in voice.timeline]
     assert voice.playback()["stall_ms"] == 0, (voice.prebuffer, sizes)
     assert voice.playback()["prebuffer_margin"] == 1.0  # the bundle says what the plan took the rate to be
     assert sum(sizes) == frame_cap(text, 4000, 1.0, 12)
@@ -492,6 +492,58 @@ def test_the_buffer_is_the_least_that_plays_without_a_gap(frame_s, tiny_tts, mon
     fill = max(0, math.ceil((voice.prebuffer - 0.16) / 0.08 - 1e-9))  # frames after the first chunk's two
     calls = math.ceil(fill / 8)  # the fewest chunks of at most chunk_frames that hold them
     assert wait <= fill * (frame_s + 0.004) + calls * 0.030 + 1e-6, (wait, sizes)
+
+
+@pytest.mark.parametrize("first_s, later_s", [(0.15, 0.05), (0.09, 0.12)])
+def test_the_buffer_is_planned_again_while_the_listener_waits(first_s, later_s, tiny_tts, monkeypatch):
+    """The first chunk plans the buffer from one interval; while the listener waits, each chunk plans it again
+    from every interval so far and lowers it when they came faster (a slow first interval, a busy moment, then
+    costs no more wait than the frames after it need). The sink starts when the lowered plan is queued, where
+    `play` says the listener starts, and nothing stalls. A stream that slows after its first interval keeps the
+    first plan (its later pieces re-buffer at their boundaries instead)."""
+    from agent.metrics import play
+    from agent.sinks import ReplaySink
+    from agent.voice import ReplyVoice
+
+    monkeypatch.setattr(tiny_tts, "rate_margin", lambda seen=1: 1.0)
+    cfg = GenerationConfig(seed=0, max_audio_length_ms=4000, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
+    now, made = [0.0], [0]
+    frames, decode = tiny_tts.frames.frames, tiny_tts._chunk
+
+    def timed_frames(*a, **k):
+        for codes in frames(*a, **k):
+            now[0] += first_s if made[0] == 1 else later_s  # frame 1 -> 2 is the first interval
+            made[0] += 1
+            yield codes
+
+    def timed_decode(decoder, pending, first):
+        chunk = decode(decoder, pending, first)
+        tiny_tts.decode_seconds, tiny_tts.decode_frames = 0.030 + 0.004 * len(pending), len(pending)
+        now[0] += tiny_tts.decode_seconds
+        return chunk
+
+    monkeypatch.setattr(tiny_tts, "clock", lambda: now[0])
+    monkeypatch.setattr(tiny_tts.frames, "frames", timed_frames)
+    monkeypatch.setattr(tiny_tts, "_chunk", timed_decode)
+    sink, started = ReplaySink(tiny_tts.sample_rate), []
+    sink.on_first_sample = lambda wall: started.append(now[0])
+    sink.begin_utterance()  # as the turn engine does before the reply's first chunk
+    voice = ReplyVoice(tiny_tts, cfg, 0, sink=sink, clock=lambda: now[0], least_prebuffer_s=0.08)
+    tiny_tts.frame_seconds, tiny_tts.decode_seconds = None, 0.0
+    voice.say("Hello there, how are you doing on this fine day?")
+    heard = play(voice.timeline, tiny_tts.sample_rate, voice.prebuffer)
+    assert started == [heard.start]  # the sink and the listener's model agree on when playback starts
+    assert voice.prebuffer_first > 0.16  # the first interval alone asked for a wait
+    played = voice.playback()
+    if first_s > later_s:
+        assert voice.prebuffer < voice.prebuffer_first - 0.5, (voice.prebuffer, voice.prebuffer_first)
+        assert played["prebuffer_first_ms"] == round(voice.prebuffer_first * 1000, 1)  # the bundle says why
+        assert played["stall_ms"] == 0
+        first_plan = next(t for t, _ in zip(voice.timeline, np.cumsum([n for _, n, *_ in voice.timeline]))
+                          if _ / tiny_tts.sample_rate >= voice.prebuffer_first - 1e-9)[0]
+        assert heard.start < first_plan  # sooner than the first plan would have started it
+    else:
+        assert voice.prebuffer == voice.prebuffer_first and "prebuffer_first_ms" not in played
 
 
 def test_the_margin_is_what_the_last_streams_needed(tiny_tts, monkeypatch):

@@ -31,7 +31,7 @@ def test_a_sentence_is_said_in_pieces_that_fit_each_with_the_earlier_ones_as_con
     assert segment.sample_rate == RATE and segment.audio.size == (20 + 19 + 7) * 10 == sink.played_samples
     assert segment.codes.shape == (2, 4 + 4 + 2)  # each chunk's frames: ceil(samples / 50)
     assert voice.prebuffer == pytest.approx(0.1)
-    assert sum(n for _, n, _ in voice.timeline) == segment.audio.size
+    assert sum(n for _, n, *_ in voice.timeline) == segment.audio.size
     assert set(voice.playback()) == {"stall_ms", "stalls", "prebuffer_ms", "tts_rtf"}
 
 

@@ -70,7 +70,7 @@ class ToneTTS:
     def max_chars(self, config) -> int | None:
         return self.room
 
-    def prebuffer_s(self, text: str, config, least_s: float) -> float:
+    def prebuffer_s(self, text: str, config, least_s: float, out_s: float = 0.0) -> float:
         return least_s + self.extra
 
     def rtf_now(self, config) -> float | None:

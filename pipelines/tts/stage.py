@@ -93,14 +93,18 @@ def runs_dry(buffer_s: float, frames: int, made: int, frame: float, decode: floa
     return False
 
 
-def rate_need(intervals: Sequence[float]) -> float | None:
-    """The margin a stream's buffer needed: planned from its first frame-to-frame interval, every later frame is
-    made by the time that rate, this many times slower, says (the most of the mean interval from the second on,
-    over the first). None for a stream too short to say (fewer than four intervals)."""
-    if len(intervals) < 4 or intervals[0] <= 0:
+def rate_need(intervals: Sequence[float], seen: int = 1) -> float | None:
+    """The margin a stream's buffer needed: planned from the mean of its first `seen` frame-to-frame intervals
+    (one: the first chunk's plan; more: a plan made again while the listener waits), every later frame is made by
+    the time that rate, this many times slower, says (the most running mean of the intervals after those, over
+    their mean). None for a stream too short to say (fewer than three intervals after those)."""
+    if seen < 1 or len(intervals) < seen + 3:
         return None
-    later = np.asarray(intervals[1:], np.float64)
-    return float(np.max(np.cumsum(later) / np.arange(1, len(later) + 1)) / intervals[0])
+    base = float(np.mean(intervals[:seen]))
+    if base <= 0:
+        return None
+    later = np.asarray(intervals[seen:], np.float64)
+    return float(np.max(np.cumsum(later) / np.arange(1, len(later) + 1)) / base)
 
 
 def start_buffer(frames: int, made: int, frame: float, decode: float, most: int, least_s: float = 0.0) -> float:
@@ -144,6 +148,7 @@ class MarvisTTS:
         self.decode_frames = 0  # the frames it decoded (0: not known; its cost is then taken as all fixed)
         self._intervals: list[float] = []  # frame to frame in the current (or last) stream call
         self.rate_needs: list[float] = []  # what the last streams' buffers needed over their first interval (`rate_need`)
+        self.past_intervals: list[list[float]] = []  # those streams' intervals: what a later plan would have needed
         self._greedy = True  # the chunk rule the last planned buffer assumed (`keeps_up`)
         self.cores = CoreMeter()  # what other programs leave free: sizes Mimi's thread pool at each call
 
@@ -199,31 +204,38 @@ class MarvisTTS:
         chunk = steady_chunk(seconds + per_frame, fixed, cfg.chunk_frames)  # the chunks the stream settles on
         return (seconds + per_frame + fixed / chunk) / FRAME_S
 
-    def prebuffer_s(self, text: str, config: GenerationConfig | None = None, least_s: float = 0.0) -> float:
+    def prebuffer_s(self, text: str, config: GenerationConfig | None = None, least_s: float = 0.0,
+                    out_s: float = 0.0) -> float:
         """Audio to buffer before `text` starts playing (the stream under way has made its first chunk), at least
         `least_s`: the least from which the chunks `stream` goes on to make never let the listener run dry, at the
         rate measured now (this call's own frames once it has two) made slower by `rate_margin` (one interval is a
-        noisy sample, and a busy machine's frames vary), over the frames `text` may run to. `least_s` when nothing
-        is measured."""
+        noisy sample, and a busy machine's frames vary), over the frames `text` may run to. `out_s`: the audio of
+        `text` already out (0: its first chunk's, as at that chunk). `least_s` when nothing is measured."""
         cfg = config or self.config
         seconds = self._frame_seconds_now()
         if seconds is None:
             return least_s
         frames = frame_cap(text.strip(), cfg.max_audio_length_ms, cfg.frames_per_char, cfg.min_text_frames)
-        made = min(frames, cfg.first_chunk_frames)
+        made = min(frames, round(out_s / FRAME_S) if out_s > 0 else cfg.first_chunk_frames)
         fixed, per_frame = self.decode_cost()
-        planned = self.rate_margin() * seconds + per_frame
+        planned = self.rate_margin(max(1, len(self._intervals))) * seconds + per_frame
         self._greedy = keeps_up(planned, fixed, cfg.chunk_frames)  # the chunks the plan assumes
         return max(least_s, start_buffer(frames, made, planned, fixed, cfg.chunk_frames, least_s))
 
-    def rate_margin(self) -> float:
+    def rate_margin(self, seen: int = 1) -> float:
         """How much slower than the rate measured the buffer is planned for: a reply's first interval is one sample
         of a rate that varies, by little on an idle machine and by much on a busy one, and drifts as a stream goes
         on. The most the last MARGIN_STREAMS streams needed (`rate_need`, within MARGIN_RANGE); RATE_MARGIN before
-        any has run."""
+        any has run. `seen`: the plan is made from the mean of that many intervals (a plan made again while the
+        listener waits): what those streams needed over the mean of as many of their own first intervals, where
+        they ran that long (the first interval's margin where none did)."""
+        low, high = MARGIN_RANGE
+        if seen > 1:
+            needs = [n for n in (rate_need(iv, seen) for iv in self.past_intervals) if n is not None]
+            if needs:
+                return min(high, max(low, max(needs)))
         if not self.rate_needs:
             return RATE_MARGIN
-        low, high = MARGIN_RANGE
         return min(high, max(low, max(self.rate_needs)))
 
     def prepare_context(self, context: Sequence[Segment]) -> int:
@@ -262,6 +274,7 @@ class MarvisTTS:
         need = rate_need(self._intervals)  # the last stream's, taken as the next one starts
         if need is not None:
             self.rate_needs = (self.rate_needs + [need])[-MARGIN_STREAMS:]
+            self.past_intervals = (self.past_intervals + [list(self._intervals)])[-MARGIN_STREAMS:]
         self._intervals = []
         self._use_cores()
         with self.codec.stream_decoder() as decoder:
