@@ -148,6 +148,7 @@ class ReplyVoice:
             if self.full:
                 break  # no further chunk is asked of the TTS: it makes no more than the cap lets out
         self.tts_seconds += self.clock() - began
+        self._replanning = False  # the plan is the first piece's: a later one re-buffers instead (`_size_buffer`)
         if audio:
             joined = None if any(c is None for c in codes) else np.concatenate(codes, axis=1)
             self.spoken.append(Spoken(text, np.concatenate(audio), joined))
@@ -178,18 +179,23 @@ class ReplyVoice:
     def _plan_again(self, text: str, out_s: float) -> None:
         """While the listener still waits for the first piece: the buffer planned again from every interval the
         stream has measured so far (the first plan had one), with `out_s` of the piece out (the chunk at hand
-        included), and lowered when that plan needs less: a first interval slower than the frames after it then
-        costs no more wait than those frames need. It is never raised here (a slowing stream's later pieces
-        re-buffer at their boundary, `_size_buffer`): raised on the noisy margin of a few intervals, the wait grew
-        by more than the stalls it saved (scripts/bench_buffer_plan.py, docs/performance.md §10). When what is
-        out already suffices, playback starts with this chunk, and the buffer is what was queued then."""
+        included), and lowered when that plan needs less while the stream makes audio faster than real time: a
+        first interval slower than the frames after it then costs no more wait than those frames need. Not when
+        it is slower than real time (a busy machine): a reply of several pieces then only moved its wait into the
+        later pieces' re-buffers, stalls and all. Never raised here (a slowing stream's later pieces re-buffer at
+        their boundary, `_size_buffer`): raised on the noisy margin of a few intervals, the wait grew by more than
+        the stalls it saved (scripts/bench_buffer_plan.py, docs/performance.md §10). When what is out already
+        suffices, playback starts with this chunk, and the buffer is what was queued then."""
         if out_s >= self.prebuffer - TIME_EPS:
             return  # this chunk starts playback as planned
+        rtf = self.tts.rtf_now(self.config)
+        if rtf is None or rtf >= 1.0:
+            return  # slower than real time: a lower start only moves the wait into the later pieces' re-buffers
         need = self.tts.prebuffer_s(text, self.config, self.least_prebuffer_s, out_s)
         if need >= self.prebuffer - TIME_EPS:
             return
         self.prebuffer = out_s if need <= out_s + TIME_EPS else need
-        self.prebuffer_rtf = self.tts.rtf_now(self.config)  # the rate the buffer in force was planned from
+        self.prebuffer_rtf = rtf  # the rate the buffer in force was planned from
         if self.sink is not None:
             self.sink.set_prebuffer(self.prebuffer)
 

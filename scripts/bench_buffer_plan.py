@@ -9,7 +9,8 @@ share of one core in `--loads` (agent/bench/load.py), and keeps each stream's fr
 clock: frame n takes the time it took when recorded, a Mimi call of n frames (23.4 + 4 n) ms on an idle machine
 and 1.6x / 1.9x that with half / one core taken (scripts/bench_mimi_chunks.py). Per load it prints the wait from
 the first chunk to the first sample and the stalls, for the margin the stage chooses (`rate_margin`), for fixed
-margins, and for the oracle: the margin each stream turned out to need (`rate_need`), known in advance.
+margins, and for the oracle: the margin each stream turned out to need (`rate_need`), known in advance; each
+with the buffer planned at the first chunk only (as before 2026-12-06) and planned again while the listener waits.
 The stage's own plan is what is timed; only the clock and Mimi's audio are simulated.
 """
 

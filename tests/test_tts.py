@@ -546,6 +546,20 @@ def test_the_buffer_is_planned_again_while_the_listener_waits(first_s, later_s, 
         assert voice.prebuffer == voice.prebuffer_first and "prebuffer_first_ms" not in played
 
 
+def test_a_plan_made_again_takes_the_margin_for_that_many_intervals(tiny_tts, monkeypatch):
+    """A plan made from the mean of the first `seen` intervals (the buffer planned again while the listener waits)
+    takes the margin that the last streams needed over the mean of as many of their own first intervals; where none
+    ran that long, the first interval's margin."""
+    assert rate_need([0.10, 0.05, 0.05, 0.05, 0.05], seen=2) == pytest.approx(0.05 / 0.075)
+    assert rate_need([0.05, 0.05, 0.06, 0.09, 0.09], seen=2) == pytest.approx(0.08 / 0.05)  # later 0.06, .075, .08
+    assert rate_need([0.05, 0.05, 0.05, 0.05], seen=2) is None  # fewer than three intervals after those
+    monkeypatch.setattr(tiny_tts, "rate_needs", [1.05])
+    monkeypatch.setattr(tiny_tts, "past_intervals", [[0.05, 0.05, 0.055, 0.06, 0.06, 0.06]])
+    assert tiny_tts.rate_margin(1) == pytest.approx(1.05)
+    assert tiny_tts.rate_margin(2) == pytest.approx(0.05875 / 0.05)  # later means .055, .0575, .0583, .05875
+    assert tiny_tts.rate_margin(5) == pytest.approx(1.05)  # no stream had three intervals after five
+
+
 def test_the_margin_is_what_the_last_streams_needed(tiny_tts, monkeypatch):
     """The buffer is planned from a stream's first interval made slower by the most that any of the last three
     streams needed (`rate_need`: the worst mean interval from the second on, over the first), within 1.0-1.3;
