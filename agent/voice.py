@@ -123,7 +123,6 @@ class ReplyVoice:
         began = self.clock()
         # the first piece's buffer is planned over its chunks (`waiting`); a later one follows the audio queued
         waiting = self.waiting_s if self.prebuffer is None else None
-        out_s = 0.0  # this piece's audio out, the chunk at hand included
         for n, chunk in enumerate(self.tts.stream(text, self.speaker, self.context + self.own_context(), self.voice,
                                                   self.config, self.cancelled, self.queued_s, waiting)):
             ready = self.clock()
@@ -132,11 +131,10 @@ class ReplyVoice:
                 self.stopped = True
                 break
             chunk_audio, chunk_codes = self._within_cap(chunk)
-            out_s += chunk_audio.size / self.tts.sample_rate
             if n == 0:
                 self._size_buffer(text)
-            elif self._replanning:
-                self._plan_again(text, out_s)
+            elif self._replanning:  # the first piece: what was handed out so far is all of it
+                self._plan_again(text, (self.written + chunk_audio.size) / self.tts.sample_rate)
             self.timeline.append((ready, chunk_audio.size, self.rebuffer, self.prebuffer))
             if self._replanning and self.waiting_s() <= 0.0:
                 self._replanning = False  # it plays (or this chunk starts it): the plan holds from here
