@@ -335,6 +335,31 @@ def test_mimi_transposed_convs_equal_pytorch_reference(mimi):
     assert np.abs(reference).max() > 1e-3
 
 
+def test_mimi_encode_gives_moshis_own_codes_from_one_length_a_second(mimi, monkeypatch):
+    """`encode` pads to whole seconds (so that oneDNN meets one input length a second, not one a user turn: its
+    kernels for each length stay in memory) and the codes are still exactly those moshi's Mimi gives the audio
+    itself: its encoder is causal."""
+    import torch
+
+    from pipelines.tts.codec import ENCODE_STEP, FRAME_SIZE
+
+    rng = np.random.default_rng(3)
+    speech = (rng.standard_normal(3 * 24_000) * 0.1).astype(np.float32)
+    for n in (700, FRAME_SIZE, 23_999, 24_000, 30_017, 3 * 24_000):
+        with torch.no_grad():
+            own = mimi.mimi.encode(torch.from_numpy(speech[:n])[None, None])[0].numpy()
+        codes = mimi.encode(speech[:n])
+        assert codes.shape == (K, -(-n // FRAME_SIZE)) == own.shape
+        np.testing.assert_array_equal(codes, own)
+    seen = []
+    real = mimi.mimi.encode
+    monkeypatch.setattr(mimi.mimi, "encode", lambda x: seen.append(x.shape[-1]) or real(x))
+    lengths = rng.integers(24_001, 3 * 24_000, 10)  # ten turns between one and three seconds long
+    for n in lengths:
+        mimi.encode(speech[:n])
+    assert len(set(lengths)) == 10 and set(seen) <= {2 * ENCODE_STEP, 3 * ENCODE_STEP}
+
+
 def test_mimi_decoder_linears_equal_pytorch_reference(mimi):
     """The decoder transformer's Linears as (W @ x.T).T (codec.py, the speed path for streamed chunks) equal
     F.linear per layer, and a streamed decode equals the one with PyTorch's own Linear."""
