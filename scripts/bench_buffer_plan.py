@@ -112,7 +112,7 @@ def replay(paths: list[Path]) -> None:
             # once: the buffer planned at the first chunk only (as before 2026-12-06); else planned again while
             # the listener waits
             ReplyVoice._plan_again = (lambda self, text, out_s: None) if once else again
-            tts.frame_seconds, tts.decode_seconds, tts.decode_frames, tts.rate_needs, tts._intervals = None, 0, 0, [], []
+            tts.frame_seconds, tts.decode_seconds, tts.decode_frames, tts._intervals = None, 0, 0, []
             tts.past_intervals = []
             waits, stalls = [], []
             for i, iv in enumerate(rows):

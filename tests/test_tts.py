@@ -578,11 +578,10 @@ def test_a_plan_made_again_takes_the_margin_for_that_many_intervals(tiny_tts, mo
     assert rate_need([0.10, 0.05, 0.05, 0.05, 0.05], seen=2) == pytest.approx(0.05 / 0.075)
     assert rate_need([0.05, 0.05, 0.06, 0.09, 0.09], seen=2) == pytest.approx(0.08 / 0.05)  # later 0.06, .075, .08
     assert rate_need([0.05, 0.05, 0.05, 0.05], seen=2) is None  # fewer than three intervals after those
-    monkeypatch.setattr(tiny_tts, "rate_needs", [1.05])
     monkeypatch.setattr(tiny_tts, "past_intervals", [[0.05, 0.05, 0.055, 0.06, 0.06, 0.06]])
-    assert tiny_tts.rate_margin(1) == pytest.approx(1.05)
+    assert tiny_tts.rate_margin(1) == pytest.approx(0.057 / 0.05)  # later means .05, .0525, .055, .05625, .057
     assert tiny_tts.rate_margin(2) == pytest.approx(0.05875 / 0.05)  # later means .055, .0575, .0583, .05875
-    assert tiny_tts.rate_margin(5) == pytest.approx(1.05)  # no stream had three intervals after five
+    assert tiny_tts.rate_margin(5) == pytest.approx(0.057 / 0.05)  # no stream had three intervals after five
 
 
 def test_the_margin_is_what_the_last_streams_needed(tiny_tts, monkeypatch):
@@ -595,7 +594,7 @@ def test_the_margin_is_what_the_last_streams_needed(tiny_tts, monkeypatch):
     assert rate_need([0.05, 0.05, 0.05, 0.05]) == pytest.approx(1.0)
     assert rate_need([0.05, 0.04, 0.06, 0.08]) == pytest.approx(0.06 / 0.05)  # later means 0.04, 0.05, 0.06
     assert rate_need([0.05, 0.09, 0.09]) is None  # too short to say
-    monkeypatch.setattr(tiny_tts, "rate_needs", [])
+    monkeypatch.setattr(tiny_tts, "past_intervals", [])
     assert tiny_tts.rate_margin() == stage.RATE_MARGIN
     cfg = GenerationConfig(seed=0, max_audio_length_ms=2000, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
     now, pattern = [0.0], []
@@ -677,7 +676,7 @@ def test_warmup_measures_the_first_replys_margin(tiny_tts, monkeypatch):
     monkeypatch.setattr(tiny_tts.frames, "frames", timed)
     cfg = GenerationConfig(seed=0, max_audio_length_ms=800, chunk_frames=8, first_chunk_frames=2, stop_on_eos=False)
     for intervals, margin in (([0.05], 1.0), ([0.04, 0.04] + [0.05] * 20, 1.25)):
-        monkeypatch.setattr(tiny_tts, "rate_needs", [])
+        monkeypatch.setattr(tiny_tts, "past_intervals", [])
         pattern[:] = intervals
         tiny_tts.warmup()
         pattern[:] = [0.05]

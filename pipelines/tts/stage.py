@@ -147,10 +147,14 @@ class MarvisTTS:
         self.decode_seconds = 0.0  # the last Mimi chunk decode
         self.decode_frames = 0  # the frames it decoded (0: not known; its cost is then taken as all fixed)
         self._intervals: list[float] = []  # frame to frame in the current (or last) stream call
-        self.rate_needs: list[float] = []  # what the last streams' buffers needed over their first interval (`rate_need`)
-        self.past_intervals: list[list[float]] = []  # those streams' intervals: what a later plan would have needed
+        self.past_intervals: list[list[float]] = []  # the last streams' frame intervals: what their buffers needed
         self._greedy = True  # the chunk rule the last planned buffer assumed (`keeps_up`)
         self.cores = CoreMeter()  # what other programs leave free: sizes Mimi's thread pool at each call
+
+    @property
+    def rate_needs(self) -> list[float]:
+        """What the last streams' buffers needed over their first interval (`rate_need`)."""
+        return [rate_need(intervals) for intervals in self.past_intervals]
 
     @property
     def untrained(self) -> bool:
@@ -271,9 +275,7 @@ class MarvisTTS:
             fixed, per_frame = self.decode_cost()
             target = max(target, min(cfg.chunk_frames, fits(ahead(), self.frame_seconds + per_frame, fixed)))
         started = last = None
-        need = rate_need(self._intervals)  # the last stream's, taken as the next one starts
-        if need is not None:
-            self.rate_needs = (self.rate_needs + [need])[-MARGIN_STREAMS:]
+        if rate_need(self._intervals) is not None:  # the last stream's, taken as the next one starts
             self.past_intervals = (self.past_intervals + [list(self._intervals)])[-MARGIN_STREAMS:]
         self._intervals = []
         self._use_cores()
