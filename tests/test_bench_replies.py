@@ -35,3 +35,39 @@ def test_the_second_set_is_spoken_in_two_voices_and_reported(tmp_path):
     assert len(rows) == report["turns"] == 25 and {r["voice"] for r in rows} == {"espeak", "piper"}
     assert all(r["heard"] and r["reply"] for r in rows)  # every turn was heard and answered
     assert report["hearing"]["piper"]["wer"] < 0.5 and "overall" in run.stdout
+
+
+def test_hear_as_said_gives_the_reply_model_what_was_said_and_keeps_the_asrs_errors(tmp_path):
+    """`--hear-as-said`: the reply LLM is judged alone (what was said, not the transcript); the word errors are
+    still the ASR's. The ASR and LLM here are stand-ins: the test is about which words reach the LLM."""
+    import numpy as np
+
+    from agent.bench.replies import run_set
+    from agent.config import load_config
+
+    class MishearingASR:
+        def transcribe(self, audio, rate):
+            return type("T", (), {"text": "the capital of francs"})()
+
+    class EchoLLM:
+        def __init__(self):
+            self.heard = []
+
+        def reset(self):
+            pass
+
+        def stream(self, text, avoid=(), unlike=()):
+            self.heard.append(text)
+            yield "Paris is the capital of France."
+
+        def commit(self, user, reply):
+            pass
+
+    cfg = load_config("default")
+    conv = [[(lambda: np.zeros(16000, np.float32), "What is the capital of France?", ("paris",), "espeak")]]
+    for as_said, expect in ((False, "the capital of francs"), (True, "What is the capital of France?")):
+        llm = EchoLLM()
+        (row,) = run_set(conv, MishearingASR(), llm, cfg, False, tmp_path, hear_as_said=as_said)
+        assert llm.heard[0] == expect and row["heard"] == expect
+        assert row["edits"] == 3 and row["ref_words"] == 6  # "what is" missing, "francs": the ASR's, either way
+        assert row["content"] is True

@@ -1,6 +1,7 @@
 """Replies worth hearing: fixed sets of spoken questions through the agent's ASR and reply LLM, checked.
 
     voice-agent bench replies [--config default] [--sets first,second,third] [--json out.json] [--dotted.key value ...]
+    voice-agent bench replies --hear-as-said     # the reply model alone: it gets what was said, not the transcript
 
 The first set: 22 turns in 5 conversations, 20 questions and remarks spoken by espeak-ng (made at run time) and two
 clips of real people (tests/fixtures: jfk.flac, and arctic_a0007.wav from CMU ARCTIC). The second: 25 turns in 5
@@ -155,6 +156,9 @@ def main() -> None:
     p.add_argument("--sets", default="first,second,third", help="which question sets (comma-separated): first, second, third")
     p.add_argument("--keep-all", action="store_true",
                    help="commit every reply to the LLM's history (as the agent did before replies with problems were kept out)")
+    p.add_argument("--hear-as-said", action="store_true",
+                   help="give the reply LLM what was said instead of the transcript (the ASR still runs for the WER): "
+                        "what the reply model alone scores")
     args, cfg = parse_with_config(p)
     sets = [x.strip() for x in args.sets.split(",") if x.strip()]
     if not sets or any(x not in SETS for x in sets):
@@ -166,7 +170,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for which in sets:
             print(f"## {which} set")
-            rows = run_set(conversations(which, Path(tmp)), asr, llm, cfg, args.keep_all, Path(tmp))
+            rows = run_set(conversations(which, Path(tmp)), asr, llm, cfg, args.keep_all, Path(tmp),
+                           args.hear_as_said)
             report[which] = summary(rows, cfg)
     if len(sets) > 1:
         print()
@@ -178,7 +183,7 @@ def main() -> None:
         args.json.write_text(json.dumps(report if len(sets) > 1 else report[sets[0]], indent=2))
 
 
-def run_set(convs, asr, llm, cfg, keep_all: bool, tmp: Path) -> list[dict]:
+def run_set(convs, asr, llm, cfg, keep_all: bool, tmp: Path, hear_as_said: bool = False) -> list[dict]:
     from agent.engine import checked_reply, spoken_reply
     from agent.metrics import word_errors
     from pipelines.audio import load_audio
@@ -196,6 +201,9 @@ def run_set(convs, asr, llm, cfg, keep_all: bool, tmp: Path) -> list[dict]:
             t0 = time.perf_counter()
             heard = asr.transcribe(audio, 16000).text.strip()
             asr_s = time.perf_counter() - t0
+            edits, n = word_errors(said, heard)
+            if hear_as_said:
+                heard = said
             rejected, out = [], []
 
             def timed(deltas):  # when the first piece that may be spoken is handed out
@@ -211,7 +219,6 @@ def run_set(convs, asr, llm, cfg, keep_all: bool, tmp: Path) -> list[dict]:
             first_s = (out[0] - t0) if out else None
             problems = reply_problems(reply, earlier)
             content = None if keys is None else any(k in words(reply) for k in keys)
-            edits, n = word_errors(said, heard)
             if keep_all or not problems:
                 llm.commit(heard, reply)
             earlier.append(reply)
