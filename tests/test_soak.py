@@ -1,10 +1,15 @@
 """Hours of use in minutes: a long scripted replay on the offline models, memory and latency sampled per turn.
 
-    bash scripts/test.sh -m soak                 # 200 turns (~15 min here)
-    SOAK_TURNS=30 bash scripts/test.sh -m soak   # a shorter proof run
+    bash scripts/test.sh -m soak                 # 200 turns (~6 min here)
+    SOAK_TURNS=45 bash scripts/test.sh -m soak   # a shorter proof run (~2 min; 15 turns are too few to see 1 MB a turn)
 
 The session is the shipped demo's three user turns repeated; replies are kept short so the run measures
 the agent's bookkeeping (context window, LLM history, caches, bundle writing), not synthesis speed.
+
+A leak is judged on the process's anonymous memory. Its resident size also counts the pages of the weight files
+that ONNX Runtime maps read-only: the TTS's embedding tables are read a row at a time (a text token, an audio
+code), so those pages come in as the conversation meets new tokens and codes. They are clean, bounded by the
+files' size and dropped by the kernel under pressure; the test reports them and holds them to that bound.
 """
 
 from __future__ import annotations
@@ -26,6 +31,34 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def status_mb(key: str) -> float:
+    """A size from /proc/self/status (RssAnon, RssFile, ...), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+WEIGHT_FILES = (".onnx", ".data", ".safetensors", ".npz", ".gguf", ".bin")
+
+
+def mapped_weights_mb() -> tuple[float, float]:
+    """(resident, size) in MB of the process's mappings of model weight files."""
+    resident = size = 0
+    weights = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+                weights = len(parts) > 5 and parts[5].endswith(WEIGHT_FILES)
+            elif weights and parts[0] == "Rss:":
+                resident += int(parts[1])
+            elif weights and parts[0] == "Size:":
+                size += int(parts[1])
+    return resident / 1024, size / 1024
+
+
 def test_long_conversation_stays_flat(tmp_path):
     from agent.config import load_config
     from agent.modes import run_replay
@@ -41,24 +74,39 @@ def test_long_conversation_stays_flat(tmp_path):
     (bundle / "session.json").write_text('{"format": "voice-agent-session", "mic_rate": %d}' % demo.rate)
 
     cfg = load_config("demo", [("tts.max_audio_length_ms", "160"), ("llm.max_tokens", "8")])
-    samples: list[float] = []
+    samples: list[float] = []  # resident
+    anon: list[float] = []  # anonymous resident: where a leak shows
+    filed: list[float] = []  # file-backed resident: mostly the weight files' pages
+    weights: list[float] = []  # the weight files' resident pages
 
     def log(line: str) -> None:
         if re.match(r"\s*turn \d+:", line):  # one waterfall line per finished turn
             samples.append(rss_mb())
+            anon.append(status_mb("RssAnon"))
+            filed.append(status_mb("RssFile"))
+            weights.append(mapped_weights_mb()[0])
 
     result = run_replay(cfg, [bundle], out=tmp_path / "out", log=log, progress=False)
     conv = result.conversation
     n = len(conv.turns)
     assert n >= 0.9 * 3 * repeats, f"only {n} turns of {3 * repeats}"
     warm = max(5, n // 10)
-    rss = np.array(samples[warm:])
-    slope = np.polyfit(np.arange(rss.size), rss, 1)[0]  # MB per turn after warm-up
+
+    def slope_of(values: list[float]) -> float:  # MB per turn after warm-up
+        return float(np.polyfit(np.arange(len(values) - warm), np.array(values[warm:]), 1)[0])
+
+    slope, file_slope = slope_of(anon), slope_of(filed)
+    weights_size = mapped_weights_mb()[1]
     first = np.array([t.waterfall["first_sample_played"] for t in conv.turns if "first_sample_played" in t.waterfall])
     early, late = np.median(first[warm:warm + n // 4]), np.median(first[-(n // 4):])
-    print(f"\nsoak: {n} turns, RSS peak {max(samples):.0f} MB, slope after turn {warm}: {slope * 1000:.1f} KB/turn; "
+    print(f"\nsoak: {n} turns, RSS peak {max(samples):.0f} MB; after turn {warm}, anonymous "
+          f"{slope * 1000:.1f} KB/turn (peak {max(anon):.0f} MB), file-backed {file_slope * 1000:.1f} KB/turn "
+          f"(mapped weights {weights[-1]:.0f} of {weights_size:.0f} MB resident); "
           f"first sample p50 {early:.0f} ms early vs {late:.0f} ms late")
-    assert slope < 0.5, f"RSS grows {slope:.2f} MB a turn"
+    assert slope < 0.5, f"anonymous memory grows {slope:.2f} MB a turn"
+    # what grows besides is the weight files' pages (within their size, by construction)
+    other = (filed[-1] - weights[-1]) - (filed[warm] - weights[warm])
+    assert other < 0.5 * (n - warm), f"file-backed memory other than the weights grows {other:.0f} MB"
     assert late < 1.5 * early + 200, "latency grows with the conversation"
     window = cfg.tts.context_segments
     assert all(len(t.context_turns) * 2 <= window + 2 for t in conv.turns)  # the TTS context stays in its window
