@@ -24,7 +24,8 @@ from served import Served
 
 openai = pytest.importorskip("openai", reason="the openai package (scripts/bootstrap.sh installs it) is the client")
 
-pytestmark = [pytest.mark.soak, pytest.mark.slow]
+pytestmark = [pytest.mark.soak, pytest.mark.slow,
+              pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's memory from /proc (Linux)")]
 
 
 def memory_mb(pid: int, key: str) -> float:

@@ -26,7 +26,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.soak
+
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+pytestmark = [pytest.mark.soak,
+              pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not _has_mallinfo2(),
+                                 reason="reads memory from /proc and glibc's mallinfo2 (Linux, glibc 2.33 or later)")]
 
 
 def rss_mb() -> float:
