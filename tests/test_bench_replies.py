@@ -68,6 +68,6 @@ def test_hear_as_said_gives_the_reply_model_what_was_said_and_keeps_the_asrs_err
     for as_said, expect in ((False, "the capital of francs"), (True, "What is the capital of France?")):
         llm = EchoLLM()
         (row,) = run_set(conv, MishearingASR(), llm, cfg, False, tmp_path, hear_as_said=as_said)
-        assert llm.heard[0] == expect and row["heard"] == expect
+        assert llm.heard[0] == expect == row["given"] and row["heard"] == "the capital of francs"
         assert row["edits"] == 3 and row["ref_words"] == 6  # "what is" missing, "francs": the ASR's, either way
         assert row["content"] is True

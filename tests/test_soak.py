@@ -11,7 +11,8 @@ block reused would hide a leak from the resident size for a while) and on the pr
 malloc does not see). Its resident size also counts the pages of the weight files
 that ONNX Runtime maps read-only: the TTS's embedding tables are read a row at a time (a text token, an audio
 code), so those pages come in as the conversation meets new tokens and codes. They are clean, bounded by the
-files' size and dropped by the kernel under pressure; the test reports them and holds them to that bound.
+files' size and dropped by the kernel under pressure; the test reports them and checks that the file-backed
+growth is theirs.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def mapped_weights_mb() -> tuple[float, float]:
     weights = False
     with open("/proc/self/smaps") as f:
         for line in f:
-            parts = line.split()
-            if not parts[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
-                weights = len(parts) > 5 and parts[5].endswith(WEIGHT_FILES)
+            parts = line.split(maxsplit=5)
+            if not parts[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path, maybe spaced]
+                path = parts[5].rstrip("\n").removesuffix(" (deleted)") if len(parts) > 5 else ""
+                weights = path.endswith(WEIGHT_FILES)
             elif weights and parts[0] == "Rss:":
                 resident += int(parts[1])
             elif weights and parts[0] == "Size:":
@@ -135,6 +137,8 @@ def test_long_conversation_stays_flat(tmp_path):
           f"{slope * 1000:.1f} KB/turn (peak {max(anon):.0f} MB), file-backed {file_slope * 1000:.1f} KB/turn "
           f"(mapped weights {weights[-1]:.0f} of {weights_size:.0f} MB resident); "
           f"first sample p50 {early:.0f} ms early vs {late:.0f} ms late")
+    assert min(in_use) > 100, "mallinfo2 sees almost nothing: another allocator is preloaded, so this cannot judge"
+    assert weights_size > 0, "no mapping of a weight file found in /proc/self/smaps"
     assert malloc_slope < 0.5, f"malloc's memory in use grows {malloc_slope:.2f} MB a turn"
     assert slope < 0.5, f"anonymous memory grows {slope:.2f} MB a turn"
     # what grows besides is the weight files' pages (within their size, by construction)

@@ -172,7 +172,7 @@ def main() -> None:
             print(f"## {which} set")
             rows = run_set(conversations(which, Path(tmp)), asr, llm, cfg, args.keep_all, Path(tmp),
                            args.hear_as_said)
-            report[which] = summary(rows, cfg)
+            report[which] = {**summary(rows, cfg), "hear_as_said": args.hear_as_said}
     if len(sets) > 1:
         print()
         for which, r in report.items():
@@ -202,8 +202,7 @@ def run_set(convs, asr, llm, cfg, keep_all: bool, tmp: Path, hear_as_said: bool 
             heard = asr.transcribe(audio, 16000).text.strip()
             asr_s = time.perf_counter() - t0
             edits, n = word_errors(said, heard)
-            if hear_as_said:
-                heard = said
+            given = said if hear_as_said else heard  # what the reply LLM reads
             rejected, out = [], []
 
             def timed(deltas):  # when the first piece that may be spoken is handed out
@@ -213,21 +212,21 @@ def run_set(convs, asr, llm, cfg, keep_all: bool, tmp: Path, hear_as_said: bool 
 
             t0 = time.perf_counter()
             reply = spoken_reply(timed(checked_reply(
-                llm, heard, earlier, first_clause_words=cfg.llm.first_clause_words, candidates=cfg.llm.candidates,
+                llm, given, earlier, first_clause_words=cfg.llm.first_clause_words, candidates=cfg.llm.candidates,
                 fallback_reply=cfg.llm.fallback_reply, rejected=lambda text, why: rejected.append((text, why)))),
                 cfg.llm.first_clause_words, cfg.llm.max_sentences)
             first_s = (out[0] - t0) if out else None
             problems = reply_problems(reply, earlier)
             content = None if keys is None else any(k in words(reply) for k in keys)
             if keep_all or not problems:
-                llm.commit(heard, reply)
+                llm.commit(given, reply)
             earlier.append(reply)
-            rows.append({"conversation": c, "voice": voice, "said": said, "heard": heard, "reply": reply,
+            rows.append({"conversation": c, "voice": voice, "said": said, "heard": heard, "given": given, "reply": reply,
                          "problems": problems, "content": content, "asr_s": round(asr_s, 3), "edits": edits,
                          "ref_words": n, "rejected": rejected,
                          "first_piece_s": None if first_s is None else round(first_s, 3)})
             mark = "ok " if not problems and content is not False else "BAD"
-            print(f"[{mark}] you   > {heard}")
+            print(f"[{mark}] you   > {heard}" + (f"\n      (given: {given})" if given != heard else ""))
             for text, why in rejected:
                 print(f"      (not said: {text!r}   <- {'; '.join(why)})")
             print(f"      agent > {reply}" + (f"   <- {'; '.join(problems)}" if problems else "")

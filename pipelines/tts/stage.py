@@ -154,7 +154,7 @@ class MarvisTTS:
     @property
     def rate_needs(self) -> list[float]:
         """What the last streams' buffers needed over their first interval (`rate_need`)."""
-        return [rate_need(intervals) for intervals in self.past_intervals]
+        return [n for n in (rate_need(intervals) for intervals in self.past_intervals) if n is not None]
 
     @property
     def untrained(self) -> bool:
