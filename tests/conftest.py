@@ -124,6 +124,18 @@ def assert_config_holds(cfg, data: dict, defaults=None, where: str = "") -> None
         assert got == want, f"{where}{key}: {got!r} != {want!r}"
 
 
+def proc_status_mb(pid: int | str, *keys: str) -> tuple[float, ...]:
+    """Sizes from a process's /proc status (VmRSS, RssAnon, RssFile, ...) in MB, one read for all: `pid` or
+    "self". Linux only."""
+    found = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in keys:
+                found[key] = int(value.split()[0]) / 1024
+    return tuple(found[key] for key in keys)
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:

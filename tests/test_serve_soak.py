@@ -20,19 +20,13 @@ import numpy as np
 import pytest
 
 from agent.session import read_events
+from conftest import proc_status_mb
 from served import Served
 
 openai = pytest.importorskip("openai", reason="the openai package (scripts/bootstrap.sh installs it) is the client")
 
 pytestmark = [pytest.mark.soak, pytest.mark.slow,
               pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's memory from /proc (Linux)")]
-
-
-def memory_mb(pid: int, key: str) -> float:
-    """A size from the process's /proc status, in MB: VmRSS (resident) or RssAnon (anonymous, where a leak shows:
-    the resident size also counts the pages of mapped weight files as they are first read, tests/test_soak.py)."""
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) / 1024
 
 
 def test_connections_leave_memory_flat_and_whole_bundles(tmp_path, tiny_marvis):
@@ -68,8 +62,11 @@ def test_connections_leave_memory_flat_and_whole_bundles(tmp_path, tiny_marvis):
         for i in range(cycles):
             await asyncio.wait_for(cycle(i), 120)
             await asyncio.sleep(0.05)
-            rss.append(memory_mb(served.proc.pid, "VmRSS"))
-            anon.append(memory_mb(served.proc.pid, "RssAnon"))
+            # resident, and anonymous: where a leak shows (the resident size also counts the pages of mapped weight
+            # files as they are first read, tests/test_soak.py)
+            resident, anonymous = proc_status_mb(served.proc.pid, "VmRSS", "RssAnon")
+            rss.append(resident)
+            anon.append(anonymous)
 
     try:
         asyncio.run(main())

@@ -25,33 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import proc_status_mb
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _has_mallinfo2() -> bool:
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
-    except OSError:
-        return False
-
-
-pytestmark = [pytest.mark.soak,
-              pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not _has_mallinfo2(),
-                                 reason="reads memory from /proc and glibc's mallinfo2 (Linux, glibc 2.33 or later)")]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def status_mb(key: str) -> float:
-    """A size from /proc/self/status (RssAnon, RssFile, ...), in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -59,11 +35,27 @@ class _MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+def _mallinfo2():
+    """glibc's `mallinfo2` (2.33 and later), or None."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+MALLINFO2 = _mallinfo2()
+
+
+pytestmark = [pytest.mark.soak,
+              pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or MALLINFO2 is None,
+                                 reason="reads memory from /proc and glibc's mallinfo2 (Linux, glibc 2.33 or later)")]
+
+
 def malloc_in_use_mb() -> float:
     """What malloc has handed out and not had back, in MB (glibc's `mallinfo2`, every arena, mmapped blocks too)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = MALLINFO2()
     return (info.uordblks + info.hblkhd) / 2**20
 
 
@@ -110,10 +102,11 @@ def test_long_conversation_stays_flat(tmp_path):
 
     def log(line: str) -> None:
         if re.match(r"\s*turn \d+:", line):  # one waterfall line per finished turn
-            samples.append(rss_mb())
-            anon.append(status_mb("RssAnon"))
+            resident, anonymous, file_backed = proc_status_mb("self", "VmRSS", "RssAnon", "RssFile")
+            samples.append(resident)
+            anon.append(anonymous)
             in_use.append(malloc_in_use_mb())
-            filed.append(status_mb("RssFile"))
+            filed.append(file_backed)
             weights.append(mapped_weights_mb()[0])
 
     result = run_replay(cfg, [bundle], out=tmp_path / "out", log=log, progress=False)
