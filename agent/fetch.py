@@ -27,7 +27,8 @@ DOWNLOADS = {
     "marvis": Download("Marvis-AI/marvis-tts-250m-v0.2", "marvis-tts-250m-v0.2"),
     "mimi": Download("kyutai/moshiko-pytorch-bf16", "mimi", ("tokenizer-e351c8d8-checkpoint125.safetensors",)),
     "whisper": Download("mlx-community/whisper-small.en-mlx", "whisper-small.en-mlx"),
-    # the CPU set's Whisper (configs/fetched-cpu.toml): small.en's 30 s window alone takes ~1.9 s on two cores
+    # a CPU's Whisper when it has four cores or more (on two, configs/fetched-cpu.toml runs the offline tiny.en):
+    # small.en's 30 s window alone takes ~1.9 s on two cores, base.en's ~0.4 s
     "whisper-cpu": Download("mlx-community/whisper-base.en-mlx-fp32", "whisper-base.en-mlx-fp32"),
     "llm": Download("mlx-community/Llama-3.2-1B-Instruct-4bit", "llama-3.2-1b-instruct-4bit"),
 }
@@ -55,15 +56,15 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 
 def default_kinds(on_cpu: bool | None = None) -> list[str]:
-    """What `voice-agent fetch` gets with no kinds named: everything `--config fetched` runs here, so on a CPU
-    (no Apple GPU: `configs/fetched.toml` swaps to the CPU set) base.en instead of small.en, on Apple silicon
-    small.en instead of base.en. Either can still be named."""
+    """What `voice-agent fetch` gets with no kinds named: everything `--config fetched` runs here, so on Apple
+    silicon small.en, and on a CPU (no Apple GPU: `configs/fetched.toml` swaps to the CPU set) no Whisper, since
+    that set hears with the offline tiny.en. Either Whisper can still be named."""
     if on_cpu is None:
         from pipelines.ortgraph import prefer_onnx
 
         on_cpu = prefer_onnx()
-    skip = "whisper" if on_cpu else "whisper-cpu"
-    return [name for name in DOWNLOADS if name != skip]
+    skip = {"whisper", "whisper-cpu"} if on_cpu else {"whisper-cpu"}
+    return [name for name in DOWNLOADS if name not in skip]
 
 
 def fetch(what: list[str] | None = None, root: Path = CHECKPOINTS, reachable=hub_reachable, log=print) -> list[Path]:

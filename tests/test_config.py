@@ -38,7 +38,8 @@ def test_presets_load(preset):
 
 def test_the_fetched_set_is_fitted_to_a_cpu_where_it_runs_on_one(tmp_path, capsys):
     """`--config fetched` is the published set (Whisper small.en) on Apple silicon; on a CPU it names the set
-    fitted to one (base.en, the Llama at 4 bits), says so, and `voice-agent fetch` gets what that machine runs."""
+    fitted to one (the offline tiny.en, the Llama at 4 bits), says so, and `voice-agent fetch` gets what that
+    machine runs."""
     from agent import config
     from agent.config import cpu_swap
     from agent.fetch import default_kinds
@@ -47,11 +48,12 @@ def test_the_fetched_set_is_fitted_to_a_cpu_where_it_runs_on_one(tmp_path, capsy
     published, on_cpu = load_config("fetched", on_cpu=False), load_config("fetched", on_cpu=True)
     assert published.asr.model.endswith("whisper-small.en-mlx") and published.llm.quantization == "auto"
     assert on_cpu.to_dict() == load_config("fetched-cpu").to_dict()
-    assert on_cpu.asr.model.endswith("whisper-base.en-mlx-fp32") and on_cpu.llm.quantization == "4"
+    assert on_cpu.asr.model == load_config("default").asr.model and on_cpu.llm.quantization == "4"
     load_config("fetched", on_cpu=True)
     assert capsys.readouterr().err.count("fetched-cpu.toml") == 1  # said once
     assert cpu_swap(CONFIG_DIR / "fetched-cpu.toml", on_cpu=True) is None  # its own parent's on_cpu is not followed
-    assert "whisper-cpu" in default_kinds(on_cpu=True) and "whisper" not in default_kinds(on_cpu=True)
+    assert {"llm", "marvis", "mimi"} <= set(default_kinds(on_cpu=True))
+    assert "whisper-cpu" not in default_kinds(on_cpu=True) and "whisper" not in default_kinds(on_cpu=True)
     assert "whisper" in default_kinds(on_cpu=False) and "whisper-cpu" not in default_kinds(on_cpu=False)
     bad = tmp_path / "bad.toml"
     bad.write_text('on_cpu = "missing.toml"\n')

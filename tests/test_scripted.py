@@ -105,3 +105,31 @@ def test_a_session_replays_on_stand_ins_teacher_forced(tmp_path, tiny_tts):
     assert [t.reply for t in turns] == list(REPLIES[: len(turns)])
     meta = json.loads((result.bundle / "session.json").read_text())
     assert meta["asr_untrained"] is True and meta["llm_untrained"] is True
+
+
+def test_a_real_asr_is_teacher_forced_too_when_the_reply_model_is_a_stand_in(monkeypatch, capsys):
+    """The CPU set hears with the offline tiny.en beside a stand-in Llama: the real ASR must hear the script's words
+    too, or its transcripts (which differ from the script) would all get the first scripted reply, refused as a
+    repeat from the second turn on. The models are not what this is about: building them is faked."""
+    from types import SimpleNamespace
+
+    import agent.build
+    import pipelines.llm.load
+    from agent.bench.agent import scripted_stages
+
+    class Stage:
+        def warmup(self):
+            pass
+
+    built = SimpleNamespace(asr=Stage(), llm=Stage(), tts=Stage(), words=None)
+    cfg = load_config("default")
+    monkeypatch.setattr(agent.build, "stand_in_config", lambda c, stand_ins=None: (c, ["llm"]))
+    monkeypatch.setattr(agent.build, "build_stages", lambda c: built)
+    monkeypatch.setattr(pipelines.llm.load, "load_llm", lambda *a, **k: Stage())
+    stages = scripted_stages(cfg, EVENTS)
+    assert stages is built and isinstance(stages.llm, ScriptedReply)
+    assert stages.words is not None, "the real ASR was left to hear freely"
+    words = [stages.words(utt(1.0, 3.0)), stages.words(utt(5.0, 6.0))]
+    assert words == [e["text"] for e in EVENTS]
+    assert [stages.llm.reply(w) for w in words] == list(REPLIES[:2])  # each turn its own scripted reply
+    assert "teacher-forced on the script too" in capsys.readouterr().out

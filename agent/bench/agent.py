@@ -122,8 +122,13 @@ def scripted_stages(cfg, script: list[dict], stand_ins: Path | None = None):
         raise ConfigError("stand-in models run on a session's script (its words are not theirs to hear or say); "
                           "this session has none: use one made by scripts/make_demo_session.py")
     stages = build_stages(stand_in_cfg)
-    if "asr" in replaced:
-        stages.words = scripted.words
+    # the ASR hears the script's words even when it is real: the scripted replies follow the script's turns (a
+    # transcript that differs from them would get the first turn's reply every time, refused as a repeat), and a
+    # teacher-forced decode costs what a free one of the same words does
+    stages.words = scripted.words
+    if "asr" not in replaced:
+        print(f"asr: {cfg.asr.model} is real; it is teacher-forced on the script too, so that the scripted replies "
+              "follow its turns")
     if "llm" in replaced:  # the offline reply model judges the words (a random network's verdict ends turns at random)
         stages.llm = ScriptedReply(stages.llm, scripted.reply, load_llm(load_config("default").llm, root=ROOT))
     for stage in (stages.asr, stages.llm, stages.tts):
