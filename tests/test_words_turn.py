@@ -141,6 +141,7 @@ def test_once_the_agent_is_heard_speech_is_a_barge_in_not_more_of_the_turn():
 
     before = run(audible_after_end=False)
     assert any(s.reopened for s in before)
+    assert not any(s.barge_in for s in before)  # the reopening withdraws the reply nobody heard: nothing is cut
     heard = run(audible_after_end=True)
     assert not any(s.reopened for s in heard)
     assert any(s.barge_in for s in heard)
