@@ -136,17 +136,16 @@ class Floor:
         return step
 
     def _apply(self, ev, step: Step, t: float, speaking: bool, pressed: bool) -> None:
-        if isinstance(ev, (SpeechStarted, SpeechReopened)):
-            if isinstance(ev, SpeechReopened):
-                # no barge-in: a turn reopens only while the agent is not heard yet, and the reopening withdraws
-                # the reply to it (`reopened`); `speaking` then counts that reply, which nobody heard
-                step.reopened = True
-                step.events += [SpeechChanged(t, True), TurnReopened(t, ev.start_s)]
-            else:
-                self.started += 1
-                step.events.append(SpeechChanged(t, True))
-                if speaking and (self.barge_in or (pressed and self.half_duplex)):
-                    step.barge_in = True
+        if isinstance(ev, SpeechReopened):
+            # no barge-in: a turn reopens only while the agent is not heard yet, and the reopening withdraws the
+            # reply to it (`reopened`); `speaking` then counts that reply, which nobody heard
+            step.reopened = True
+            step.events += [SpeechChanged(t, True), TurnReopened(t, ev.start_s)]
+        elif isinstance(ev, SpeechStarted):
+            self.started += 1
+            step.events.append(SpeechChanged(t, True))
+            if speaking and (self.barge_in or (pressed and self.half_duplex)):
+                step.barge_in = True
         elif isinstance(ev, SpeechEnded):
             self.ended += 1
             step.utterances.append(ev.utterance)

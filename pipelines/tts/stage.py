@@ -154,7 +154,11 @@ class MarvisTTS:
     @property
     def rate_needs(self) -> list[float]:
         """What the last streams' buffers needed over their first interval (`rate_need`)."""
-        return [n for n in (rate_need(intervals) for intervals in self.past_intervals) if n is not None]
+        return self._needs()
+
+    def _needs(self, seen: int = 1) -> list[float]:
+        """`rate_need` of each of the last streams long enough to say, planned from `seen` intervals."""
+        return [n for n in (rate_need(intervals, seen) for intervals in self.past_intervals) if n is not None]
 
     @property
     def untrained(self) -> bool:
@@ -234,13 +238,12 @@ class MarvisTTS:
         listener waits): what those streams needed over the mean of as many of their own first intervals, where
         they ran that long (the first interval's margin where none did)."""
         low, high = MARGIN_RANGE
-        if seen > 1:
-            needs = [n for n in (rate_need(iv, seen) for iv in self.past_intervals) if n is not None]
-            if needs:
-                return min(high, max(low, max(needs)))
-        if not self.rate_needs:
+        needs = self._needs(seen) if seen > 1 else []
+        if not needs:
+            needs = self.rate_needs
+        if not needs:
             return RATE_MARGIN
-        return min(high, max(low, max(self.rate_needs)))
+        return min(high, max(low, max(needs)))
 
     def prepare_context(self, context: Sequence[Segment]) -> int:
         """Get ready for a next call whose context is `context`: encode its audio (cached) and run its rows
